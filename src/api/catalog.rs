@@ -1,0 +1,119 @@
+//! `fleetevents.v1.CatalogService`: list, look up, register application types, change settings.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::proto::{
+    self, GetEventTypeRequest, ListEventTypesRequest, ListEventTypesResponse,
+    RegisterEventTypeRequest, UpdateEventTypeSettingsRequest,
+    catalog_service_server::CatalogService,
+};
+use super::status::bad_field;
+use crate::catalog::{CatalogError, NewEventType, SettingsChange};
+use crate::engine::{Engine, EngineError};
+
+/// The CatalogService adapter.
+pub struct CatalogApi {
+    engine: Arc<Engine>,
+}
+
+impl CatalogApi {
+    /// Serves `engine`'s catalog.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        CatalogApi { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl CatalogService for CatalogApi {
+    async fn list_event_types(
+        &self,
+        request: Request<ListEventTypesRequest>,
+    ) -> Result<Response<ListEventTypesResponse>, Status> {
+        let min = convert::severity(request.into_inner().min_severity, "min_severity")?;
+        let event_types = self
+            .engine
+            .catalog()
+            .list()
+            .iter()
+            .filter(|t| min.is_none_or(|m| t.severity >= m))
+            .map(|t| convert::event_type(t))
+            .collect();
+        Ok(Response::new(ListEventTypesResponse { event_types }))
+    }
+
+    async fn get_event_type(
+        &self,
+        request: Request<GetEventTypeRequest>,
+    ) -> Result<Response<proto::EventType>, Status> {
+        let r = request.into_inner();
+        let catalog = self.engine.catalog();
+        let found = match (r.event_type.is_empty(), r.event_type_id) {
+            (false, 0) => catalog.by_name(&r.event_type),
+            (true, id) if id != 0 => catalog.by_id(id),
+            _ => {
+                return Err(bad_field(
+                    "event_type",
+                    "set exactly one of event_type and event_type_id",
+                ));
+            }
+        };
+        let t = found.ok_or_else(|| {
+            let name = if r.event_type.is_empty() {
+                r.event_type_id.to_string()
+            } else {
+                r.event_type
+            };
+            Status::from(EngineError::Catalog(CatalogError::NotFound(name)))
+        })?;
+        Ok(Response::new(convert::event_type(&t)))
+    }
+
+    async fn register_event_type(
+        &self,
+        request: Request<RegisterEventTypeRequest>,
+    ) -> Result<Response<proto::EventType>, Status> {
+        let r = request.into_inner();
+        let severity = convert::severity(r.severity, "severity")?
+            .ok_or_else(|| bad_field("severity", "required"))?;
+        let t = self
+            .engine
+            .register_type(NewEventType {
+                name: r.event_type,
+                id: Some(r.event_type_id).filter(|id| *id != 0),
+                severity,
+                display_name: r.display_name,
+                display_name_ja: r.display_name_ja,
+                description: r.description,
+                recommended_response: r.recommended_response,
+                retention_days: Some(r.retention_days).filter(|d| *d != 0),
+                store: !r.do_not_store,
+                application: r.application,
+            })
+            .await?;
+        Ok(Response::new(convert::event_type(&t)))
+    }
+
+    async fn update_event_type_settings(
+        &self,
+        request: Request<UpdateEventTypeSettingsRequest>,
+    ) -> Result<Response<proto::EventType>, Status> {
+        let r = request.into_inner();
+        if r.event_type.is_empty() {
+            return Err(bad_field("event_type", "required"));
+        }
+        let change = SettingsChange {
+            store: r.store,
+            retention_days: r.retention_days,
+            notify: r.notify,
+            flood: r.flood.map(convert::flood_change),
+        };
+        let t = self
+            .engine
+            .update_type_settings(&r.event_type, change)
+            .await?;
+        Ok(Response::new(convert::event_type(&t)))
+    }
+}

@@ -1,0 +1,186 @@
+//! Conversions between the wire types of `fleetevents.v1` and the domain types, written once.
+
+use prost_types::Timestamp as PbTimestamp;
+use tonic::Status;
+
+use super::proto;
+use super::status::bad_field;
+use crate::catalog::{EventType, FloodOverride, Severity};
+use crate::classify::{ClassifiedEvent, IncomingEvent, Origin};
+use crate::clock::Timestamp;
+use crate::engine::QueriedEvent;
+use crate::flood::{Block, BlockState};
+
+/// Wire timestamp to domain, naming `field` when it is malformed.
+pub fn timestamp(t: Option<PbTimestamp>, field: &str) -> Result<Option<Timestamp>, Status> {
+    t.map(|t| {
+        Timestamp::from_parts(t.seconds, t.nanos)
+            .ok_or_else(|| bad_field(field, "not a valid timestamp"))
+    })
+    .transpose()
+}
+
+/// Domain timestamp to wire.
+pub fn pb_timestamp(t: Timestamp) -> PbTimestamp {
+    let (seconds, nanos) = t.to_parts();
+    PbTimestamp { seconds, nanos }
+}
+
+fn pb_secs(secs: u32) -> PbTimestamp {
+    PbTimestamp {
+        seconds: i64::from(secs),
+        nanos: 0,
+    }
+}
+
+/// Wire severity to domain: `None` for SEVERITY_UNSPECIFIED, an error for unknown numbers.
+pub fn severity(n: i32, field: &str) -> Result<Option<Severity>, Status> {
+    match n {
+        0 => Ok(None),
+        n => Severity::from_number(n)
+            .map(Some)
+            .ok_or_else(|| bad_field(field, format!("{n} is not a severity"))),
+    }
+}
+
+/// Domain severity to wire.
+pub fn pb_severity(s: Severity) -> i32 {
+    let s = match s {
+        Severity::Info => proto::Severity::Info,
+        Severity::Warning => proto::Severity::Warning,
+        Severity::FunctionalFailure => proto::Severity::FunctionalFailure,
+        Severity::Critical => proto::Severity::Critical,
+    };
+    s as i32
+}
+
+fn pb_origin(o: Origin) -> i32 {
+    let o = match o {
+        Origin::Client => proto::Origin::Client,
+        Origin::Server => proto::Origin::Server,
+    };
+    o as i32
+}
+
+/// An incoming wire event.
+pub fn incoming(e: proto::Event) -> Result<IncomingEvent, Status> {
+    Ok(IncomingEvent {
+        occurred_at: timestamp(e.occurred_at, "occurred_at")?,
+        event_id: e.event_id,
+        device_id: e.device_id,
+        event_type: e.event_type,
+        event_type_id: e.event_type_id,
+        application: e.application,
+        params: e.params,
+    })
+}
+
+/// The answer to `Classify` and `Stream`: identity and classification, without the params and
+/// application that the caller already has.
+pub fn answer(c: &ClassifiedEvent) -> proto::Classification {
+    proto::Classification {
+        event_id: c.event_id.clone(),
+        device_id: c.device_id.clone(),
+        event_type: c.event_type.name.clone(),
+        event_type_id: c.event_type.id.unwrap_or(0),
+        severity: pb_severity(c.event_type.severity),
+        display_name: c.event_type.display_name.clone(),
+        display_name_ja: c.event_type.display_name_ja.clone(),
+        stored: c.stored(),
+        blocked: c.blocked,
+        known: c.event_type.known,
+        occurred_at: Some(pb_timestamp(c.occurred_at)),
+        received_at: Some(pb_timestamp(c.received_at)),
+        origin: pb_origin(c.origin),
+        ..Default::default()
+    }
+}
+
+/// A classified event with every field, for subscribers.
+pub fn full(c: &ClassifiedEvent) -> proto::Classification {
+    proto::Classification {
+        application: c.application.clone(),
+        params: c.params.clone(),
+        ..answer(c)
+    }
+}
+
+/// A stored event, with display names from the current catalog.
+pub fn queried(q: QueriedEvent) -> proto::Classification {
+    let s = q.stored;
+    let (display_name, display_name_ja) = match &q.event_type {
+        Some(t) => (t.display_name.clone(), t.display_name_ja.clone()),
+        None => (s.event_type.clone(), String::new()),
+    };
+    proto::Classification {
+        event_id: s.event_id,
+        device_id: s.device_id,
+        event_type: s.event_type,
+        event_type_id: s.event_type_id.unwrap_or(0),
+        severity: pb_severity(s.severity),
+        display_name,
+        display_name_ja,
+        stored: true,
+        blocked: false,
+        known: s.known,
+        occurred_at: Some(pb_timestamp(s.occurred_at)),
+        received_at: Some(pb_timestamp(s.received_at)),
+        application: s.application,
+        params: s.params,
+        origin: pb_origin(s.origin),
+        missed_before: 0,
+    }
+}
+
+/// A catalog entry.
+pub fn event_type(t: &EventType) -> proto::EventType {
+    proto::EventType {
+        event_type: t.name.clone(),
+        event_type_id: t.id.unwrap_or(0),
+        severity: pb_severity(t.severity),
+        display_name: t.display_name.clone(),
+        display_name_ja: t.display_name_ja.clone(),
+        description: t.description.clone(),
+        recommended_response: t.recommended_response.clone(),
+        store: t.settings.store,
+        retention_days: t.settings.retention_days,
+        notify: t.settings.notify,
+        flood: t.settings.flood.map(|f| proto::FloodSettings {
+            threshold: f.threshold,
+            window_secs: f.window_secs,
+            block_secs: f.block_secs,
+        }),
+        builtin: t.builtin,
+        application: t.application.clone(),
+    }
+}
+
+/// Wire flood settings to a change: all zero clears the override.
+pub fn flood_change(f: proto::FloodSettings) -> Option<FloodOverride> {
+    if f.threshold == 0 && f.window_secs == 0 && f.block_secs == 0 {
+        None
+    } else {
+        Some(FloodOverride {
+            threshold: f.threshold,
+            window_secs: f.window_secs,
+            block_secs: f.block_secs,
+        })
+    }
+}
+
+/// A frequent-event block.
+pub fn block(b: Block) -> proto::FrequentEventBlock {
+    let (state, until) = match b.state {
+        BlockState::Blocked { until } => (proto::BlockState::Blocked, Some(pb_secs(until))),
+        BlockState::Unblocked => (proto::BlockState::Unblocked, None),
+    };
+    proto::FrequentEventBlock {
+        device_id: b.device_id,
+        event_type: b.event_type,
+        state: state as i32,
+        blocked_since: Some(pb_secs(b.since)),
+        blocked_until: until,
+        held_back: b.held_back,
+        detected_count: b.detected_count,
+    }
+}

@@ -1,0 +1,196 @@
+//! `fleetevents.v1.EventService`: Classify, Stream, Subscribe, QueryEvents.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use super::proto::{
+    self, Classification, QueryEventsRequest, QueryEventsResponse, SubscribeRequest,
+    event_service_server::EventService,
+};
+use super::status::decode_status;
+use crate::classify::ClassifiedEvent;
+use crate::engine::{Engine, EngineError, Pending, QueryRequest, subscriber_filter};
+
+/// Events of one `Stream` call accepted but not yet answered. Bounds the memory of a stream and
+/// lets many events of one stream share a group commit.
+pub const STREAM_IN_FLIGHT: usize = 256;
+
+/// The EventService adapter.
+pub struct EventApi {
+    engine: Arc<Engine>,
+}
+
+impl EventApi {
+    /// Serves `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        EventApi { engine }
+    }
+}
+
+type ClassificationStream = Pin<Box<dyn Stream<Item = Result<Classification, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventService for EventApi {
+    async fn classify(
+        &self,
+        request: Request<proto::Event>,
+    ) -> Result<Response<Classification>, Status> {
+        let event = convert::incoming(request.into_inner())?;
+        let classified = self.engine.ingest(event).await?;
+        Ok(Response::new(convert::answer(&classified)))
+    }
+
+    type StreamStream = ClassificationStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<proto::Event>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        tokio::spawn(run_stream(self.engine.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = ClassificationStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = request.into_inner();
+        let filter = subscriber_filter(
+            convert::severity(r.min_severity, "min_severity")?,
+            r.event_types,
+            r.device_ids,
+        );
+        // Registered before the response is returned: once the caller has the response
+        // headers, every later event that matches reaches it.
+        let mut subscription = self.engine.subscribe(filter);
+        let shutdown = self.engine.shutdown_signal().clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        break;
+                    }
+                    _ = tx.closed() => break,
+                    next = subscription.next() => match next {
+                        Some((event, missed)) => {
+                            let mut c = convert::full(&event);
+                            c.missed_before = missed;
+                            if tx.send(Ok(c)).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn query_events(
+        &self,
+        request: Request<QueryEventsRequest>,
+    ) -> Result<Response<QueryEventsResponse>, Status> {
+        let r = request.into_inner();
+        let q = QueryRequest {
+            min_severity: convert::severity(r.min_severity, "min_severity")?,
+            since: convert::timestamp(r.since, "since")?,
+            until: convert::timestamp(r.until, "until")?,
+            device_id: r.device_id,
+            event_type: r.event_type,
+            page_size: r.page_size,
+            page_token: r.page_token,
+        };
+        let (events, next) = self.engine.query(q).await?;
+        Ok(Response::new(QueryEventsResponse {
+            events: events.into_iter().map(convert::queried).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+}
+
+type Settling = Pin<Box<dyn Future<Output = Result<Arc<ClassifiedEvent>, EngineError>> + Send>>;
+
+fn settle(engine: Arc<Engine>, p: Pending) -> Settling {
+    Box::pin(async move { engine.settle(p).await })
+}
+
+/// Drives one `Stream` call: accepts events in arrival order, lets up to [`STREAM_IN_FLIGHT`] of
+/// them wait for their commit at once, and answers strictly in order. A bad event stops the
+/// reading: the events before it are still answered, then the call ends with its status. So does
+/// shutdown (UNAVAILABLE) once the accepted events are answered.
+async fn run_stream(
+    engine: Arc<Engine>,
+    mut inbound: Streaming<proto::Event>,
+    out: mpsc::Sender<Result<Classification, Status>>,
+) {
+    let mut in_flight: FuturesOrdered<Settling> = FuturesOrdered::new();
+    let mut reading = true;
+    let mut ending: Option<Status> = None;
+    let mut index: u64 = 0;
+    let shutdown = engine.shutdown_signal().clone();
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
+                Ok(event) => {
+                    if out.send(Ok(convert::answer(event.as_ref()))).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                Err(e) => {
+                    // A failed commit: answer nothing after it; the client resends from here
+                    // (the event ids make that safe).
+                    ending = Some(Status::from(e));
+                    break;
+                }
+            },
+            _ = shutdown.cancelled(), if reading => {
+                reading = false;
+                ending = Some(Status::unavailable("the server is shutting down"));
+            }
+            message = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT => {
+                match message {
+                    Ok(Some(event)) => {
+                        index += 1;
+                        let id = event.event_id.clone();
+                        let accepted = match convert::incoming(event) {
+                            Ok(ev) => engine.accept(ev).await.map_err(Status::from),
+                            Err(s) => Err(s),
+                        };
+                        match accepted {
+                            Ok(p) => in_flight.push_back(settle(engine.clone(), p)),
+                            Err(s) => {
+                                reading = false;
+                                ending = Some(Status::new(
+                                    s.code(),
+                                    format!("event #{index} (event_id {id:?}): {}", s.message()),
+                                ));
+                            }
+                        }
+                    }
+                    Ok(None) => reading = false,
+                    Err(s) => {
+                        reading = false;
+                        ending = Some(decode_status(s));
+                    }
+                }
+            }
+            else => break,
+        }
+    }
+    if let Some(status) = ending {
+        let _ = out.send(Err(status)).await;
+    }
+}

@@ -1,0 +1,372 @@
+//! Classification of one incoming event: validation of every field against [`Limits`], look-up
+//! of its type in the [`Catalog`], and the [`ClassifiedEvent`] that the rest of the server passes
+//! around (to the store, to subscribers, back to the client). Pure: no I/O, no clock reads (the
+//! caller passes "now"), no flood counting (see [`crate::engine`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, EventType};
+use crate::clock::Timestamp;
+
+/// How a client named the event's type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TypeRef {
+    /// By type string.
+    Name(String),
+    /// By numeric ID.
+    Id(u32),
+}
+
+/// An event as received, before validation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IncomingEvent {
+    /// Client-chosen idempotency key; empty means "assign one".
+    pub event_id: String,
+    /// The device the event is about.
+    pub device_id: String,
+    /// The type string, if given.
+    pub event_type: String,
+    /// The numeric type ID, if given (0 = not given).
+    pub event_type_id: u32,
+    /// When it happened; `None` means "when received".
+    pub occurred_at: Option<Timestamp>,
+    /// The application that raised it.
+    pub application: String,
+    /// Free-form details.
+    pub params: HashMap<String, String>,
+}
+
+/// Who raised an event.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    /// A client sent it.
+    Client,
+    /// A detector inside this server raised it.
+    Server,
+}
+
+/// Limits on the size and shape of incoming events; all configurable (see [`crate::config`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Longest `device_id`, bytes.
+    pub max_device_id_bytes: usize,
+    /// Longest `event_id`, bytes.
+    pub max_event_id_bytes: usize,
+    /// Longest `application`, bytes.
+    pub max_application_bytes: usize,
+    /// Most entries in `params`.
+    pub max_params: usize,
+    /// Longest key in `params`, bytes.
+    pub max_param_key_bytes: usize,
+    /// Longest value in `params`, bytes.
+    pub max_param_value_bytes: usize,
+    /// Largest total of all keys and values in `params`, bytes.
+    pub max_params_total_bytes: usize,
+    /// How far in the future `occurred_at` may be (device clocks drift), seconds.
+    pub max_future_skew_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_device_id_bytes: 256,
+            max_event_id_bytes: 128,
+            max_application_bytes: 256,
+            max_params: 64,
+            max_param_key_bytes: 128,
+            max_param_value_bytes: 8 * 1024,
+            max_params_total_bytes: 32 * 1024,
+            max_future_skew_secs: 300,
+        }
+    }
+}
+
+/// Why an event was refused. Each names the offending field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClassifyError {
+    /// A field is malformed.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The offending field, as named in the proto.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ClassifyError {
+    ClassifyError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// An event after classification: what it is, how serious, and what happens to it.
+#[derive(Clone, Debug)]
+pub struct ClassifiedEvent {
+    /// The idempotency key (assigned by the server when the client sent none).
+    pub event_id: String,
+    /// The device.
+    pub device_id: String,
+    /// The catalog entry (an ad-hoc unknown entry for unregistered types).
+    pub event_type: Arc<EventType>,
+    /// When it happened.
+    pub occurred_at: Timestamp,
+    /// When the server received it.
+    pub received_at: Timestamp,
+    /// The application that raised it.
+    pub application: String,
+    /// Details.
+    pub params: HashMap<String, String>,
+    /// Who raised it.
+    pub origin: Origin,
+    /// Held back by frequent-event blocking.
+    pub blocked: bool,
+}
+
+impl ClassifiedEvent {
+    /// Whether this event goes to the event store: its type is stored and it was not blocked.
+    pub fn stored(&self) -> bool {
+        self.event_type.settings.store && !self.blocked
+    }
+
+    /// When a stored event of this type expires, given its type's retention.
+    pub fn expires_at(&self) -> Timestamp {
+        self.received_at.plus(Duration::from_secs(
+            u64::from(self.event_type.settings.retention_days) * 86_400,
+        ))
+    }
+}
+
+/// Validates `ev` against `limits` and resolves its type in `catalog`; `now` is the receive
+/// time. The result is not yet flood-checked (`blocked` is false).
+pub fn classify(
+    catalog: &Catalog,
+    limits: &Limits,
+    ev: IncomingEvent,
+    now: Timestamp,
+) -> Result<ClassifiedEvent, ClassifyError> {
+    if ev.device_id.is_empty() {
+        return Err(invalid("device_id", "must not be empty"));
+    }
+    if ev.device_id.len() > limits.max_device_id_bytes {
+        return Err(invalid(
+            "device_id",
+            format!("longer than {} bytes", limits.max_device_id_bytes),
+        ));
+    }
+    if ev.event_id.len() > limits.max_event_id_bytes {
+        return Err(invalid(
+            "event_id",
+            format!("longer than {} bytes", limits.max_event_id_bytes),
+        ));
+    }
+    if ev.application.len() > limits.max_application_bytes {
+        return Err(invalid(
+            "application",
+            format!("longer than {} bytes", limits.max_application_bytes),
+        ));
+    }
+    check_params(&ev.params, limits)?;
+    let occurred_at = match ev.occurred_at {
+        None => now,
+        Some(t) if t > now.plus(Duration::from_secs(limits.max_future_skew_secs)) => {
+            return Err(invalid(
+                "occurred_at",
+                format!(
+                    "{} is more than {} s in the future (server time {})",
+                    t.to_rfc3339(),
+                    limits.max_future_skew_secs,
+                    now.to_rfc3339()
+                ),
+            ));
+        }
+        Some(t) if t.0 < 0 => return Err(invalid("occurred_at", "before 1970-01-01")),
+        Some(t) => t,
+    };
+    let event_type = match (ev.event_type.is_empty(), ev.event_type_id) {
+        (false, 0) => match catalog.by_name(&ev.event_type) {
+            Some(t) => t,
+            None => {
+                crate::catalog::validate_type_name(&ev.event_type)
+                    .map_err(|e| invalid("event_type", e.to_string()))?;
+                Arc::new(EventType::unknown(
+                    &ev.event_type,
+                    catalog.unknown_severity(),
+                ))
+            }
+        },
+        (true, id) if id != 0 => catalog.by_id(id).ok_or_else(|| {
+            invalid(
+                "event_type_id",
+                format!(
+                    "{id} is not in the catalog (send event_type to report a type the catalog does not know)"
+                ),
+            )
+        })?,
+        (false, _) => {
+            return Err(invalid(
+                "event_type",
+                "set exactly one of event_type and event_type_id, not both",
+            ));
+        }
+        (true, _) => {
+            return Err(invalid(
+                "event_type",
+                "set exactly one of event_type and event_type_id (neither is set)",
+            ));
+        }
+    };
+    let event_id = if ev.event_id.is_empty() {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        ev.event_id
+    };
+    Ok(ClassifiedEvent {
+        event_id,
+        device_id: ev.device_id,
+        event_type,
+        occurred_at,
+        received_at: now,
+        application: ev.application,
+        params: ev.params,
+        origin: Origin::Client,
+        blocked: false,
+    })
+}
+
+fn check_params(params: &HashMap<String, String>, limits: &Limits) -> Result<(), ClassifyError> {
+    if params.len() > limits.max_params {
+        return Err(invalid(
+            "params",
+            format!(
+                "{} entries, at most {} allowed",
+                params.len(),
+                limits.max_params
+            ),
+        ));
+    }
+    let mut total = 0usize;
+    for (k, v) in params {
+        if k.is_empty() {
+            return Err(invalid("params", "keys must not be empty"));
+        }
+        if k.len() > limits.max_param_key_bytes {
+            return Err(invalid(
+                "params",
+                format!("key longer than {} bytes", limits.max_param_key_bytes),
+            ));
+        }
+        if v.len() > limits.max_param_value_bytes {
+            return Err(invalid(
+                "params",
+                format!(
+                    "value of {k:?} is {} bytes, at most {} allowed",
+                    v.len(),
+                    limits.max_param_value_bytes
+                ),
+            ));
+        }
+        total += k.len() + v.len();
+    }
+    if total > limits.max_params_total_bytes {
+        return Err(invalid(
+            "params",
+            format!(
+                "{total} bytes in all, at most {} allowed",
+                limits.max_params_total_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Severity;
+
+    fn ev(device: &str, ty: &str, id: u32) -> IncomingEvent {
+        IncomingEvent {
+            event_id: "e1".into(),
+            device_id: device.into(),
+            event_type: ty.into(),
+            event_type_id: id,
+            ..Default::default()
+        }
+    }
+
+    fn field_of(r: Result<ClassifiedEvent, ClassifyError>) -> &'static str {
+        match r {
+            Err(ClassifyError::Invalid { field, .. }) => field,
+            Ok(_) => "accepted",
+        }
+    }
+
+    #[test]
+    fn resolves_by_string_and_by_id() {
+        let c = Catalog::with_builtins(Severity::Info);
+        let l = Limits::default();
+        let now = Timestamp::from_secs(1_700_000_000);
+        let a = classify(&c, &l, ev("d", "KLSRV_EVENT_HOSTS_CONFLICT", 0), now).unwrap();
+        assert_eq!(a.event_type.id, Some(4102));
+        assert_eq!(a.occurred_at, now);
+        let b = classify(&c, &l, ev("d", "", 4135), now).unwrap();
+        assert_eq!(b.event_type.name, "KLSRV_APN_CERTIFICATE_EXPIRED");
+        assert!(!b.stored());
+        let u = classify(&c, &l, ev("d", "APP_THING", 0), now).unwrap();
+        assert!(!u.event_type.known);
+        assert_eq!(u.event_type.severity, Severity::Info);
+        assert!(u.stored());
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        let c = Catalog::with_builtins(Severity::Info);
+        let l = Limits::default();
+        let now = Timestamp::from_secs(1_700_000_000);
+        assert_eq!(field_of(classify(&c, &l, ev("", "X", 0), now)), "device_id");
+        assert_eq!(
+            field_of(classify(&c, &l, ev("d", "X", 4102), now)),
+            "event_type"
+        );
+        assert_eq!(
+            field_of(classify(&c, &l, ev("d", "", 0), now)),
+            "event_type"
+        );
+        assert_eq!(
+            field_of(classify(&c, &l, ev("d", "", 999_999), now)),
+            "event_type_id"
+        );
+        assert_eq!(
+            field_of(classify(&c, &l, ev("d", "a b", 0), now)),
+            "event_type"
+        );
+        let mut future = ev("d", "X", 0);
+        future.occurred_at = Some(now.plus(Duration::from_secs(86_400)));
+        assert_eq!(field_of(classify(&c, &l, future, now)), "occurred_at");
+        let mut many = ev("d", "X", 0);
+        many.params = (0..1000).map(|i| (i.to_string(), String::new())).collect();
+        assert_eq!(field_of(classify(&c, &l, many, now)), "params");
+        let mut big = ev("d", "X", 0);
+        big.params.insert("k".into(), "v".repeat(100 * 1024));
+        assert_eq!(field_of(classify(&c, &l, big, now)), "params");
+        let mut long_id = ev("d", "X", 0);
+        long_id.event_id = "x".repeat(500);
+        assert_eq!(field_of(classify(&c, &l, long_id, now)), "event_id");
+    }
+
+    #[test]
+    fn assigns_an_event_id_when_none_is_given() {
+        let c = Catalog::with_builtins(Severity::Info);
+        let mut e = ev("d", "X", 0);
+        e.event_id.clear();
+        let a = classify(&c, &Limits::default(), e, Timestamp::from_secs(1)).unwrap();
+        assert_eq!(a.event_id.len(), 36);
+    }
+}

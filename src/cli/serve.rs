@@ -1,0 +1,72 @@
+//! `fleet-events serve`: loads the configuration, starts the server, waits for Ctrl-C or
+//! SIGTERM, shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fleet_events::clock::SystemClock;
+use fleet_events::config::Config;
+
+/// Flags of `serve`; each overrides the config file and the environment.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:50051; port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the embedded database (default ./fleet-events-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML configuration file (see README, "Configuration").
+    #[arg(long, env = "FLEET_EVENTS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Write the bound address into this file once the server serves (for scripts and tests).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `fleet_events=debug` (also RUST_LOG).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(l) = args.listen {
+        config.server.listen = l;
+    }
+    if let Some(d) = args.data_dir {
+        config.server.data_dir = d;
+    }
+    tracing::info!(
+        data_dir = %config.server.data_dir.display(),
+        max_events = config.store.max_events,
+        flood_threshold = config.flood.threshold,
+        "starting"
+    );
+    let server = fleet_events::server::start(config, Arc::new(SystemClock)).await?;
+    let addr = server.local_addr();
+    eprintln!("fleet-events listening on {addr}");
+    if let Some(path) = &args.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("cannot write the ready file {}", path.display()))?;
+    }
+    wait_for_signal().await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

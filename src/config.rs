@@ -1,0 +1,231 @@
+//! The server's configuration: one [`Config`] with documented defaults, read from a TOML file,
+//! then overridden by `FLEET_EVENTS_*` environment variables (sections split by `__`, e.g.
+//! `FLEET_EVENTS_FLOOD__THRESHOLD=100`), then by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::Severity;
+use crate::classify::Limits;
+use crate::flood::FloodThresholds;
+use crate::store::sqlite::Durability;
+
+/// Everything the server can be configured with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Network and identity.
+    pub server: ServerConfig,
+    /// Event catalog.
+    pub catalog: CatalogConfig,
+    /// Frequent-event blocking.
+    pub flood: FloodConfig,
+    /// Event store.
+    pub store: StoreConfig,
+    /// Limits on incoming events.
+    pub limits: Limits,
+    /// Live subscriptions.
+    pub subscribe: SubscribeConfig,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:50051`.
+    pub listen: SocketAddr,
+    /// Directory for the embedded database. Default `./fleet-events-data`.
+    pub data_dir: PathBuf,
+    /// This server's id, used as the device id of events the server raises itself.
+    /// Default: the host name.
+    pub server_id: String,
+    /// Largest gRPC message accepted, bytes; larger ones get RESOURCE_EXHAUSTED. Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// Seconds that shutdown waits for open calls to finish. Default 10.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("fleet-events-data"),
+            server_id: default_server_id(),
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+fn default_server_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fleet-events".to_owned())
+}
+
+/// `[catalog]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// Severity of events whose type the catalog does not know. Default `INFO`.
+    pub unknown_severity: Severity,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        CatalogConfig {
+            unknown_severity: Severity::Info,
+        }
+    }
+}
+
+/// `[flood]`: defaults for every type without its own thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FloodConfig {
+    /// More than this many events of one type from one device within the window blocks the
+    /// pair. Default 1000.
+    pub threshold: u32,
+    /// Sliding window, seconds. Default 60.
+    pub window_secs: u32,
+    /// Block period, seconds. Default 3600.
+    pub block_secs: u32,
+    /// How often ended blocks are cleared and idle counters evicted, seconds. Default 30.
+    pub sweep_interval_secs: u64,
+}
+
+impl Default for FloodConfig {
+    fn default() -> Self {
+        FloodConfig {
+            threshold: 1000,
+            window_secs: 60,
+            block_secs: 3600,
+            sweep_interval_secs: 30,
+        }
+    }
+}
+
+impl FloodConfig {
+    /// The default thresholds.
+    pub fn thresholds(&self) -> FloodThresholds {
+        FloodThresholds {
+            threshold: self.threshold,
+            window_secs: self.window_secs.max(1),
+            block_secs: self.block_secs,
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Most events kept; beyond it the oldest are deleted (down to 99 % of it) and
+    /// KLSRV_EVP_DB_TRUNCATING / KLSRV_EVP_DB_TRUNCATED are raised. Default 400 000.
+    pub max_events: u64,
+    /// Commit durability: `full` (fsync per commit, survives power loss) or `normal`
+    /// (survives a crash of the process). Default `full`.
+    pub durability: Durability,
+    /// Most events per group commit. Default 2000.
+    pub batch_max: usize,
+    /// Capacity of the write queue; a full queue slows ingest down. Default 16384.
+    pub queue_capacity: usize,
+    /// How often expired events are deleted, seconds. Default 3600.
+    pub retention_sweep_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_events: 400_000,
+            durability: Durability::Full,
+            batch_max: 2000,
+            queue_capacity: 16_384,
+            retention_sweep_secs: 3600,
+        }
+    }
+}
+
+/// `[subscribe]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscribeConfig {
+    /// Events buffered per subscriber; beyond it events are counted as missed. Default 4096.
+    pub buffer: usize,
+}
+
+impl Default for SubscribeConfig {
+    fn default() -> Self {
+        SubscribeConfig { buffer: 4096 }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `FLEET_EVENTS_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!("{} does not exist", path.display())));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig.merge(Env::prefixed("FLEET_EVENTS_").split("__"));
+        let cfg: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.max_events == 0 {
+            return Err(ConfigError("store.max_events must be at least 1".into()));
+        }
+        if self.flood.threshold == 0 {
+            return Err(ConfigError("flood.threshold must be at least 1".into()));
+        }
+        if self.server.server_id.is_empty() {
+            return Err(ConfigError("server.server_id must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// The event database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.server.data_dir.join(crate::store::sqlite::DB_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[flood]\nthreshold = 5\n[store]\ndurability = \"normal\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.flood.threshold, 5);
+        assert_eq!(c.flood.window_secs, 60);
+        assert_eq!(c.store.durability, Durability::Normal);
+        std::fs::write(&p, "[flood]\nthreshhold = 5\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("threshhold"), "{e}");
+    }
+}

@@ -1,0 +1,514 @@
+//! The engine: the data path of one event, from validation to store and subscribers, and the
+//! administrative operations that must keep catalog, flood detector and store consistent.
+//! Free of gRPC types; [`crate::api`] adapts it to the wire.
+//!
+//! An event goes through two stages:
+//! 1. [`Engine::accept`], in arrival order: validate and classify ([`crate::classify`]), count it
+//!    in the [`FloodDetector`], and queue it for the next group commit when its type is stored.
+//!    A flood detected here raises `KLSRV_EVENT_SPAM_EVENTS_DETECTED`, queued in the same breath.
+//! 2. [`Engine::settle`], awaited concurrently for many events: wait for the commit, then publish
+//!    to live subscribers. The answer to the client is built from the settled event, so "answered"
+//!    implies "committed" for stored types.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, SubscriberFilter, Subscription};
+use crate::catalog::{Catalog, CatalogError, EventType, NewEventType, SettingsChange, Severity};
+use crate::classify::{ClassifiedEvent, ClassifyError, IncomingEvent, Limits, Origin, classify};
+use crate::clock::SharedClock;
+use crate::flood::{Block, FloodDetector, FloodError, FloodThresholds, FloodVerdict};
+use crate::store::{
+    AppendOutcome, AppendTicket, EventQuery, EventStore, PageCursor, RetentionRules, StoreError,
+    StoreNotice, StoredEvent,
+};
+
+/// Type string of the flood detector's event.
+pub const SPAM_EVENTS_DETECTED: &str = "KLSRV_EVENT_SPAM_EVENTS_DETECTED";
+/// Type string raised when the cap forces deletion to begin.
+pub const DB_TRUNCATING: &str = "KLSRV_EVP_DB_TRUNCATING";
+/// Type string raised when the cap forced old events out.
+pub const DB_TRUNCATED: &str = "KLSRV_EVP_DB_TRUNCATED";
+
+/// Why the engine refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The event is malformed.
+    #[error(transparent)]
+    Invalid(#[from] ClassifyError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A catalog change was refused.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// A block action was refused.
+    #[error(transparent)]
+    Flood(#[from] FloodError),
+    /// The server is shutting down and takes no new work.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A request argument is malformed (administrative calls).
+    #[error("{field}: {reason}")]
+    BadArgument {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An event accepted by stage 1, waiting for its commit in stage 2.
+pub struct Pending {
+    event: Arc<ClassifiedEvent>,
+    ticket: Option<AppendTicket>,
+    /// An event that this one caused the server to raise (the flood report).
+    raised: Option<Box<Pending>>,
+}
+
+/// A query over stored events, as the API receives it.
+#[derive(Clone, Debug, Default)]
+pub struct QueryRequest {
+    /// Only this device (empty: all).
+    pub device_id: String,
+    /// Only this type (empty: all).
+    pub event_type: String,
+    /// Only at or above.
+    pub min_severity: Option<Severity>,
+    /// From.
+    pub since: Option<crate::clock::Timestamp>,
+    /// To (exclusive).
+    pub until: Option<crate::clock::Timestamp>,
+    /// 0 means [`DEFAULT_PAGE_SIZE`]; clamped to [`MAX_PAGE_SIZE`].
+    pub page_size: u32,
+    /// Empty for the first page.
+    pub page_token: String,
+}
+
+/// Page size when the request names none.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest page served.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// One stored event with its current catalog entry (for display names).
+pub struct QueriedEvent {
+    /// The stored event.
+    pub stored: StoredEvent,
+    /// The type's catalog entry, if the catalog knows it now.
+    pub event_type: Option<Arc<EventType>>,
+}
+
+/// The engine. Cheap to share: everything inside is behind `Arc`s or lock-free structures.
+pub struct Engine {
+    catalog: Arc<Catalog>,
+    flood: FloodDetector,
+    flood_defaults: FloodThresholds,
+    store: Arc<dyn EventStore>,
+    bus: Arc<Bus>,
+    clock: SharedClock,
+    limits: Limits,
+    /// Device id of the events the server raises itself.
+    server_id: String,
+    /// Cancelled when shutdown begins: new work is refused with `ShuttingDown`.
+    shutdown: CancellationToken,
+}
+
+/// What [`Engine::new`] needs.
+pub struct EngineParts {
+    /// The catalog (already restored from the store).
+    pub catalog: Arc<Catalog>,
+    /// The store.
+    pub store: Arc<dyn EventStore>,
+    /// The clock.
+    pub clock: SharedClock,
+    /// Default flood thresholds.
+    pub flood_defaults: FloodThresholds,
+    /// Event limits.
+    pub limits: Limits,
+    /// Per-subscriber buffer.
+    pub subscriber_buffer: usize,
+    /// This server's id.
+    pub server_id: String,
+    /// The shutdown signal.
+    pub shutdown: CancellationToken,
+}
+
+impl Engine {
+    /// Builds the engine.
+    pub fn new(p: EngineParts) -> Arc<Self> {
+        Arc::new(Engine {
+            catalog: p.catalog,
+            flood: FloodDetector::new(),
+            flood_defaults: p.flood_defaults,
+            store: p.store,
+            bus: Bus::new(p.subscriber_buffer),
+            clock: p.clock,
+            limits: p.limits,
+            server_id: p.server_id,
+            shutdown: p.shutdown,
+        })
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The flood detector.
+    pub fn flood(&self) -> &FloodDetector {
+        &self.flood
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The shutdown signal.
+    pub fn shutdown_signal(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn thresholds_for(&self, t: &EventType) -> FloodThresholds {
+        match t.settings.flood {
+            Some(f) => FloodThresholds {
+                threshold: f.threshold,
+                window_secs: f.window_secs,
+                block_secs: f.block_secs,
+            },
+            None => self.flood_defaults,
+        }
+    }
+
+    /// Stage 1: classify, flood-check and queue one client event. Call in arrival order.
+    pub async fn accept(&self, ev: IncomingEvent) -> Result<Pending, EngineError> {
+        if self.shutdown.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let now = self.clock.now();
+        let mut event = classify(&self.catalog, &self.limits, ev, now)?;
+        let verdict = self.flood.observe(
+            &event.device_id,
+            &event.event_type.name,
+            self.thresholds_for(&event.event_type),
+            now.as_secs().clamp(0, i64::from(u32::MAX)) as u32,
+        );
+        let raised = match verdict {
+            FloodVerdict::Pass => None,
+            FloodVerdict::Held => {
+                event.blocked = true;
+                None
+            }
+            FloodVerdict::Detected { count } => {
+                event.blocked = true;
+                let limits = self.thresholds_for(&event.event_type);
+                let params = HashMap::from([
+                    ("device_id".to_owned(), event.device_id.clone()),
+                    ("event_type".to_owned(), event.event_type.name.clone()),
+                    ("count".to_owned(), count.to_string()),
+                    ("threshold".to_owned(), limits.threshold.to_string()),
+                    ("window_secs".to_owned(), limits.window_secs.to_string()),
+                    ("block_secs".to_owned(), limits.block_secs.to_string()),
+                ]);
+                let device = event.device_id.clone();
+                Some(Box::new(
+                    self.raise(SPAM_EVENTS_DETECTED, &device, params).await?,
+                ))
+            }
+        };
+        let mut pending = self.queue(Arc::new(event)).await?;
+        pending.raised = raised;
+        Ok(pending)
+    }
+
+    /// Queues a classified event for the store if it is to be stored.
+    async fn queue(&self, event: Arc<ClassifiedEvent>) -> Result<Pending, EngineError> {
+        let ticket = if event.stored() {
+            Some(self.store.enqueue(event.clone()).await?)
+        } else {
+            None
+        };
+        Ok(Pending {
+            event,
+            ticket,
+            raised: None,
+        })
+    }
+
+    /// Stage 2: waits for the commit of a pending event (and of any event it raised), then
+    /// publishes them to subscribers. Returns the event to answer with.
+    pub async fn settle(&self, pending: Pending) -> Result<Arc<ClassifiedEvent>, EngineError> {
+        if let Some(raised) = pending.raised {
+            // The flood report is the server's own; its failure must not fail the client event.
+            if let Err(e) = Box::pin(self.settle(*raised)).await {
+                tracing::error!(error = %e, "could not store the frequent-event report");
+            }
+        }
+        let publish = match pending.ticket {
+            Some(t) => t.committed().await? == AppendOutcome::Inserted,
+            None => !pending.event.blocked,
+        };
+        if publish {
+            self.bus.publish(&pending.event);
+        }
+        Ok(pending.event)
+    }
+
+    /// Both stages for one event.
+    pub async fn ingest(&self, ev: IncomingEvent) -> Result<Arc<ClassifiedEvent>, EngineError> {
+        let p = self.accept(ev).await?;
+        self.settle(p).await
+    }
+
+    /// Classifies an event the server raises itself and queues it like any other (no flood
+    /// counting). Works during shutdown, so the last reports are not lost.
+    pub async fn raise(
+        &self,
+        event_type: &str,
+        device_id: &str,
+        params: HashMap<String, String>,
+    ) -> Result<Pending, EngineError> {
+        let now = self.clock.now();
+        let t = self.catalog.by_name(event_type).unwrap_or_else(|| {
+            Arc::new(EventType::unknown(
+                event_type,
+                self.catalog.unknown_severity(),
+            ))
+        });
+        let event = Arc::new(ClassifiedEvent {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            device_id: device_id.to_owned(),
+            event_type: t,
+            occurred_at: now,
+            received_at: now,
+            application: "fleet-events".to_owned(),
+            params,
+            origin: Origin::Server,
+            blocked: false,
+        });
+        self.queue(event).await
+    }
+
+    /// Raises a server event and waits until it is stored (if stored) and published.
+    pub async fn raise_and_settle(
+        &self,
+        event_type: &str,
+        device_id: &str,
+        params: HashMap<String, String>,
+    ) -> Result<Arc<ClassifiedEvent>, EngineError> {
+        let p = self.raise(event_type, device_id, params).await?;
+        self.settle(p).await
+    }
+
+    /// Subscribes to live classified events.
+    pub fn subscribe(&self, filter: SubscriberFilter) -> Subscription {
+        self.bus.subscribe(filter)
+    }
+
+    /// One page of stored events.
+    pub async fn query(
+        &self,
+        q: QueryRequest,
+    ) -> Result<(Vec<QueriedEvent>, Option<String>), EngineError> {
+        let after = if q.page_token.is_empty() {
+            None
+        } else {
+            Some(PageCursor::decode(&q.page_token).ok_or(StoreError::BadPageToken)?)
+        };
+        let limit = match q.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        } as usize;
+        let page = self
+            .store
+            .query(EventQuery {
+                device_id: Some(q.device_id).filter(|s| !s.is_empty()),
+                event_type: Some(q.event_type).filter(|s| !s.is_empty()),
+                min_severity: q.min_severity,
+                since: q.since,
+                until: q.until,
+                limit,
+                after,
+            })
+            .await?;
+        let events = page
+            .events
+            .into_iter()
+            .map(|stored| QueriedEvent {
+                event_type: self.catalog.by_name(&stored.event_type),
+                stored,
+            })
+            .collect();
+        Ok((events, page.next.map(PageCursor::encode)))
+    }
+
+    /// Registers an application's event type and persists it.
+    pub async fn register_type(&self, new: NewEventType) -> Result<Arc<EventType>, EngineError> {
+        let _admin = self.catalog.admin_lock().lock().await;
+        let t = self.catalog.prepare_register(new)?;
+        self.store.save_event_type(t.clone()).await?;
+        self.catalog.put(t.clone());
+        tracing::info!(event_type = %t.name, id = ?t.id, severity = ?t.severity, "event type registered");
+        Ok(self.catalog.by_name(&t.name).unwrap_or_else(|| Arc::new(t)))
+    }
+
+    /// Changes a type's settings and persists them.
+    pub async fn update_type_settings(
+        &self,
+        name: &str,
+        change: SettingsChange,
+    ) -> Result<Arc<EventType>, EngineError> {
+        let _admin = self.catalog.admin_lock().lock().await;
+        let t = self.catalog.prepare_settings_change(name, &change)?;
+        self.store.save_event_type(t.clone()).await?;
+        self.catalog.put(t.clone());
+        tracing::info!(event_type = %t.name, settings = ?t.settings, "event type settings changed");
+        Ok(self.catalog.by_name(&t.name).unwrap_or_else(|| Arc::new(t)))
+    }
+
+    /// Current frequent-event blocks.
+    pub fn blocks(&self, device_id: Option<&str>) -> Vec<Block> {
+        self.flood.blocks(device_id)
+    }
+
+    /// "Unblock" a pair.
+    pub fn unblock(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
+        Ok(self.flood.unblock(device_id, event_type)?)
+    }
+
+    /// "Block again" a pair, for its type's block period.
+    pub fn block_again(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
+        let limits = self
+            .catalog
+            .by_name(event_type)
+            .map(|t| self.thresholds_for(&t))
+            .unwrap_or(self.flood_defaults);
+        let now = self.clock.now().as_secs().clamp(0, i64::from(u32::MAX)) as u32;
+        Ok(self
+            .flood
+            .block_again(device_id, event_type, limits.block_secs, now)?)
+    }
+
+    /// "Remove from blocking" a pair.
+    pub fn remove_block(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
+        Ok(self.flood.remove(device_id, event_type)?)
+    }
+
+    /// Ends expired blocks and evicts idle flood counters now.
+    pub fn sweep_flood(&self) {
+        let now = self.clock.now().as_secs().clamp(0, i64::from(u32::MAX)) as u32;
+        self.flood.sweep(now);
+    }
+
+    /// Deletes stored events past their type's retention now; returns how many.
+    pub async fn sweep_retention(&self) -> Result<u64, EngineError> {
+        let mut rules = RetentionRules {
+            per_type: HashMap::new(),
+            default_days: self.catalog.unknown_severity().default_retention_days(),
+        };
+        for t in self.catalog.list() {
+            rules
+                .per_type
+                .insert(t.name.clone(), t.settings.retention_days);
+        }
+        Ok(self.store.sweep_retention(self.clock.now(), rules).await?)
+    }
+
+    /// Turns the store's notices into the truncation events (delivered live, not stored).
+    pub async fn report_store_notice(&self, notice: StoreNotice) {
+        let (ty, params) = match notice {
+            StoreNotice::TruncationStarted {
+                count,
+                cap,
+                to_delete,
+            } => (
+                DB_TRUNCATING,
+                HashMap::from([
+                    ("count".to_owned(), count.to_string()),
+                    ("cap".to_owned(), cap.to_string()),
+                    ("to_delete".to_owned(), to_delete.to_string()),
+                ]),
+            ),
+            StoreNotice::TruncationFinished {
+                deleted,
+                remaining,
+                cap,
+            } => (
+                DB_TRUNCATED,
+                HashMap::from([
+                    ("deleted".to_owned(), deleted.to_string()),
+                    ("remaining".to_owned(), remaining.to_string()),
+                    ("cap".to_owned(), cap.to_string()),
+                ]),
+            ),
+        };
+        let server_id = self.server_id.clone();
+        if let Err(e) = self.raise_and_settle(ty, &server_id, params).await {
+            tracing::error!(error = %e, event_type = ty, "could not raise the truncation event");
+        }
+    }
+
+    /// Starts the engine's periodic work (flood sweep, retention sweep, store notices); the
+    /// tasks stop when the shutdown signal fires.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        mut notices: tokio::sync::mpsc::UnboundedReceiver<StoreNotice>,
+        flood_sweep: Duration,
+        retention_sweep: Duration,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            // Notices are reported until the store closes the channel, also during shutdown.
+            while let Some(n) = notices.recv().await {
+                me.report_store_notice(n).await;
+            }
+        }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(flood_sweep.max(Duration::from_millis(10)));
+            loop {
+                tokio::select! {
+                    _ = me.shutdown.cancelled() => break,
+                    _ = tick.tick() => me.sweep_flood(),
+                }
+            }
+        }));
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(retention_sweep.max(Duration::from_millis(10)));
+            loop {
+                tokio::select! {
+                    _ = me.shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = me.sweep_retention().await {
+                            tracing::error!(error = %e, "retention sweep failed");
+                        }
+                    }
+                }
+            }
+        }));
+        tasks
+    }
+}
+
+/// Builds a subscriber filter from the request's parts.
+pub fn subscriber_filter(
+    min_severity: Option<Severity>,
+    event_types: Vec<String>,
+    device_ids: Vec<String>,
+) -> SubscriberFilter {
+    SubscriberFilter {
+        min_severity,
+        event_types: event_types.into_iter().collect::<HashSet<_>>(),
+        device_ids: device_ids.into_iter().collect::<HashSet<_>>(),
+    }
+}

@@ -1,0 +1,30 @@
+//! fleet-events: an Administration Server event service. Devices, MDM components and other
+//! servers send events over gRPC; the server classifies each one against its event catalog,
+//! blocks floods per (device, event type), stores events with per-type retention under an event
+//! cap, and streams classified events to subscribers.
+//!
+//! The crate map:
+//! - [`clock`]: the injectable source of "now" (tests use a manual clock).
+//! - [`catalog`]: event types (the seed's 19 warnings and their neighbours, application types),
+//!   lock-free look-up by string or ID, per-type settings.
+//! - [`classify`]: validation of an incoming event and its classification.
+//! - [`flood`]: per-(device, type) sliding-window counters, blocks and the three admin actions.
+//! - [`store`]: the `EventStore` interface and its SQLite backend (group commit, cap, retention).
+//! - [`bus`]: fan-out of classified events to live subscribers, never blocking ingest.
+//! - [`engine`]: the data path of one event, tying the above together; free of gRPC types.
+//! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
+//! - [`config`]: the `Config` struct, from TOML, environment and flags.
+//! - [`server`]: start-up, health, reflection and graceful shutdown.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod bus;
+pub mod catalog;
+pub mod classify;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod flood;
+pub mod server;
+pub mod store;

@@ -1,0 +1,209 @@
+//! Starting and stopping the whole server: open the store, restore the catalog, build the
+//! engine, start its background tasks, and serve the gRPC services (with health and
+//! reflection) on a listener.
+//!
+//! Shutdown is designed, not bolted on: [`RunningServer::shutdown`] marks health NOT_SERVING and
+//! fires the shutdown signal. Handlers then refuse new work with UNAVAILABLE, streams answer
+//! what they accepted and end, and the store commits everything queued before the process
+//! exits. Nothing is acknowledged that is not committed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::api::catalog::CatalogApi;
+use crate::api::devices::DeviceApi;
+use crate::api::events::EventApi;
+use crate::api::proto::catalog_service_server::CatalogServiceServer;
+use crate::api::proto::device_service_server::DeviceServiceServer;
+use crate::api::proto::event_service_server::EventServiceServer;
+use crate::api::{proto, status};
+use crate::catalog::Catalog;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::engine::{Engine, EngineParts};
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
+use crate::store::{EventStore, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Reflection could not be set up from the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// A started server.
+pub struct RunningServer {
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    health: HealthReporter,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+/// Starts a server with `config`, reading time from `clock`.
+pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, ServerError> {
+    let (store, notices) = SqliteStore::open(SqliteOptions {
+        path: config.database_path(),
+        max_events: config.store.max_events,
+        batch_max: config.store.batch_max,
+        queue_capacity: config.store.queue_capacity,
+        durability: config.store.durability,
+    })?;
+    let store: Arc<dyn EventStore> = Arc::new(store);
+    let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
+    for skipped in catalog.restore(store.load_event_types().await?) {
+        tracing::error!(event_type = %skipped.name, id = ?skipped.id,
+            "saved event type skipped: its numeric ID belongs to another type");
+    }
+    let shutdown = CancellationToken::new();
+    let engine = Engine::new(EngineParts {
+        catalog,
+        store,
+        clock,
+        flood_defaults: config.flood.thresholds(),
+        limits: config.limits.clone(),
+        subscriber_buffer: config.subscribe.buffer,
+        server_id: config.server.server_id.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let background = engine.spawn_background(
+        notices,
+        Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
+        Duration::from_secs(config.store.retention_sweep_secs.max(1)),
+    );
+
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EventServiceServer<EventApi>>().await;
+    health
+        .set_serving::<CatalogServiceServer<CatalogApi>>()
+        .await;
+    health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let max = config.server.max_message_bytes;
+    let events = EventServiceServer::new(EventApi::new(engine.clone()))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip);
+    let catalog_api = CatalogServiceServer::new(CatalogApi::new(engine.clone()))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+    let devices = DeviceServiceServer::new(DeviceApi::new(engine.clone()))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let signal = shutdown.clone();
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapResponseLayer::new(
+            status::rewrite_too_large::<tonic::body::Body>,
+        ))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(events)
+        .add_service(catalog_api)
+        .add_service(devices);
+    let serve = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())
+            .await
+    });
+    tracing::info!(%addr, "fleet-events serving");
+    Ok(RunningServer {
+        addr,
+        engine,
+        shutdown,
+        health,
+        serve,
+        background,
+        grace: Duration::from_secs(config.server.shutdown_grace_secs),
+    })
+}
+
+impl RunningServer {
+    /// The address the server listens on (the real port when the config said port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The engine, for in-process tests and embedding.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Stops gracefully: refuse new work, answer what was accepted, commit everything queued.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.shutdown.cancel();
+        let mut serve = self.serve;
+        match tokio::time::timeout(self.grace, &mut serve).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server ended with an error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "open calls did not finish in time; closing them");
+                serve.abort();
+            }
+        }
+        self.engine.store().shutdown().await;
+        for task in self.background {
+            let _ = task.await;
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,639 @@
+//! The embedded event store: SQLite (bundled, WAL) in the data directory.
+//!
+//! One writer thread owns the only write connection. It is fed by a bounded channel (the
+//! ingest path's backpressure) and group-commits: it takes every command waiting in the queue,
+//! up to `batch_max`, writes them in one transaction, commits, then resolves their tickets.
+//! After each commit it enforces the event cap. Queries run on a small pool of read-only
+//! connections, which WAL lets read while the writer writes.
+//!
+//! Schema: `events` is keyed by `seq` (the rowid, so inserts append), with a unique index on
+//! `(device_id, event_id)` for idempotency, an index on `occurred_at` for time-range queries and
+//! paging, and one on `(event_type, received_at)` for per-type retention. `event_types` keeps
+//! registered types and changed settings as JSON. `PRAGMA user_version` is the schema version.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AppendOutcome, AppendTicket, EventPage, EventQuery, EventStore, PageCursor, RetentionRules,
+    StoreError, StoreNotice, StoredEvent,
+};
+use crate::catalog::{EventType, Severity};
+use crate::classify::{ClassifiedEvent, Origin};
+use crate::clock::Timestamp;
+
+/// How SQLite makes commits durable.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync on every commit: an acknowledged event survives a power loss.
+    Full,
+    /// fsync at checkpoints only: an acknowledged event survives a crash of the server process,
+    /// not of the machine. Faster.
+    Normal,
+}
+
+/// Settings of the embedded store.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    /// The database file.
+    pub path: PathBuf,
+    /// Most events stored; the oldest are deleted beyond it.
+    pub max_events: u64,
+    /// Most commands per transaction.
+    pub batch_max: usize,
+    /// Capacity of the write queue.
+    pub queue_capacity: usize,
+    /// Commit durability.
+    pub durability: Durability,
+}
+
+/// The file name of the event database inside the data directory.
+pub const DB_FILE: &str = "events.sqlite3";
+
+const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // version 1
+    "CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        event_type_id INTEGER,
+        severity INTEGER NOT NULL,
+        known INTEGER NOT NULL,
+        origin INTEGER NOT NULL,
+        occurred_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        application TEXT NOT NULL,
+        params TEXT NOT NULL
+     );
+     CREATE UNIQUE INDEX events_identity ON events(device_id, event_id);
+     CREATE INDEX events_by_time ON events(occurred_at);
+     CREATE INDEX events_by_type ON events(event_type, received_at);
+     CREATE TABLE event_types (name TEXT PRIMARY KEY, definition TEXT NOT NULL);",
+];
+
+enum Command {
+    Append {
+        event: Arc<ClassifiedEvent>,
+        done: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+    },
+    Sweep {
+        now: Timestamp,
+        rules: RetentionRules,
+        done: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    SaveType {
+        event_type: EventType,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Count {
+        done: oneshot::Sender<u64>,
+    },
+    Shutdown,
+}
+
+/// The SQLite event store.
+pub struct SqliteStore {
+    /// The writer thread's queue.
+    commands: mpsc::Sender<Command>,
+    /// Idle read-only connections.
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    /// Joined on shutdown.
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+                StoreError::Full(e.to_string())
+            }
+            _ => StoreError::Backend(e.to_string()),
+        }
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "database schema version {version} is newer than this server's {SCHEMA_VERSION}"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "event store schema migrated");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database and starts the writer thread.
+    /// The receiver gets the store's [`StoreNotice`]s.
+    pub fn open(
+        opts: SqliteOptions,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<StoreNotice>), StoreError> {
+        if let Some(dir) = opts.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let mut conn = open_connection(&opts.path, false)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match opts.durability {
+                Durability::Full => "FULL",
+                Durability::Normal => "NORMAL",
+            },
+        )?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        migrate(&mut conn)?;
+        let count: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+        let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+        let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+        let mut writer = Writer {
+            conn,
+            count: count as u64,
+            max_events: opts.max_events,
+            batch_max: opts.batch_max.max(1),
+            notices: notice_tx,
+        };
+        // Enforce a lowered cap at start-up.
+        writer.enforce_cap()?;
+        let handle = thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        Ok((
+            SqliteStore {
+                commands: tx,
+                readers: Arc::new(Mutex::new(Vec::new())),
+                path: opts.path,
+                writer: Mutex::new(Some(handle)),
+            },
+            notice_rx,
+        ))
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), StoreError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| StoreError::Unavailable("the event store is shutting down".into()))
+    }
+
+    /// Runs `f` on a pooled read-only connection on the blocking thread pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_connection(&path, true)?,
+            };
+            let result = f(&conn);
+            let mut pool = readers.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < 4 {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("query task failed: {e}")))?
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for SqliteStore {
+    async fn enqueue(&self, event: Arc<ClassifiedEvent>) -> Result<AppendTicket, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Append { event, done }).await?;
+        Ok(AppendTicket(rx))
+    }
+
+    async fn query(&self, q: EventQuery) -> Result<EventPage, StoreError> {
+        self.read(move |conn| run_query(conn, &q)).await
+    }
+
+    async fn sweep_retention(
+        &self,
+        now: Timestamp,
+        rules: RetentionRules,
+    ) -> Result<u64, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Sweep { now, rules, done }).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("writer stopped".into())))
+    }
+
+    async fn load_event_types(&self) -> Result<Vec<EventType>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT definition FROM event_types ORDER BY name")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for json in rows {
+                let json = json?;
+                out.push(serde_json::from_str(&json).map_err(|e| {
+                    StoreError::Backend(format!("bad saved event type {json}: {e}"))
+                })?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn save_event_type(&self, event_type: EventType) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::SaveType { event_type, done }).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("writer stopped".into())))
+    }
+
+    async fn event_count(&self) -> Result<u64, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Count { done }).await?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// The state of the writer thread.
+struct Writer {
+    conn: Connection,
+    /// Events stored now; kept exact by every insert and delete.
+    count: u64,
+    max_events: u64,
+    batch_max: usize,
+    notices: mpsc::UnboundedSender<StoreNotice>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.process(&mut batch);
+            if stop {
+                // Commit what is still queued behind the shutdown request, then stop.
+                rx.close();
+                while let Ok(c) = rx.try_recv() {
+                    batch.push(c);
+                    if batch.len() >= self.batch_max {
+                        self.process(&mut batch);
+                    }
+                }
+                self.process(&mut batch);
+                break;
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!(error = %e, "final WAL checkpoint failed");
+        }
+        tracing::info!(events = self.count, "event store writer stopped");
+    }
+
+    /// Processes a batch in order, group-committing runs of appends. Returns true on shutdown.
+    fn process(&mut self, batch: &mut Vec<Command>) -> bool {
+        let mut stop = false;
+        let mut appends = Vec::new();
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Append { event, done } => appends.push((event, done)),
+                other => {
+                    self.commit_appends(&mut appends);
+                    match other {
+                        Command::Sweep { now, rules, done } => {
+                            let _ = done.send(self.sweep(now, &rules));
+                        }
+                        Command::SaveType { event_type, done } => {
+                            let _ = done.send(self.save_type(&event_type));
+                        }
+                        Command::Count { done } => {
+                            let _ = done.send(self.count);
+                        }
+                        Command::Shutdown => stop = true,
+                        Command::Append { .. } => unreachable!(),
+                    }
+                }
+            }
+        }
+        self.commit_appends(&mut appends);
+        stop
+    }
+
+    fn commit_appends(
+        &mut self,
+        appends: &mut Vec<(
+            Arc<ClassifiedEvent>,
+            oneshot::Sender<Result<AppendOutcome, StoreError>>,
+        )>,
+    ) {
+        if appends.is_empty() {
+            return;
+        }
+        match self.insert_all(appends) {
+            Ok(outcomes) => {
+                let inserted = outcomes
+                    .iter()
+                    .filter(|o| **o == AppendOutcome::Inserted)
+                    .count() as u64;
+                self.count += inserted;
+                for ((_, done), outcome) in appends.drain(..).zip(outcomes) {
+                    let _ = done.send(Ok(outcome));
+                }
+                if let Err(e) = self.enforce_cap() {
+                    tracing::error!(error = %e, "enforcing the event cap failed");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = appends.len(), "group commit failed");
+                let msg = e.to_string();
+                let full = matches!(e, StoreError::Full(_));
+                for (_, done) in appends.drain(..) {
+                    let err = if full {
+                        StoreError::Full(msg.clone())
+                    } else {
+                        StoreError::Backend(msg.clone())
+                    };
+                    let _ = done.send(Err(err));
+                }
+            }
+        }
+    }
+
+    fn insert_all(
+        &mut self,
+        appends: &[(
+            Arc<ClassifiedEvent>,
+            oneshot::Sender<Result<AppendOutcome, StoreError>>,
+        )],
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut outcomes = Vec::with_capacity(appends.len());
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO events (event_id, device_id, event_type, event_type_id, severity,
+                     known, origin, occurred_at, received_at, application, params)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(device_id, event_id) DO NOTHING",
+            )?;
+            for (ev, _) in appends {
+                let params_json = if ev.params.is_empty() {
+                    String::from("{}")
+                } else {
+                    serde_json::to_string(&ev.params)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?
+                };
+                let changed = stmt.execute(params![
+                    ev.event_id,
+                    ev.device_id,
+                    ev.event_type.name,
+                    ev.event_type.id,
+                    ev.event_type.severity as i64,
+                    ev.event_type.known,
+                    origin_number(ev.origin),
+                    ev.occurred_at.0,
+                    ev.received_at.0,
+                    ev.application,
+                    params_json,
+                ])?;
+                outcomes.push(if changed == 1 {
+                    AppendOutcome::Inserted
+                } else {
+                    AppendOutcome::Duplicate
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    /// Deletes the oldest events when the count passed the cap, down to 99 % of the cap so that
+    /// a store at its cap trims in steps rather than on every commit.
+    fn enforce_cap(&mut self) -> Result<(), StoreError> {
+        if self.count <= self.max_events {
+            return Ok(());
+        }
+        let target = self.max_events - self.max_events / 100;
+        let to_delete = self.count - target;
+        let _ = self.notices.send(StoreNotice::TruncationStarted {
+            count: self.count,
+            cap: self.max_events,
+            to_delete,
+        });
+        let last_seq: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET ?1",
+                [to_delete as i64 - 1],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let deleted = match last_seq {
+            Some(seq) => {
+                self.conn
+                    .execute("DELETE FROM events WHERE seq <= ?1", [seq])? as u64
+            }
+            None => 0,
+        };
+        self.count = self.count.saturating_sub(deleted);
+        tracing::warn!(
+            deleted,
+            remaining = self.count,
+            cap = self.max_events,
+            "event cap reached: oldest events deleted"
+        );
+        let _ = self.notices.send(StoreNotice::TruncationFinished {
+            deleted,
+            remaining: self.count,
+            cap: self.max_events,
+        });
+        Ok(())
+    }
+
+    fn sweep(&mut self, now: Timestamp, rules: &RetentionRules) -> Result<u64, StoreError> {
+        let types: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT DISTINCT event_type FROM events")?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let tx = self.conn.transaction()?;
+        let mut deleted = 0u64;
+        for t in types {
+            let days = rules
+                .per_type
+                .get(&t)
+                .copied()
+                .unwrap_or(rules.default_days);
+            let cutoff = now.minus(std::time::Duration::from_secs(u64::from(days) * 86_400));
+            deleted += tx.execute(
+                "DELETE FROM events WHERE event_type = ?1 AND received_at < ?2",
+                params![t, cutoff.0],
+            )? as u64;
+        }
+        tx.commit()?;
+        self.count = self.count.saturating_sub(deleted);
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                remaining = self.count,
+                "retention sweep deleted expired events"
+            );
+        }
+        Ok(deleted)
+    }
+
+    fn save_type(&mut self, t: &EventType) -> Result<(), StoreError> {
+        let json = serde_json::to_string(t).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO event_types (name, definition) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET definition = excluded.definition",
+            params![t.name, json],
+        )?;
+        Ok(())
+    }
+}
+
+fn origin_number(o: Origin) -> i64 {
+    match o {
+        Origin::Client => 1,
+        Origin::Server => 2,
+    }
+}
+
+fn run_query(conn: &Connection, q: &EventQuery) -> Result<EventPage, StoreError> {
+    let mut sql = String::from(
+        "SELECT seq, event_id, device_id, event_type, event_type_id, severity, known, origin,
+                occurred_at, received_at, application, params
+         FROM events WHERE 1 = 1",
+    );
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(d) = &q.device_id {
+        sql.push_str(" AND device_id = ?");
+        args.push(d.clone().into());
+    }
+    if let Some(t) = &q.event_type {
+        sql.push_str(" AND event_type = ?");
+        args.push(t.clone().into());
+    }
+    if let Some(s) = q.min_severity {
+        sql.push_str(" AND severity >= ?");
+        args.push((s as i64).into());
+    }
+    if let Some(t) = q.since {
+        sql.push_str(" AND occurred_at >= ?");
+        args.push(t.0.into());
+    }
+    if let Some(t) = q.until {
+        sql.push_str(" AND occurred_at < ?");
+        args.push(t.0.into());
+    }
+    if let Some(c) = q.after {
+        sql.push_str(" AND (occurred_at, seq) > (?, ?)");
+        args.push(c.occurred_at.0.into());
+        args.push(c.seq.into());
+    }
+    sql.push_str(" ORDER BY occurred_at, seq LIMIT ?");
+    args.push(((q.limit + 1) as i64).into());
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<u32>>(4)?,
+            r.get::<_, i32>(5)?,
+            r.get::<_, bool>(6)?,
+            r.get::<_, i64>(7)?,
+            r.get::<_, i64>(8)?,
+            r.get::<_, i64>(9)?,
+            r.get::<_, String>(10)?,
+            r.get::<_, String>(11)?,
+        ))
+    })?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (seq, event_id, device_id, event_type, type_id, sev, known, origin, occ, rec, app, p) =
+            row?;
+        events.push(StoredEvent {
+            seq,
+            event_id,
+            device_id,
+            event_type,
+            event_type_id: type_id,
+            severity: Severity::from_number(sev).unwrap_or(Severity::Info),
+            known,
+            origin: if origin == 2 {
+                Origin::Server
+            } else {
+                Origin::Client
+            },
+            occurred_at: Timestamp(occ),
+            received_at: Timestamp(rec),
+            application: app,
+            params: serde_json::from_str(&p).unwrap_or_default(),
+        });
+    }
+    let next = if events.len() > q.limit {
+        events.truncate(q.limit);
+        events.last().map(|e| PageCursor {
+            occurred_at: e.occurred_at,
+            seq: e.seq,
+        })
+    } else {
+        None
+    };
+    Ok(EventPage { events, next })
+}
