@@ -191,6 +191,20 @@ async fn run_stream(
         }
     }
     if let Some(status) = ending {
+        let closing = status.code() == tonic::Code::Unavailable;
         let _ = out.send(Err(status)).await;
+        if closing {
+            // Shutdown closes the connection once this call is over. A client that is still
+            // sending would then hit a broken pipe before reading our status, so keep reading
+            // (and dropping) its events until it has seen the status and stopped, or a deadline.
+            drop(out);
+            let _ = tokio::time::timeout(SHUTDOWN_LINGER, async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+        }
     }
 }
+
+/// How long a `Stream` call ended by shutdown waits for its client to stop sending.
+const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_secs(1);

@@ -80,6 +80,12 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE event_types (name TEXT PRIMARY KEY, definition TEXT NOT NULL);",
 ];
 
+/// An event waiting for the next group commit, with the sender that resolves its ticket.
+type QueuedAppend = (
+    Arc<ClassifiedEvent>,
+    oneshot::Sender<Result<AppendOutcome, StoreError>>,
+);
+
 enum Command {
     Append {
         event: Arc<ClassifiedEvent>,
@@ -372,10 +378,7 @@ impl Writer {
 
     fn commit_appends(
         &mut self,
-        appends: &mut Vec<(
-            Arc<ClassifiedEvent>,
-            oneshot::Sender<Result<AppendOutcome, StoreError>>,
-        )>,
+        appends: &mut Vec<QueuedAppend>,
     ) {
         if appends.is_empty() {
             return;
@@ -412,10 +415,7 @@ impl Writer {
 
     fn insert_all(
         &mut self,
-        appends: &[(
-            Arc<ClassifiedEvent>,
-            oneshot::Sender<Result<AppendOutcome, StoreError>>,
-        )],
+        appends: &[QueuedAppend],
     ) -> Result<Vec<AppendOutcome>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut outcomes = Vec::with_capacity(appends.len());

@@ -1,0 +1,195 @@
+//! Starting a real fleet-events server for a test: in-process on 127.0.0.1:0 with a manual
+//! clock and a temporary data directory, or as the real binary (for crash tests). Readiness is
+//! awaited with a deadline (the ready file, then the health service), never by sleeping.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_events::api::proto::catalog_service_client::CatalogServiceClient;
+use fleet_events::api::proto::device_service_client::DeviceServiceClient;
+use fleet_events::api::proto::event_service_client::EventServiceClient;
+use fleet_events::api::proto::{self, Event};
+use fleet_events::clock::{ManualClock, Timestamp};
+use fleet_events::config::Config;
+use fleet_events::server::{RunningServer, start};
+use tonic::transport::Channel;
+
+/// The manual clock's start: 2026-11-25T00:00:00Z.
+pub const T0: i64 = 1_795_564_800;
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub clock: Arc<ManualClock>,
+    pub dir: PathBuf,
+    pub channel: Channel,
+}
+
+/// A config for tests: port 0, the data dir given, durability `normal` (faster, still
+/// crash-safe for the process).
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.data_dir = dir.to_path_buf();
+    c.server.server_id = "test-server".into();
+    c.store.durability = fleet_events::store::sqlite::Durability::Normal;
+    c
+}
+
+impl TestServer {
+    /// Starts a server on `config` with a manual clock at [`T0`].
+    pub async fn start(config: Config) -> TestServer {
+        Self::start_with_clock(config, ManualClock::new(Timestamp::from_secs(T0))).await
+    }
+
+    /// Starts a server on `config` with the given clock.
+    pub async fn start_with_clock(config: Config, clock: Arc<ManualClock>) -> TestServer {
+        let dir = config.server.data_dir.clone();
+        let server = start(config, clock.clone()).await.expect("server starts");
+        let channel = connect(&format!("http://{}", server.local_addr())).await;
+        TestServer {
+            server,
+            clock,
+            dir,
+            channel,
+        }
+    }
+
+    pub fn events(&self) -> EventServiceClient<Channel> {
+        EventServiceClient::new(self.channel.clone())
+    }
+
+    pub fn catalog(&self) -> CatalogServiceClient<Channel> {
+        CatalogServiceClient::new(self.channel.clone())
+    }
+
+    pub fn devices(&self) -> DeviceServiceClient<Channel> {
+        DeviceServiceClient::new(self.channel.clone())
+    }
+
+    /// Stops gracefully and returns the data dir and clock for a restart.
+    pub async fn stop(self) -> (PathBuf, Arc<ManualClock>) {
+        self.server.shutdown().await;
+        (self.dir, self.clock)
+    }
+}
+
+/// Connects to `url`, retrying until the health service says SERVING (deadline 20 s).
+pub async fn connect(url: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+            if let Ok(r) = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return ch;
+            }
+        }
+        assert!(Instant::now() < deadline, "server at {url} not serving within 20 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An event of `event_type` from `device`, with the given id.
+pub fn event(device: &str, event_type: &str, event_id: &str) -> Event {
+    Event {
+        event_id: event_id.into(),
+        device_id: device.into(),
+        event_type: event_type.into(),
+        ..Default::default()
+    }
+}
+
+/// All stored events matching `req`, following pages.
+pub async fn query_all(
+    client: &mut EventServiceClient<Channel>,
+    mut req: proto::QueryEventsRequest,
+) -> Vec<proto::Classification> {
+    let mut all = Vec::new();
+    loop {
+        let page = client.query_events(req.clone()).await.unwrap().into_inner();
+        all.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+/// The real `fleet-events` binary, running as a child process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts the binary on `dir` with `extra` config TOML and waits for its ready file.
+    pub fn start(dir: &Path, config_toml: &str) -> ServerProcess {
+        let ready = dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, config_toml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fleet-events"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--log")
+            .arg("warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fleet-events");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(&ready) {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "no ready file within 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        ServerProcess {
+            child,
+            addr: format!("http://{addr}"),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Kills the process with SIGKILL: no shutdown code runs.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,349 @@
+//! EventService end to end: classification, the bidi stream, bad input, subscriptions, queries.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{TestServer, event, query_all, test_config};
+use fleet_events::api::proto::{self, Classification, Severity};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+/// A warning sent by type string and one sent by numeric ID are both resolved from the
+/// catalog; an unknown type is accepted, flagged unknown, INFO, stored.
+#[tokio::test]
+async fn classifies_by_string_by_id_and_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+
+    let a = c
+        .classify(event("pc-1", "KLSRV_EVENT_HOSTS_CONFLICT", "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.event_type_id, 4102);
+    assert_eq!(a.severity, Severity::Warning as i32);
+    assert_eq!(a.display_name_ja, "デバイスの名前が競合しています");
+    assert!(a.known && a.stored && !a.blocked);
+    assert_eq!((a.event_id.as_str(), a.device_id.as_str()), ("a", "pc-1"));
+
+    let mut by_id = event("pc-1", "", "b");
+    by_id.event_type_id = 4136;
+    let b = c.classify(by_id).await.unwrap().into_inner();
+    assert_eq!(b.event_type, "KLSRV_APN_CERTIFICATE_EXPIRES_SOON");
+    assert!(!b.stored, "4136 is never stored");
+
+    let u = c
+        .classify(event("pc-1", "MYAPP_SOMETHING", "c"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!u.known && u.stored);
+    assert_eq!(u.severity, Severity::Info as i32);
+    s.stop().await;
+}
+
+/// Every malformed request gets INVALID_ARGUMENT naming the field (or RESOURCE_EXHAUSTED for an
+/// over-size message), and the server goes on serving after each.
+#[tokio::test]
+async fn bad_input_gets_a_precise_status_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    let now = s.clock.now_secs();
+
+    let mut both = event("d", "KLSRV_EVENT_HOSTS_CONFLICT", "x");
+    both.event_type_id = 4102;
+    let mut unknown_id = event("d", "", "x");
+    unknown_id.event_type_id = 999_999;
+    let mut future = event("d", "T", "x");
+    future.occurred_at = Some(prost_types::Timestamp {
+        seconds: now + 86_400,
+        nanos: 0,
+    });
+    let mut bad_nanos = event("d", "T", "x");
+    bad_nanos.occurred_at = Some(prost_types::Timestamp {
+        seconds: now,
+        nanos: -5,
+    });
+    let mut many = event("d", "T", "x");
+    many.params = (0..1000).map(|i| (i.to_string(), "v".into())).collect();
+    let mut big_value = event("d", "T", "x");
+    big_value.params.insert("k".into(), "v".repeat(100 * 1024));
+
+    let cases: Vec<(proto::Event, &str)> = vec![
+        (event("", "T", "x"), "device_id"),
+        (both, "event_type"),
+        (event("d", "", "x"), "event_type"),
+        (unknown_id, "event_type_id"),
+        (future, "occurred_at"),
+        (bad_nanos, "occurred_at"),
+        (many, "params"),
+        (big_value, "params"),
+        (event("d", "not a type", "x"), "event_type"),
+        (event("d", "T", &"e".repeat(1000)), "event_id"),
+    ];
+    for (ev, field) in cases {
+        let st = c.classify(ev).await.unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{field}: {st:?}");
+        assert!(st.message().starts_with(field), "{field}: {}", st.message());
+        // Still serving.
+        let ok = c.classify(event("d", "T", "")).await.unwrap().into_inner();
+        assert!(ok.known == false && ok.stored);
+    }
+
+    // A whole message over the 4 MiB limit.
+    let mut huge = event("d", "T", "x");
+    huge.params.insert("k".into(), "v".repeat(5 * 1024 * 1024));
+    let st = c.classify(huge.clone()).await.unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    let st = c
+        .stream(tokio_stream::iter(vec![event("d", "T", "ok"), huge]))
+        .await;
+    let err = match st {
+        Err(st) => st,
+        Ok(resp) => {
+            let mut answers = resp.into_inner();
+            let mut last = None;
+            while let Some(item) = answers.next().await {
+                if let Err(e) = item {
+                    last = Some(e);
+                }
+            }
+            last.expect("the stream ends with an error")
+        }
+    };
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(c.classify(event("d", "T", "")).await.is_ok());
+
+    // Bad filters and page tokens.
+    let st = c
+        .query_events(proto::QueryEventsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().starts_with("page_token"));
+    let st = c
+        .query_events(proto::QueryEventsRequest {
+            min_severity: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().starts_with("min_severity"));
+    s.stop().await;
+}
+
+trait NowSecs {
+    fn now_secs(&self) -> i64;
+}
+impl NowSecs for fleet_events::clock::ManualClock {
+    fn now_secs(&self) -> i64 {
+        use fleet_events::clock::Clock;
+        self.now().as_secs()
+    }
+}
+
+/// One Classification per Event, in order; once answered, stored events are queryable.
+#[tokio::test]
+async fn stream_answers_every_event_in_order_after_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    let n = 2000;
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            let ty = if i % 10 == 0 {
+                "KLSRV_APN_CERTIFICATE_EXPIRED" // not stored
+            } else {
+                "KLSRV_GCM_HTTP_ERROR"
+            };
+            event(&format!("dev-{}", i % 50), ty, &format!("ev-{i}"))
+        })
+        .collect();
+    let answers: Vec<Classification> = c
+        .stream(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(answers.len(), n);
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a.event_id, format!("ev-{i}"));
+        assert_eq!(a.stored, i % 10 != 0);
+    }
+    let stored = query_all(
+        &mut c,
+        proto::QueryEventsRequest {
+            event_type: "KLSRV_GCM_HTTP_ERROR".into(),
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stored.len(), n - n / 10);
+    s.stop().await;
+}
+
+/// A bad event in the middle of a stream: the ones before it are answered, then the call ends
+/// with INVALID_ARGUMENT naming the event and the field.
+#[tokio::test]
+async fn stream_stops_at_a_bad_event_after_answering_the_earlier_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    let events = vec![
+        event("d", "T", "1"),
+        event("d", "T", "2"),
+        event("", "T", "3"),
+        event("d", "T", "4"),
+    ];
+    let mut answers = c
+        .stream(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answers.message().await.unwrap().unwrap().event_id, "1");
+    assert_eq!(answers.message().await.unwrap().unwrap().event_id, "2");
+    let st = answers.message().await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().contains("event #3"), "{}", st.message());
+    assert!(st.message().contains("device_id"), "{}", st.message());
+    assert!(c.classify(event("d", "T", "5")).await.is_ok());
+    s.stop().await;
+}
+
+/// A subscriber gets exactly the events its filter asks for, with every field.
+#[tokio::test]
+async fn subscribe_filters_by_severity_type_and_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    // Headers arrive once the subscription is registered.
+    let mut sub = c
+        .subscribe(proto::SubscribeRequest {
+            min_severity: Severity::Warning as i32,
+            event_types: vec![],
+            device_ids: vec!["watched".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.classify(event("watched", "APP_INFO_THING", "1")).await.unwrap();
+    c.classify(event("other", "KLSRV_GCM_GENERAL_ERROR", "2")).await.unwrap();
+    let mut warn = event("watched", "KLSRV_GCM_GENERAL_ERROR", "3");
+    warn.params = HashMap::from([("reason".into(), "timeout".into())]);
+    warn.application = "mdm".into();
+    c.classify(warn).await.unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), sub.message())
+        .await
+        .expect("delivered within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.event_id, "3");
+    assert_eq!(got.event_type_id, 4140);
+    assert_eq!(got.params.get("reason").map(String::as_str), Some("timeout"));
+    assert_eq!(got.application, "mdm");
+    assert_eq!(got.missed_before, 0);
+    s.stop().await;
+}
+
+/// Paging walks every matching event once, in occurred_at order; filters combine.
+#[tokio::test]
+async fn query_pages_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    for i in 0..25 {
+        let mut e = event("pager", "KLSRV_GCM_DEVICE_ERROR", &format!("p{i:02}"));
+        // Sent newest first, so arrival order differs from occurred_at order.
+        e.occurred_at = Some(prost_types::Timestamp {
+            seconds: common::T0 - 1000 + (25 - i),
+            nanos: 0,
+        });
+        c.classify(e).await.unwrap();
+    }
+    c.classify(event("other", "KLSRV_GCM_DEVICE_ERROR", "o")).await.unwrap();
+    let mut req = proto::QueryEventsRequest {
+        device_id: "pager".into(),
+        page_size: 10,
+        ..Default::default()
+    };
+    let mut sizes = Vec::new();
+    let mut ids = Vec::new();
+    loop {
+        let page = c.query_events(req.clone()).await.unwrap().into_inner();
+        sizes.push(page.events.len());
+        ids.extend(page.events.into_iter().map(|e| e.event_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    assert_eq!(sizes, vec![10, 10, 5]);
+    let expected: Vec<String> = (0..25).rev().map(|i| format!("p{i:02}")).collect();
+    assert_eq!(ids, expected);
+
+    let window = query_all(
+        &mut c,
+        proto::QueryEventsRequest {
+            device_id: "pager".into(),
+            since: Some(prost_types::Timestamp {
+                seconds: common::T0 - 1000 + 5,
+                nanos: 0,
+            }),
+            until: Some(prost_types::Timestamp {
+                seconds: common::T0 - 1000 + 10,
+                nanos: 0,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(window.len(), 5);
+    let crit = query_all(
+        &mut c,
+        proto::QueryEventsRequest {
+            min_severity: Severity::Critical as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(crit.is_empty());
+    s.stop().await;
+}
+
+/// The same (device_id, event_id) twice is stored once and published once.
+#[tokio::test]
+async fn duplicate_event_ids_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    for _ in 0..3 {
+        let a = c
+            .classify(event("dup", "KLSRV_CERTIFICATE_REMOVED", "same"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(a.stored);
+    }
+    // The same id from another device is another event.
+    c.classify(event("dup2", "KLSRV_CERTIFICATE_REMOVED", "same")).await.unwrap();
+    let all = query_all(
+        &mut c,
+        proto::QueryEventsRequest {
+            event_type: "KLSRV_CERTIFICATE_REMOVED".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(all.len(), 2);
+    s.stop().await;
+}
