@@ -415,8 +415,8 @@ mod tests {
     fn sliding_window_forgets_old_events() {
         let d = FloodDetector::new();
         run(&d, "dev", 5, 1000);
-        // One full window later, half of the previous bucket still counts: 5 * 30/60 = 2.
-        assert_eq!(d.observe("dev", "T", LIMITS, 1090), FloodVerdict::Pass);
+        // 90 s later the buckets rolled once (the current one began at 1060), and half of the
+        // previous bucket still lies in the window: 5 * 30/60 = 2 (rounded down).
         assert_eq!(run(&d, "dev", 3, 1090), vec![FloodVerdict::Pass; 3]);
         // 2 (weighted) + 4 = 6 > 5.
         assert_eq!(
@@ -432,7 +432,8 @@ mod tests {
         assert_eq!(d.observe("dev", "T", LIMITS, 1599), FloodVerdict::Held);
         assert_eq!(d.observe("dev", "T", LIMITS, 1600), FloodVerdict::Pass);
         assert!(d.block("dev", "T").is_none());
-        let v = run(&d, "dev", 6, 1601);
+        // The event at 1600 opened a fresh window: the fifth more is the sixth in it.
+        let v = run(&d, "dev", 5, 1601);
         assert_eq!(v.last(), Some(&FloodVerdict::Detected { count: 6 }));
     }
 
@@ -470,7 +471,9 @@ mod tests {
             d.observe(&format!("quiet-{i}"), "T", LIMITS, 1000);
         }
         assert_eq!(d.tracked_pairs(), 101);
-        assert!(d.sweep(1100).is_empty());
+        assert!(d.sweep(1119).is_empty());
+        assert_eq!(d.tracked_pairs(), 101, "idle for less than two windows: kept");
+        assert!(d.sweep(1120).is_empty());
         // Idle pairs are gone after two windows; the blocked pair stays while blocked.
         assert_eq!(d.tracked_pairs(), 1);
         let ended = d.sweep(1600);

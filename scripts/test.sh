@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs that is not in the repo
+# (Go tools via `go install`, Python packages via pip into a venv under target/), checks
+# formatting and lints, builds once (release), runs the Rust tests (unit, integration,
+# process-level, and each Criterion bench once in test mode), then the Python grpcio suite
+# against the same release binary. Idempotent; cleans up the servers it starts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tools (go install, only when missing)"
+export GOFLAGS=${GOFLAGS:-}
+gobin="$(go env GOPATH)/bin"
+export PATH="$gobin:$PATH"
+install_go_tool() { # name module
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "installing $1"
+    go install "$2@latest"
+  fi
+}
+install_go_tool grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl
+install_go_tool grpc-health-probe github.com/grpc-ecosystem/grpc-health-probe
+install_go_tool ghz github.com/bojand/ghz/cmd/ghz
+
+step "python packages (venv in target/pyenv)"
+venv="$root/target/pyenv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+step "format and lints"
+cargo fmt --check
+cargo clippy --release --all-targets --locked -- -D warnings
+
+step "rust tests (release build, benches once in test mode)"
+FLEET_BENCH_QUICK=1 cargo test --release --all-targets --locked
+
+step "python grpcio suite"
+FLEET_EVENTS_BIN="$root/target/release/fleet-events" "$venv/bin/python" -m pytest -q tests/python
