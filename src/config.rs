@@ -1,6 +1,7 @@
 //! The server's configuration: one [`Config`] with documented defaults, read from a TOML file,
-//! then overridden by `FLEET_EVENTS_*` environment variables (sections split by `__`, e.g.
-//! `FLEET_EVENTS_FLOOD__THRESHOLD=100`), then by command-line flags.
+//! then overridden by `FLEET_EVENTS_<SECTION>__<KEY>` environment variables (e.g.
+//! `FLEET_EVENTS_FLOOD__THRESHOLD=100`; other `FLEET_EVENTS_*` variables are not configuration),
+//! then by command-line flags.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -181,7 +182,13 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig.merge(Env::prefixed("FLEET_EVENTS_").split("__"));
+        // Only `SECTION__KEY` variables are configuration: FLEET_EVENTS_SERVER (the clients'
+        // address), FLEET_EVENTS_CONFIG and the like belong to other parts and are ignored.
+        fig = fig.merge(
+            Env::prefixed("FLEET_EVENTS_")
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
         let cfg: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)

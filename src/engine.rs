@@ -114,6 +114,11 @@ pub struct Engine {
     server_id: String,
     /// Cancelled when shutdown begins: new work is refused with `ShuttingDown`.
     shutdown: CancellationToken,
+    /// Woken when a flood is detected, so the block table is saved promptly.
+    blocks_changed: tokio::sync::Notify,
+    /// Serialises "snapshot the block table, save it", so an older snapshot never overwrites
+    /// a newer one.
+    blocks_saving: tokio::sync::Mutex<()>,
 }
 
 /// What [`Engine::new`] needs.
@@ -149,6 +154,8 @@ impl Engine {
             limits: p.limits,
             server_id: p.server_id,
             shutdown: p.shutdown,
+            blocks_changed: tokio::sync::Notify::new(),
+            blocks_saving: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -209,6 +216,7 @@ impl Engine {
             }
             FloodVerdict::Detected { count } => {
                 event.blocked = true;
+                self.blocks_changed.notify_one();
                 let limits = self.thresholds_for(&event.event_type);
                 let params = HashMap::from([
                     ("device_id".to_owned(), event.device_id.clone()),
@@ -379,27 +387,57 @@ impl Engine {
         self.flood.blocks(device_id)
     }
 
-    /// "Unblock" a pair.
-    pub fn unblock(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
-        Ok(self.flood.unblock(device_id, event_type)?)
+    /// "Unblock" a pair; answered once saved.
+    pub async fn unblock(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
+        let b = self.flood.unblock(device_id, event_type)?;
+        self.save_blocks().await?;
+        Ok(b)
     }
 
-    /// "Block again" a pair, for its type's block period.
-    pub fn block_again(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
+    /// "Block again" a pair, for its type's block period; answered once saved.
+    pub async fn block_again(
+        &self,
+        device_id: &str,
+        event_type: &str,
+    ) -> Result<Block, EngineError> {
         let limits = self
             .catalog
             .by_name(event_type)
             .map(|t| self.thresholds_for(&t))
             .unwrap_or(self.flood_defaults);
         let now = self.clock.now().as_secs().clamp(0, i64::from(u32::MAX)) as u32;
-        Ok(self
+        let b = self
             .flood
-            .block_again(device_id, event_type, limits.block_secs, now)?)
+            .block_again(device_id, event_type, limits.block_secs, now)?;
+        self.save_blocks().await?;
+        Ok(b)
     }
 
-    /// "Remove from blocking" a pair.
-    pub fn remove_block(&self, device_id: &str, event_type: &str) -> Result<Block, EngineError> {
-        Ok(self.flood.remove(device_id, event_type)?)
+    /// "Remove from blocking" a pair; answered once saved.
+    pub async fn remove_block(
+        &self,
+        device_id: &str,
+        event_type: &str,
+    ) -> Result<Block, EngineError> {
+        let b = self.flood.remove(device_id, event_type)?;
+        self.save_blocks().await?;
+        Ok(b)
+    }
+
+    /// Saves the flood detector's whole block table (with the held-back counts as of now).
+    pub async fn save_blocks(&self) -> Result<(), EngineError> {
+        let _one_at_a_time = self.blocks_saving.lock().await;
+        self.store.save_blocks(self.flood.blocks(None)).await?;
+        Ok(())
+    }
+
+    /// Puts the blocks saved before a restart back into the flood detector.
+    pub async fn restore_blocks(&self) -> Result<usize, EngineError> {
+        let saved = self.store.load_blocks().await?;
+        let now = self.clock.now().as_secs().clamp(0, i64::from(u32::MAX)) as u32;
+        Ok(self
+            .flood
+            .restore(saved, self.flood_defaults.window_secs, now))
     }
 
     /// Ends expired blocks and evicts idle flood counters now.
@@ -474,11 +512,17 @@ impl Engine {
         }));
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
+            // Sweeps and saves the block table on every tick, and saves it as soon as a flood
+            // is detected. The final save happens in shutdown, after ingest stopped.
             let mut tick = tokio::time::interval(flood_sweep.max(Duration::from_millis(10)));
             loop {
                 tokio::select! {
                     _ = me.shutdown.cancelled() => break,
                     _ = tick.tick() => me.sweep_flood(),
+                    _ = me.blocks_changed.notified() => {}
+                }
+                if let Err(e) = me.save_blocks().await {
+                    tracing::error!(error = %e, "saving frequent-event blocks failed");
                 }
             }
         }));

@@ -360,6 +360,25 @@ impl FloodDetector {
         ended
     }
 
+    /// Puts blocks saved before a restart back in place. Blocks whose period ended by `now` are
+    /// skipped; the returned number is how many were restored.
+    pub fn restore(&self, blocks: Vec<Block>, window_secs: u32, now: u32) -> usize {
+        let mut restored = 0;
+        for b in blocks {
+            if matches!(b.state, BlockState::Blocked { until } if until <= now) {
+                log_ended(&b, "block period ended while the server was down");
+                continue;
+            }
+            let key = self.key(&b.device_id, &b.event_type);
+            let mut counter = PairCounter::fresh(now, window_secs.max(1));
+            counter.has_block = true;
+            self.counters.insert(key, counter);
+            self.blocks.insert(key, b);
+            restored += 1;
+        }
+        restored
+    }
+
     /// How many (device, type) pairs are tracked now.
     pub fn tracked_pairs(&self) -> usize {
         self.counters.len()
@@ -464,6 +483,22 @@ mod tests {
     }
 
     #[test]
+    fn restored_blocks_hold_back_and_expired_ones_are_dropped() {
+        let d = FloodDetector::new();
+        run(&d, "a", 6, 1000);
+        d.unblock("a", "T").unwrap();
+        run(&d, "b", 6, 1000);
+        let saved = d.blocks(None);
+        let fresh = FloodDetector::new();
+        assert_eq!(fresh.restore(saved.clone(), 60, 1100), 2);
+        assert_eq!(fresh.blocks(None), saved);
+        assert_eq!(fresh.observe("b", "T", LIMITS, 1100), FloodVerdict::Held);
+        assert_eq!(fresh.observe("a", "T", LIMITS, 1100), FloodVerdict::Pass);
+        let later = FloodDetector::new();
+        assert_eq!(later.restore(saved, 60, 1600), 1, "b's block ended at 1600");
+    }
+
+    #[test]
     fn sweep_ends_blocks_and_evicts_idle_pairs() {
         let d = FloodDetector::new();
         run(&d, "flood", 6, 1000);
@@ -472,7 +507,11 @@ mod tests {
         }
         assert_eq!(d.tracked_pairs(), 101);
         assert!(d.sweep(1119).is_empty());
-        assert_eq!(d.tracked_pairs(), 101, "idle for less than two windows: kept");
+        assert_eq!(
+            d.tracked_pairs(),
+            101,
+            "idle for less than two windows: kept"
+        );
         assert!(d.sweep(1120).is_empty());
         // Idle pairs are gone after two windows; the blocked pair stays while blocked.
         assert_eq!(d.tracked_pairs(), 1);

@@ -40,6 +40,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Restoring saved state failed.
+    #[error(transparent)]
+    Restore(#[from] crate::engine::EngineError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -90,6 +93,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         server_id: config.server.server_id.clone(),
         shutdown: shutdown.clone(),
     });
+    let restored = engine.restore_blocks().await?;
+    if restored > 0 {
+        tracing::info!(blocks = restored, "frequent-event blocks restored");
+    }
     let background = engine.spawn_background(
         notices,
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
@@ -199,6 +206,13 @@ impl RunningServer {
                 tracing::warn!(grace = ?self.grace, "open calls did not finish in time; closing them");
                 serve.abort();
             }
+        }
+        for task in self.background.iter().filter(|t| !t.is_finished()) {
+            // The periodic tasks end on the shutdown signal; the notice task ends with the store.
+            let _ = task;
+        }
+        if let Err(e) = self.engine.save_blocks().await {
+            tracing::error!(error = %e, "saving frequent-event blocks at shutdown failed");
         }
         self.engine.store().shutdown().await;
         for task in self.background {

@@ -236,8 +236,12 @@ async fn subscribe_filters_by_severity_type_and_device() {
         .await
         .unwrap()
         .into_inner();
-    c.classify(event("watched", "APP_INFO_THING", "1")).await.unwrap();
-    c.classify(event("other", "KLSRV_GCM_GENERAL_ERROR", "2")).await.unwrap();
+    c.classify(event("watched", "APP_INFO_THING", "1"))
+        .await
+        .unwrap();
+    c.classify(event("other", "KLSRV_GCM_GENERAL_ERROR", "2"))
+        .await
+        .unwrap();
     let mut warn = event("watched", "KLSRV_GCM_GENERAL_ERROR", "3");
     warn.params = HashMap::from([("reason".into(), "timeout".into())]);
     warn.application = "mdm".into();
@@ -249,7 +253,10 @@ async fn subscribe_filters_by_severity_type_and_device() {
         .unwrap();
     assert_eq!(got.event_id, "3");
     assert_eq!(got.event_type_id, 4140);
-    assert_eq!(got.params.get("reason").map(String::as_str), Some("timeout"));
+    assert_eq!(
+        got.params.get("reason").map(String::as_str),
+        Some("timeout")
+    );
     assert_eq!(got.application, "mdm");
     assert_eq!(got.missed_before, 0);
     s.stop().await;
@@ -270,7 +277,9 @@ async fn query_pages_and_filters() {
         });
         c.classify(e).await.unwrap();
     }
-    c.classify(event("other", "KLSRV_GCM_DEVICE_ERROR", "o")).await.unwrap();
+    c.classify(event("other", "KLSRV_GCM_DEVICE_ERROR", "o"))
+        .await
+        .unwrap();
     let mut req = proto::QueryEventsRequest {
         device_id: "pager".into(),
         page_size: 10,
@@ -335,7 +344,9 @@ async fn duplicate_event_ids_are_stored_once() {
         assert!(a.stored);
     }
     // The same id from another device is another event.
-    c.classify(event("dup2", "KLSRV_CERTIFICATE_REMOVED", "same")).await.unwrap();
+    c.classify(event("dup2", "KLSRV_CERTIFICATE_REMOVED", "same"))
+        .await
+        .unwrap();
     let all = query_all(
         &mut c,
         proto::QueryEventsRequest {

@@ -57,7 +57,11 @@ async fn one_report_per_flood_and_every_held_event_counted() {
     }
     assert_eq!(blocked.iter().filter(|b| !**b).count(), 5);
     assert!(blocked[5..].iter().all(|b| *b));
-    let quiet = c.classify(event("quiet", "APP_NOISY", "q")).await.unwrap().into_inner();
+    let quiet = c
+        .classify(event("quiet", "APP_NOISY", "q"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!quiet.blocked);
 
     let reports = spam_reports(&s, "noisy").await;
@@ -112,9 +116,15 @@ async fn the_three_administrative_actions() {
         event_type: "APP_NOISY".into(),
     };
     for i in 0..6 {
-        c.classify(event("dev", "APP_NOISY", &format!("a{i}"))).await.unwrap();
+        c.classify(event("dev", "APP_NOISY", &format!("a{i}")))
+            .await
+            .unwrap();
     }
-    let b = d.unblock_frequent_event(key.clone()).await.unwrap().into_inner();
+    let b = d
+        .unblock_frequent_event(key.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(b.state, BlockState::Unblocked as i32);
     for i in 0..50 {
         let a = c
@@ -122,11 +132,22 @@ async fn the_three_administrative_actions() {
             .await
             .unwrap()
             .into_inner();
-        assert!(!a.blocked, "unblocked pairs are received whatever their rate");
+        assert!(
+            !a.blocked,
+            "unblocked pairs are received whatever their rate"
+        );
     }
-    let b = d.block_frequent_event_again(key.clone()).await.unwrap().into_inner();
+    let b = d
+        .block_frequent_event_again(key.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(b.state, BlockState::Blocked as i32);
-    let a = c.classify(event("dev", "APP_NOISY", "c")).await.unwrap().into_inner();
+    let a = c
+        .classify(event("dev", "APP_NOISY", "c"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(a.blocked);
     let st = d.block_frequent_event_again(key.clone()).await.unwrap_err();
     assert_eq!(st.code(), Code::FailedPrecondition);
@@ -178,7 +199,9 @@ async fn blocks_expire_on_the_clock() {
     let s = TestServer::start(flood_config(dir.path())).await;
     let mut c = s.events();
     for i in 0..8 {
-        c.classify(event("dev", "APP_NOISY", &format!("a{i}"))).await.unwrap();
+        c.classify(event("dev", "APP_NOISY", &format!("a{i}")))
+            .await
+            .unwrap();
     }
     s.clock.advance(Duration::from_secs(599));
     s.server.engine().sweep_flood();
@@ -186,10 +209,16 @@ async fn blocks_expire_on_the_clock() {
     s.clock.advance(Duration::from_secs(1));
     s.server.engine().sweep_flood();
     assert!(s.server.engine().blocks(None).is_empty());
-    let a = c.classify(event("dev", "APP_NOISY", "after")).await.unwrap().into_inner();
+    let a = c
+        .classify(event("dev", "APP_NOISY", "after"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!a.blocked);
     for i in 0..5 {
-        c.classify(event("dev", "APP_NOISY", &format!("b{i}"))).await.unwrap();
+        c.classify(event("dev", "APP_NOISY", &format!("b{i}")))
+            .await
+            .unwrap();
     }
     assert_eq!(spam_reports(&s, "dev").await.len(), 2);
     s.stop().await;
@@ -244,5 +273,61 @@ async fn per_type_thresholds_override_the_defaults() {
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     assert!(st.message().starts_with("flood"));
+    s.stop().await;
+}
+
+/// Blocks and the administrator's decisions survive a restart: an unblocked pair stays
+/// unblocked, a blocked one keeps holding back with its count.
+#[tokio::test]
+async fn blocks_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(flood_config(dir.path())).await;
+    let mut c = s.events();
+    for dev in ["kept", "freed"] {
+        for i in 0..8 {
+            c.classify(event(dev, "APP_NOISY", &format!("{dev}{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    s.devices()
+        .unblock_frequent_event(FrequentEventBlockKey {
+            device_id: "freed".into(),
+            event_type: "APP_NOISY".into(),
+        })
+        .await
+        .unwrap();
+    let (d, clock) = s.stop().await;
+    let s = TestServer::start_with_clock(flood_config(&d), clock).await;
+    let blocks = s
+        .devices()
+        .list_frequent_event_blocks(proto::ListFrequentEventBlocksRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .blocks;
+    assert_eq!(blocks.len(), 2);
+    let kept = blocks.iter().find(|b| b.device_id == "kept").unwrap();
+    assert_eq!(
+        (kept.state, kept.held_back),
+        (BlockState::Blocked as i32, 3)
+    );
+    let freed = blocks.iter().find(|b| b.device_id == "freed").unwrap();
+    assert_eq!(freed.state, BlockState::Unblocked as i32);
+    let mut c = s.events();
+    assert!(
+        c.classify(event("kept", "APP_NOISY", "after"))
+            .await
+            .unwrap()
+            .into_inner()
+            .blocked
+    );
+    assert!(
+        !c.classify(event("freed", "APP_NOISY", "after"))
+            .await
+            .unwrap()
+            .into_inner()
+            .blocked
+    );
     s.stop().await;
 }

@@ -69,7 +69,11 @@ async fn sigkill_loses_no_acknowledged_event() {
         .into_inner();
     tokio::spawn(async move {
         for i in 0..1_000_000u64 {
-            let ev = event(&format!("k{}", i % 100), "KLSRV_GCM_HTTP_ERROR", &format!("k{i}"));
+            let ev = event(
+                &format!("k{}", i % 100),
+                "KLSRV_GCM_HTTP_ERROR",
+                &format!("k{i}"),
+            );
             if tx.send(ev).await.is_err() {
                 break;
             }
@@ -100,7 +104,12 @@ async fn sigkill_loses_no_acknowledged_event() {
     .map(|e| e.event_id)
     .collect();
     let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
-    assert!(lost.is_empty(), "{} acknowledged events lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     assert_eq!(server.terminate().code(), Some(0), "SIGTERM exits cleanly");
 }
 
@@ -114,8 +123,15 @@ async fn cli_and_standard_tools_work_against_the_binary() {
     let url = server.addr.clone();
     let addr = url.trim_start_matches("http://").to_owned();
 
-    let out = cli(&["types", "--server", &url, "--min-severity", "warning"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(
+        &["types", "--server", &url, "--min-severity", "warning"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     let warnings = table.lines().filter(|l| l.contains(" WARNING ")).count();
     assert_eq!(warnings, 19, "{table}");
@@ -131,10 +147,20 @@ async fn cli_and_standard_tools_work_against_the_binary() {
     let out = cli(&["send", "--server", &url], Some(&lines));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("50 acknowledged: 10 stored, 40 blocked"), "{err}");
+    assert!(
+        err.contains("50 acknowledged: 10 stored, 40 blocked"),
+        "{err}"
+    );
 
     let out = cli(
-        &["query", "--server", &url, "--type", "KLSRV_EVENT_SPAM_EVENTS_DETECTED", "--json"],
+        &[
+            "query",
+            "--server",
+            &url,
+            "--type",
+            "KLSRV_EVENT_SPAM_EVENTS_DETECTED",
+            "--json",
+        ],
         None,
     );
     assert!(out.status.success());
@@ -147,7 +173,10 @@ async fn cli_and_standard_tools_work_against_the_binary() {
     assert_eq!(reports[0]["params"]["event_type"], "APP_CHATTY");
     assert_eq!(reports[0]["params"]["count"], "11");
 
-    let out = cli(&["send", "--server", &url], Some("{\"device_id\":\"x\",\"event_type\":\"T\"}\nnot json\n"));
+    let out = cli(
+        &["send", "--server", &url],
+        Some("{\"device_id\":\"x\",\"event_type\":\"T\"}\nnot json\n"),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
 
@@ -161,14 +190,24 @@ async fn cli_and_standard_tools_work_against_the_binary() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["eventType"], "KLSRV_EVENT_HOSTS_CONFLICT");
     assert_eq!(v["severity"], "WARNING");
     assert_eq!(v["stored"], true);
 
     let out = Command::new(go_tool("grpcurl"))
-        .args(["-plaintext", "-d", r#"{"device_id":""}"#, &addr, "fleetevents.v1.EventService/Classify"])
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"device_id":""}"#,
+            &addr,
+            "fleetevents.v1.EventService/Classify",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -179,7 +218,40 @@ async fn cli_and_standard_tools_work_against_the_binary() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(said.contains("status: SERVING"), "{said}");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// Configuration from the environment: `FLEET_EVENTS_FLOOD__THRESHOLD` sets `[flood] threshold`
+/// over the file, while variables that are not `SECTION__KEY` (the clients' FLEET_EVENTS_SERVER,
+/// anything else) do not stop the server from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_overrides_the_file_and_other_variables_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_env(
+        dir.path(),
+        "[flood]\nthreshold = 100\n",
+        &[
+            ("FLEET_EVENTS_FLOOD__THRESHOLD", "3"),
+            ("FLEET_EVENTS_SERVER", "http://127.0.0.1:1"),
+            ("FLEET_EVENTS_SOMETHING_ELSE", "x"),
+        ],
+    );
+    let mut client = EventServiceClient::new(connect(&server.addr).await);
+    let mut blocked = Vec::new();
+    for i in 0..4 {
+        let a = client
+            .classify(event("env", "APP_T", &format!("{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        blocked.push(a.blocked);
+    }
+    assert_eq!(blocked, vec![false, false, false, true]);
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -42,8 +42,14 @@ async fn the_cap_deletes_the_oldest_and_raises_both_truncation_events() {
     assert!(count <= 100, "{count} stored");
     let all = query_all(&mut c, proto::QueryEventsRequest::default()).await;
     assert_eq!(all.len() as u64, count);
-    assert!(all.iter().any(|e| e.event_id == "0249"), "the newest is kept");
-    assert!(!all.iter().any(|e| e.event_id == "0000"), "the oldest is gone");
+    assert!(
+        all.iter().any(|e| e.event_id == "0249"),
+        "the newest is kept"
+    );
+    assert!(
+        !all.iter().any(|e| e.event_id == "0000"),
+        "the oldest is gone"
+    );
     assert!(all.iter().all(|e| e.event_type == "KLSRV_GCM_HTTP_ERROR"));
 
     let first = tokio::time::timeout(Duration::from_secs(10), live.message())
@@ -72,11 +78,19 @@ async fn retention_deletes_per_type_on_the_clock() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
     let mut c = s.events();
-    c.classify(event("d", "KLSRV_GCM_HTTP_ERROR", "warn")).await.unwrap();
-    c.classify(event("d", "KLSRV_EV_LICENSE_CHECK_MORE_110", "crit")).await.unwrap();
+    c.classify(event("d", "KLSRV_GCM_HTTP_ERROR", "warn"))
+        .await
+        .unwrap();
+    c.classify(event("d", "KLSRV_EV_LICENSE_CHECK_MORE_110", "crit"))
+        .await
+        .unwrap();
     c.classify(event("d", "APP_UNKNOWN", "info")).await.unwrap();
     s.clock.advance(Duration::from_secs(31 * 86_400));
-    assert_eq!(s.server.engine().sweep_retention().await.unwrap(), 1, "info: 30 days");
+    assert_eq!(
+        s.server.engine().sweep_retention().await.unwrap(),
+        1,
+        "info: 30 days"
+    );
     s.clock.advance(Duration::from_secs(60 * 86_400));
     assert_eq!(s.server.engine().sweep_retention().await.unwrap(), 1);
     let left = query_all(&mut c, proto::QueryEventsRequest::default()).await;

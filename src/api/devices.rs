@@ -57,7 +57,7 @@ impl DeviceService for DeviceApi {
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<FrequentEventBlock>, Status> {
         let k = key(request)?;
-        let b = self.engine.unblock(&k.device_id, &k.event_type)?;
+        let b = self.engine.unblock(&k.device_id, &k.event_type).await?;
         Ok(Response::new(convert::block(b)))
     }
 
@@ -66,7 +66,7 @@ impl DeviceService for DeviceApi {
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<FrequentEventBlock>, Status> {
         let k = key(request)?;
-        let b = self.engine.block_again(&k.device_id, &k.event_type)?;
+        let b = self.engine.block_again(&k.device_id, &k.event_type).await?;
         Ok(Response::new(convert::block(b)))
     }
 
@@ -75,7 +75,9 @@ impl DeviceService for DeviceApi {
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<RemoveFrequentEventBlockResponse>, Status> {
         let k = key(request)?;
-        self.engine.remove_block(&k.device_id, &k.event_type)?;
+        self.engine
+            .remove_block(&k.device_id, &k.event_type)
+            .await?;
         Ok(Response::new(RemoveFrequentEventBlockResponse {}))
     }
 }

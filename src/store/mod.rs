@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use crate::catalog::{EventType, Severity};
 use crate::classify::{ClassifiedEvent, Origin};
 use crate::clock::Timestamp;
+use crate::flood::Block;
 
 /// What became of one appended event.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -196,6 +197,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Saves a registered type or a built-in type's changed settings (upsert by name).
     async fn save_event_type(&self, event_type: EventType) -> Result<(), StoreError>;
+
+    /// Replaces the saved frequent-event blocks with `blocks` (the detector's whole table).
+    async fn save_blocks(&self, blocks: Vec<Block>) -> Result<(), StoreError>;
+
+    /// The frequent-event blocks saved by [`EventStore::save_blocks`].
+    async fn load_blocks(&self) -> Result<Vec<Block>, StoreError>;
 
     /// How many events are stored.
     async fn event_count(&self) -> Result<u64, StoreError>;

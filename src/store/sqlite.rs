@@ -9,7 +9,8 @@
 //! Schema: `events` is keyed by `seq` (the rowid, so inserts append), with a unique index on
 //! `(device_id, event_id)` for idempotency, an index on `occurred_at` for time-range queries and
 //! paging, and one on `(event_type, received_at)` for per-type retention. `event_types` keeps
-//! registered types and changed settings as JSON. `PRAGMA user_version` is the schema version.
+//! registered types and changed settings as JSON; `frequent_event_blocks` mirrors the flood
+//! detector's block table. `PRAGMA user_version` is the schema version.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ use super::{
 use crate::catalog::{EventType, Severity};
 use crate::classify::{ClassifiedEvent, Origin};
 use crate::clock::Timestamp;
+use crate::flood::{Block, BlockState};
 
 /// How SQLite makes commits durable.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +58,7 @@ pub struct SqliteOptions {
 /// The file name of the event database inside the data directory.
 pub const DB_FILE: &str = "events.sqlite3";
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // version 1
@@ -78,6 +80,17 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX events_by_time ON events(occurred_at);
      CREATE INDEX events_by_type ON events(event_type, received_at);
      CREATE TABLE event_types (name TEXT PRIMARY KEY, definition TEXT NOT NULL);",
+    // version 2: frequent-event blocks survive a restart
+    "CREATE TABLE frequent_event_blocks (
+        device_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        unblocked INTEGER NOT NULL,
+        blocked_until INTEGER NOT NULL,
+        since INTEGER NOT NULL,
+        held_back INTEGER NOT NULL,
+        detected_count INTEGER NOT NULL,
+        PRIMARY KEY (device_id, event_type)
+     );",
 ];
 
 /// An event waiting for the next group commit, with the sender that resolves its ticket.
@@ -102,6 +115,10 @@ enum Command {
     },
     Count {
         done: oneshot::Sender<u64>,
+    },
+    SaveBlocks {
+        blocks: Vec<Block>,
+        done: oneshot::Sender<Result<(), StoreError>>,
     },
     Shutdown,
 }
@@ -286,6 +303,39 @@ impl EventStore for SqliteStore {
             .unwrap_or_else(|_| Err(StoreError::Unavailable("writer stopped".into())))
     }
 
+    async fn save_blocks(&self, blocks: Vec<Block>) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::SaveBlocks { blocks, done }).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("writer stopped".into())))
+    }
+
+    async fn load_blocks(&self) -> Result<Vec<Block>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT device_id, event_type, unblocked, blocked_until, since, held_back,
+                        detected_count
+                 FROM frequent_event_blocks ORDER BY device_id, event_type",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(Block {
+                    device_id: r.get(0)?,
+                    event_type: r.get(1)?,
+                    state: if r.get::<_, bool>(2)? {
+                        BlockState::Unblocked
+                    } else {
+                        BlockState::Blocked { until: r.get(3)? }
+                    },
+                    since: r.get(4)?,
+                    held_back: r.get::<_, i64>(5)? as u64,
+                    detected_count: r.get::<_, i64>(6)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     async fn event_count(&self) -> Result<u64, StoreError> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Count { done }).await?;
@@ -366,6 +416,9 @@ impl Writer {
                         Command::Count { done } => {
                             let _ = done.send(self.count);
                         }
+                        Command::SaveBlocks { blocks, done } => {
+                            let _ = done.send(self.save_blocks(&blocks));
+                        }
                         Command::Shutdown => stop = true,
                         Command::Append { .. } => unreachable!(),
                     }
@@ -376,10 +429,7 @@ impl Writer {
         stop
     }
 
-    fn commit_appends(
-        &mut self,
-        appends: &mut Vec<QueuedAppend>,
-    ) {
+    fn commit_appends(&mut self, appends: &mut Vec<QueuedAppend>) {
         if appends.is_empty() {
             return;
         }
@@ -413,10 +463,7 @@ impl Writer {
         }
     }
 
-    fn insert_all(
-        &mut self,
-        appends: &[QueuedAppend],
-    ) -> Result<Vec<AppendOutcome>, StoreError> {
+    fn insert_all(&mut self, appends: &[QueuedAppend]) -> Result<Vec<AppendOutcome>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut outcomes = Vec::with_capacity(appends.len());
         {
@@ -532,6 +579,35 @@ impl Writer {
             );
         }
         Ok(deleted)
+    }
+
+    fn save_blocks(&mut self, blocks: &[Block]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM frequent_event_blocks", [])?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO frequent_event_blocks (device_id, event_type, unblocked,
+                     blocked_until, since, held_back, detected_count)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for b in blocks {
+                let (unblocked, until) = match b.state {
+                    BlockState::Blocked { until } => (false, until),
+                    BlockState::Unblocked => (true, 0),
+                };
+                stmt.execute(params![
+                    b.device_id,
+                    b.event_type,
+                    unblocked,
+                    until,
+                    b.since,
+                    b.held_back as i64,
+                    b.detected_count as i64,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn save_type(&mut self, t: &EventType) -> Result<(), StoreError> {

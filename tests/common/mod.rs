@@ -92,12 +92,16 @@ pub async fn connect(url: &str) -> Channel {
                     service: String::new(),
                 })
                 .await
-                && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                && r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
             {
                 return ch;
             }
         }
-        assert!(Instant::now() < deadline, "server at {url} not serving within 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "server at {url} not serving within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -138,6 +142,11 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the binary on `dir` with `extra` config TOML and waits for its ready file.
     pub fn start(dir: &Path, config_toml: &str) -> ServerProcess {
+        Self::start_with_env(dir, config_toml, &[])
+    }
+
+    /// Like [`ServerProcess::start`], with extra environment variables.
+    pub fn start_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> ServerProcess {
         let ready = dir.join("ready");
         let _ = std::fs::remove_file(&ready);
         let cfg = dir.join("config.toml");
@@ -151,6 +160,7 @@ impl ServerProcess {
             .arg(&cfg)
             .arg("--log")
             .arg("warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -179,10 +189,7 @@ impl ServerProcess {
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         self.child.wait().unwrap()
     }
 }
