@@ -90,7 +90,7 @@ async fn bad_input_gets_a_precise_status_and_the_server_keeps_serving() {
         assert!(st.message().starts_with(field), "{field}: {}", st.message());
         // Still serving.
         let ok = c.classify(event("d", "T", "")).await.unwrap().into_inner();
-        assert!(ok.known == false && ok.stored);
+        assert!(!ok.known && ok.stored);
     }
 
     // A whole message over the 4 MiB limit.
