@@ -139,6 +139,8 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// How often expired events are deleted, seconds. Default 3600.
     pub retention_sweep_secs: u64,
+    /// SQLite page cache for the writer, MiB; the store's indexes should fit. Default 64.
+    pub cache_mib: u32,
 }
 
 impl Default for StoreConfig {
@@ -149,6 +151,7 @@ impl Default for StoreConfig {
             batch_max: 2000,
             queue_capacity: 16_384,
             retention_sweep_secs: 3600,
+            cache_mib: 64,
         }
     }
 }

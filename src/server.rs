@@ -75,6 +75,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         batch_max: config.store.batch_max,
         queue_capacity: config.store.queue_capacity,
         durability: config.store.durability,
+        cache_mib: config.store.cache_mib,
     })?;
     let store: Arc<dyn EventStore> = Arc::new(store);
     let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
