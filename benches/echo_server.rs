@@ -26,7 +26,7 @@ fn answer(e: proto::Event) -> Classification {
         display_name: "HTTP error sending the FCM message to the FCM server".into(),
         stored: true,
         known: true,
-        occurred_at: e.occurred_at.clone().or(Some(prost_types::Timestamp {
+        occurred_at: e.occurred_at.or(Some(prost_types::Timestamp {
             seconds: 1_795_564_800,
             nanos: 0,
         })),

@@ -22,7 +22,7 @@ STREAM_MESSAGES=${STREAM_MESSAGES:-1000}
 export PATH="$(go env GOPATH)/bin:$PATH"
 command -v ghz >/dev/null || go install github.com/bojand/ghz/cmd/ghz@latest
 
-cargo build --release --locked --bin fleet-events --example echo_server
+cargo build --release --locked --bin fleet-events --example echo_server --example open_streams
 fleet="$root/target/release/fleet-events"
 echo_bin="$root/target/release/examples/echo_server"
 
@@ -90,6 +90,17 @@ for server in echo fleet-events; do
   run "bidi Stream, stored type" "$server" "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
 done
 
+# Memory held per open Stream call: OPEN_STREAMS calls held open at once, one event answered
+# on each, server RSS growth divided by the count.
+OPEN_STREAMS=${OPEN_STREAMS:-10000}
+streams_note=""
+for server in echo fleet-events; do
+  start_server "$server"
+  line=$("$root/target/release/examples/open_streams" "$addr" "$OPEN_STREAMS" "$pid" 100)
+  stop_server > /dev/null
+  streams_note+="- $server: $line"$'\n'
+done
+
 table=$(python3 - "$results" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
@@ -107,5 +118,6 @@ PY
 )
 header="## $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(nproc) cores"
 cmd="DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENCY CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/load.sh"
-printf '%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table"
-printf '\n%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table" >> benches/RESULTS.md
+cmd="OPEN_STREAMS=$OPEN_STREAMS $cmd"
+printf '%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note"
+printf '\n%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note" >> benches/RESULTS.md

@@ -15,7 +15,7 @@
 //!
 //! Lock order: a counter shard may be held while a block shard is taken, never the reverse.
 
-use std::hash::{BuildHasher, RandomState};
+use ahash::RandomState;
 
 use dashmap::DashMap;
 use rustc_hash::FxBuildHasher;
@@ -161,7 +161,8 @@ pub struct FloodDetector {
     counters: DashMap<u64, PairCounter, FxBuildHasher>,
     /// Blocks, keyed like `counters`; holds the pair's names for listing.
     blocks: DashMap<u64, Block, FxBuildHasher>,
-    /// Keyed hash (random per process), so that clients cannot craft colliding pairs.
+    /// Keyed hash (aHash, random keys per process): fast, and clients cannot craft colliding
+    /// pairs.
     hasher: RandomState,
 }
 
