@@ -514,7 +514,8 @@ impl Engine {
         tasks.push(tokio::spawn(async move {
             // Sweeps and saves the block table on every tick, and saves it as soon as a flood
             // is detected. The final save happens in shutdown, after ingest stopped.
-            let mut tick = tokio::time::interval(flood_sweep.max(Duration::from_millis(10)));
+            let every = flood_sweep.max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
                     _ = me.shutdown.cancelled() => break,
@@ -528,7 +529,9 @@ impl Engine {
         }));
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(retention_sweep.max(Duration::from_millis(10)));
+            // The start-up sweep ran in `server::start`, before serving.
+            let every = retention_sweep.max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
                     _ = me.shutdown.cancelled() => break,

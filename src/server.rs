@@ -94,6 +94,11 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         server_id: config.server.server_id.clone(),
         shutdown: shutdown.clone(),
     });
+    // Events that expired while the server was down go before it serves.
+    let expired = engine.sweep_retention().await?;
+    if expired > 0 {
+        tracing::info!(deleted = expired, "expired events deleted at start-up");
+    }
     let restored = engine.restore_blocks().await?;
     if restored > 0 {
         tracing::info!(blocks = restored, "frequent-event blocks restored");
