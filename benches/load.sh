@@ -9,7 +9,8 @@
 # Each (scenario, server) pair gets a fresh server process, so its CPU seconds (utime+stime
 # from /proc) and peak RSS (VmHWM) are its own. fleet-events runs on its embedded default
 # (SQLite, durability "full": fsync per group commit) with the flood threshold raised out of
-# the way (counting still happens).
+# the way (counting still happens); "fleet-events-normal" rows are the same server with
+# durability "normal" (no fsync per commit), to show what the fsync costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -35,9 +36,11 @@ start_server() { # kind -> sets pid, addr
   local ready="$work/ready"
   rm -f "$ready"
   case "$1" in
-    fleet-events)
+    fleet-events|fleet-events-normal)
       rm -rf "$work/data"
       printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
+      # The same server, committing without an fsync per group commit: shows what fsync costs.
+      [ "$1" = fleet-events-normal ] && printf '[store]\ndurability = "normal"\n' >> "$work/config.toml"
       "$fleet" serve --listen 127.0.0.1:0 --data-dir "$work/data" --config "$work/config.toml" \
         --ready-file "$ready" --log warn &
       ;;
@@ -89,6 +92,8 @@ for server in echo fleet-events; do
   run "unary Classify, not-stored type" "$server" 1 "${unary[@]}" -d "$notstored"
   run "bidi Stream, stored type" "$server" "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
 done
+run "unary Classify, stored type" fleet-events-normal 1 "${unary[@]}" -d "$event"
+run "bidi Stream, stored type" fleet-events-normal "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
 
 # Memory held per open Stream call: OPEN_STREAMS calls held open at once, one event answered
 # on each, server RSS growth divided by the count.
