@@ -31,6 +31,45 @@ pub struct Config {
     pub limits: Limits,
     /// Live subscriptions.
     pub subscribe: SubscribeConfig,
+    /// The capacity monitor.
+    pub capacity: CapacityConfig,
+}
+
+/// `[capacity]`: the capacity monitor's thresholds and how often it checks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// Seconds between checks. Default 60.
+    pub check_interval_secs: u64,
+    /// KLSRV_NO_SPACE_ON_VOLUMES below this percentage free on the data volume. Default 10.
+    pub volume_min_free_percent: u32,
+    /// The event database's size limit, bytes. Default 10 GiB.
+    pub database_limit_bytes: u64,
+    /// KLSRV_NO_SPACE_IN_DATABASE at this percentage of the limit. Default 90.
+    pub database_warn_percent: u32,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        let t = crate::detectors::capacity::CapacitySettings::default();
+        CapacityConfig {
+            check_interval_secs: 60,
+            volume_min_free_percent: t.volume_min_free_percent,
+            database_limit_bytes: t.database_limit_bytes,
+            database_warn_percent: t.database_warn_percent,
+        }
+    }
+}
+
+impl CapacityConfig {
+    /// The thresholds as the monitor takes them.
+    pub fn thresholds(&self) -> crate::detectors::capacity::CapacitySettings {
+        crate::detectors::capacity::CapacitySettings {
+            volume_min_free_percent: self.volume_min_free_percent,
+            database_limit_bytes: self.database_limit_bytes,
+            database_warn_percent: self.database_warn_percent,
+        }
+    }
 }
 
 /// `[server]`

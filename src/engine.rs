@@ -51,6 +51,9 @@ pub enum EngineError {
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The server failed at something that is not the client's doing.
+    #[error("{0}")]
+    Internal(String),
     /// A request argument is malformed (administrative calls).
     #[error("{field}: {reason}")]
     BadArgument {
@@ -177,6 +180,11 @@ impl Engine {
     /// The store.
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
+    }
+
+    /// This server's id: the device id of the events it raises about itself.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
     }
 
     /// The shutdown signal.

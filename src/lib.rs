@@ -12,6 +12,8 @@
 //! - [`store`]: the `EventStore` interface and its SQLite backend (group commit, cap, retention).
 //! - [`bus`]: fan-out of classified events to live subscribers, never blocking ingest.
 //! - [`engine`]: the data path of one event, tying the above together; free of gRPC types.
+//! - [`detectors`]: parts that raise catalog events from what they observe (push results,
+//!   capacity).
 //! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
 //! - [`config`]: the `Config` struct, from TOML, environment and flags.
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
@@ -24,6 +26,7 @@ pub mod catalog;
 pub mod classify;
 pub mod clock;
 pub mod config;
+pub mod detectors;
 pub mod engine;
 pub mod flood;
 pub mod server;

@@ -20,16 +20,22 @@ use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::api::capacity::CapacityApi;
 use crate::api::catalog::CatalogApi;
 use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
+use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
 use crate::api::proto::device_service_server::DeviceServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
+use crate::api::proto::push_service_server::PushServiceServer;
+use crate::api::push::PushApi;
 use crate::api::{proto, status};
 use crate::catalog::Catalog;
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::detectors::capacity::CapacityMonitor;
+use crate::detectors::push::PushResults;
 use crate::engine::{Engine, EngineParts};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{EventStore, StoreError};
@@ -103,11 +109,23 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     if restored > 0 {
         tracing::info!(blocks = restored, "frequent-event blocks restored");
     }
-    let background = engine.spawn_background(
+    let capacity = Arc::new(CapacityMonitor::new(
+        engine.clone(),
+        config.server.data_dir.clone(),
+        config.database_path(),
+        config.capacity.thresholds(),
+    ));
+    // One check before serving, so a full disk is reported at once, then periodically.
+    capacity.check().await?;
+    let push = Arc::new(PushResults::new(engine.clone()));
+    let mut background = engine.spawn_background(
         notices,
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
         Duration::from_secs(config.store.retention_sweep_secs.max(1)),
     );
+    background.push(capacity.spawn(Duration::from_secs(
+        config.capacity.check_interval_secs.max(1),
+    )));
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -149,6 +167,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
+    let push_api = PushServiceServer::new(PushApi::new(push))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+    let capacity_api = CapacityServiceServer::new(CapacityApi::new(capacity))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -167,7 +192,9 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .add_service(reflection_v1alpha)
         .add_service(events)
         .add_service(catalog_api)
-        .add_service(devices);
+        .add_service(devices)
+        .add_service(push_api)
+        .add_service(capacity_api);
     let serve = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())

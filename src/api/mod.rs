@@ -2,10 +2,12 @@
 //! ([`convert`]), calls the [`crate::engine::Engine`], and converts the answer; every error
 //! becomes a `Status` in [`status`].
 
+pub mod capacity;
 pub mod catalog;
 pub mod convert;
 pub mod devices;
 pub mod events;
+pub mod push;
 pub mod status;
 
 /// The generated protobuf and tonic code of `proto/fleetevents/v1/fleetevents.proto`.

@@ -16,6 +16,7 @@ impl From<EngineError> for Status {
                 Status::invalid_argument(msg)
             }
             EngineError::ShuttingDown => Status::unavailable(msg),
+            EngineError::Internal(_) => Status::internal(msg),
             EngineError::Store(s) => match s {
                 StoreError::Unavailable(_) => Status::unavailable(msg),
                 StoreError::BadPageToken => Status::invalid_argument(msg),

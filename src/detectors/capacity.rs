@@ -1,0 +1,243 @@
+//! The capacity monitor: measures the real free space of the data volume (statvfs) and the real
+//! size of the event database (its files) against thresholds, and raises
+//! KLSRV_NO_SPACE_ON_VOLUMES / KLSRV_NO_SPACE_IN_DATABASE once per onset: again only after the
+//! condition cleared and came back. Checked periodically and on request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::classify::ClassifiedEvent;
+use crate::engine::{Engine, EngineError};
+
+/// Raised when the data volume's free space falls below the threshold.
+pub const NO_SPACE_ON_VOLUMES: &str = "KLSRV_NO_SPACE_ON_VOLUMES";
+/// Raised when the event database nears its size limit.
+pub const NO_SPACE_IN_DATABASE: &str = "KLSRV_NO_SPACE_IN_DATABASE";
+
+/// The thresholds (`[capacity]` in the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacitySettings {
+    /// Low when the data volume has less than this percentage free. Default 10.
+    pub volume_min_free_percent: u32,
+    /// The event database's size limit, bytes. Default 10 GiB.
+    pub database_limit_bytes: u64,
+    /// Low when the database reaches this percentage of its limit. Default 90.
+    pub database_warn_percent: u32,
+}
+
+impl Default for CapacitySettings {
+    fn default() -> Self {
+        CapacitySettings {
+            volume_min_free_percent: 10,
+            database_limit_bytes: 10 * 1024 * 1024 * 1024,
+            database_warn_percent: 90,
+        }
+    }
+}
+
+impl CapacitySettings {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.volume_min_free_percent > 100 {
+            return Err(EngineError::BadArgument {
+                field: "volume_min_free_percent",
+                reason: "must be 0 to 100".into(),
+            });
+        }
+        if self.database_warn_percent > 100 {
+            return Err(EngineError::BadArgument {
+                field: "database_warn_percent",
+                reason: "must be 0 to 100".into(),
+            });
+        }
+        if self.database_limit_bytes == 0 {
+            return Err(EngineError::BadArgument {
+                field: "database_limit_bytes",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What one check measured and raised.
+#[derive(Clone, Debug)]
+pub struct CapacityReport {
+    /// The measured directory.
+    pub data_dir: PathBuf,
+    /// Free bytes available to the server on the data volume.
+    pub volume_free_bytes: u64,
+    /// Size of the data volume.
+    pub volume_total_bytes: u64,
+    /// Whether the volume is below its threshold now.
+    pub volume_low: bool,
+    /// Bytes the event database occupies (database and WAL files).
+    pub database_bytes: u64,
+    /// Whether the database is above its threshold now.
+    pub database_low: bool,
+    /// The thresholds used.
+    pub settings: CapacitySettings,
+    /// Events raised by this check.
+    pub raised: Vec<Arc<ClassifiedEvent>>,
+}
+
+/// The capacity monitor.
+pub struct CapacityMonitor {
+    engine: Arc<Engine>,
+    data_dir: PathBuf,
+    database: PathBuf,
+    settings: Mutex<CapacitySettings>,
+    /// Whether the volume was low at the last check: an onset is a change from false to true.
+    volume_low: AtomicBool,
+    /// Whether the database was low at the last check.
+    database_low: AtomicBool,
+    /// One check at a time, so an onset is raised by exactly one of two concurrent checks.
+    checking: tokio::sync::Mutex<()>,
+}
+
+fn volume_space(dir: &Path) -> Result<(u64, u64), EngineError> {
+    let s = rustix::fs::statvfs(dir)
+        .map_err(|e| EngineError::Internal(format!("statvfs {}: {e}", dir.display())))?;
+    let unit = s.f_frsize.max(1);
+    Ok((
+        s.f_bavail.saturating_mul(unit),
+        s.f_blocks.saturating_mul(unit),
+    ))
+}
+
+fn database_size(db: &Path) -> u64 {
+    let mut total = 0;
+    for suffix in ["", "-wal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        total += std::fs::metadata(PathBuf::from(p)).map_or(0, |m| m.len());
+    }
+    total
+}
+
+impl CapacityMonitor {
+    /// A monitor of `data_dir` and the database file `database`.
+    pub fn new(
+        engine: Arc<Engine>,
+        data_dir: PathBuf,
+        database: PathBuf,
+        settings: CapacitySettings,
+    ) -> Self {
+        CapacityMonitor {
+            engine,
+            data_dir,
+            database,
+            settings: Mutex::new(settings),
+            volume_low: AtomicBool::new(false),
+            database_low: AtomicBool::new(false),
+            checking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The thresholds in force.
+    pub fn settings(&self) -> CapacitySettings {
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the thresholds (until restart).
+    pub fn update_settings(&self, s: CapacitySettings) -> Result<CapacitySettings, EngineError> {
+        s.validate()?;
+        *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        tracing::info!(settings = ?s, "capacity thresholds changed");
+        Ok(s)
+    }
+
+    /// Measures now and raises at an onset.
+    pub async fn check(&self) -> Result<CapacityReport, EngineError> {
+        let _one = self.checking.lock().await;
+        let settings = self.settings();
+        let (free, total) = volume_space(&self.data_dir)?;
+        let volume_low = u128::from(free) * 100
+            < u128::from(total) * u128::from(settings.volume_min_free_percent);
+        let db = database_size(&self.database);
+        let database_low = u128::from(db) * 100
+            >= u128::from(settings.database_limit_bytes)
+                * u128::from(settings.database_warn_percent);
+        let server = self.engine.server_id().to_owned();
+        let mut raised = Vec::new();
+        if onset(&self.volume_low, volume_low, "data volume free space") {
+            let params = HashMap::from([
+                ("path".to_owned(), self.data_dir.display().to_string()),
+                ("free_bytes".to_owned(), free.to_string()),
+                ("total_bytes".to_owned(), total.to_string()),
+                (
+                    "min_free_percent".to_owned(),
+                    settings.volume_min_free_percent.to_string(),
+                ),
+            ]);
+            raised.push(
+                self.engine
+                    .raise_and_settle(NO_SPACE_ON_VOLUMES, &server, params)
+                    .await?,
+            );
+        }
+        if onset(&self.database_low, database_low, "event database size") {
+            let params = HashMap::from([
+                ("database_bytes".to_owned(), db.to_string()),
+                (
+                    "limit_bytes".to_owned(),
+                    settings.database_limit_bytes.to_string(),
+                ),
+                (
+                    "warn_percent".to_owned(),
+                    settings.database_warn_percent.to_string(),
+                ),
+            ]);
+            raised.push(
+                self.engine
+                    .raise_and_settle(NO_SPACE_IN_DATABASE, &server, params)
+                    .await?,
+            );
+        }
+        Ok(CapacityReport {
+            data_dir: self.data_dir.clone(),
+            volume_free_bytes: free,
+            volume_total_bytes: total,
+            volume_low,
+            database_bytes: db,
+            database_low,
+            settings,
+            raised,
+        })
+    }
+
+    /// Checks every `every` until the engine shuts down; the first check is one period after
+    /// start (the server checks once before it serves).
+    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = every.max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let shutdown = me.engine.shutdown_signal().clone();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = me.check().await {
+                            tracing::error!(error = %e, "capacity check failed");
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Records the new state; true only on a change from OK to low (an onset).
+fn onset(was: &AtomicBool, low: bool, what: &str) -> bool {
+    let before = was.swap(low, Ordering::SeqCst);
+    if before && !low {
+        tracing::info!("{what} is back above its threshold");
+    }
+    low && !before
+}

@@ -1,0 +1,11 @@
+//! Detectors: the parts of the server that raise catalog events from what they observe, each
+//! owning one concern (design.md, "Where each warning comes from"). They raise through
+//! [`crate::engine::Engine::raise_and_settle`], so their events are classified, stored and
+//! delivered like any other. Time comes from the engine's clock.
+//!
+//! - [`push`]: outcomes of push batches: KLSRV_GCM_DEVICE_ERROR, _HTTP_ERROR, _GENERAL_ERROR.
+//! - [`capacity`]: free space of the data volume and size of the event database:
+//!   KLSRV_NO_SPACE_ON_VOLUMES, KLSRV_NO_SPACE_IN_DATABASE.
+
+pub mod capacity;
+pub mod push;

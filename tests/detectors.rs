@@ -1,0 +1,293 @@
+//! Detectors raised by their real causes through gRPC: each event exactly once, with the right
+//! ID, severity, device and params, stored as the catalog says, seen live; and raised again only
+//! after the condition cleared and came back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, query_all, test_config};
+use fleet_events::api::proto::capacity_service_client::CapacityServiceClient;
+use fleet_events::api::proto::push_service_client::PushServiceClient;
+use fleet_events::api::proto::{
+    self, CapacitySettings, CheckCapacityRequest, PushBatchResult, PushDeviceFailure, Severity,
+};
+use tonic::Code;
+
+async fn next_live(sub: &mut tonic::Streaming<proto::Classification>) -> proto::Classification {
+    tokio::time::timeout(Duration::from_secs(10), sub.message())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .unwrap()
+}
+
+async fn stored_of(s: &TestServer, event_type: &str) -> Vec<proto::Classification> {
+    query_all(
+        &mut s.events(),
+        proto::QueryEventsRequest {
+            event_type: event_type.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A push batch with per-device failures raises KLSRV_GCM_DEVICE_ERROR (4138) once per failed
+/// device, a non-200 answer KLSRV_GCM_HTTP_ERROR (4139) with the code, an unexpected failure
+/// KLSRV_GCM_GENERAL_ERROR (4140); a clean batch raises nothing; malformed reports are refused.
+#[tokio::test]
+async fn push_results_raise_the_three_gcm_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut push = PushServiceClient::new(s.channel.clone());
+    let mut live = s
+        .events()
+        .subscribe(proto::SubscribeRequest {
+            event_types: vec![
+                "KLSRV_GCM_DEVICE_ERROR".into(),
+                "KLSRV_GCM_HTTP_ERROR".into(),
+                "KLSRV_GCM_GENERAL_ERROR".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let ok = push
+        .report_push_batch(PushBatchResult {
+            batch_id: "b0".into(),
+            http_status: 200,
+            devices_in_batch: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.raised.is_empty());
+
+    let r = push
+        .report_push_batch(PushBatchResult {
+            batch_id: "b1".into(),
+            http_status: 200,
+            devices_in_batch: 10,
+            failed_devices: vec![
+                PushDeviceFailure {
+                    device_id: "phone-1".into(),
+                    error: "UNREGISTERED".into(),
+                },
+                PushDeviceFailure {
+                    device_id: "phone-2".into(),
+                    error: "INVALID_ARGUMENT".into(),
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.raised.len(), 2);
+    for (ev, (device, error)) in r
+        .raised
+        .iter()
+        .zip([("phone-1", "UNREGISTERED"), ("phone-2", "INVALID_ARGUMENT")])
+    {
+        assert_eq!(ev.event_type_id, 4138);
+        assert_eq!(ev.severity, Severity::Warning as i32);
+        assert_eq!(ev.device_id, device);
+        assert_eq!(ev.params["error"], error);
+        assert_eq!(ev.params["batch_id"], "b1");
+        assert!(ev.stored);
+        assert_eq!(next_live(&mut live).await.event_id, ev.event_id);
+    }
+
+    let r = push
+        .report_push_batch(PushBatchResult {
+            batch_id: "b2".into(),
+            http_status: 503,
+            devices_in_batch: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.raised.len(), 1);
+    assert_eq!(r.raised[0].event_type_id, 4139);
+    assert_eq!(r.raised[0].params["http_status"], "503");
+    assert_eq!(r.raised[0].device_id, "test-server");
+    assert_eq!(next_live(&mut live).await.event_type_id, 4139);
+
+    let r = push
+        .report_push_batch(PushBatchResult {
+            batch_id: "b3".into(),
+            general_error: "TLS handshake to the push service failed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.raised[0].event_type_id, 4140);
+    assert_eq!(
+        r.raised[0].params["error"],
+        "TLS handshake to the push service failed"
+    );
+    assert_eq!(next_live(&mut live).await.event_type_id, 4140);
+
+    assert_eq!(stored_of(&s, "KLSRV_GCM_DEVICE_ERROR").await.len(), 2);
+    assert_eq!(stored_of(&s, "KLSRV_GCM_HTTP_ERROR").await.len(), 1);
+    assert_eq!(stored_of(&s, "KLSRV_GCM_GENERAL_ERROR").await.len(), 1);
+
+    for (bad, field) in [
+        (PushBatchResult::default(), "batch_id"),
+        (
+            PushBatchResult {
+                batch_id: "x".into(),
+                http_status: 42,
+                ..Default::default()
+            },
+            "http_status",
+        ),
+        (
+            PushBatchResult {
+                batch_id: "x".into(),
+                http_status: 200,
+                failed_devices: vec![PushDeviceFailure::default()],
+                ..Default::default()
+            },
+            "failed_devices",
+        ),
+    ] {
+        let st = push.report_push_batch(bad).await.unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument);
+        assert!(st.message().starts_with(field), "{}", st.message());
+    }
+    s.stop().await;
+}
+
+/// The real free space of the data volume (statvfs) against the threshold: with a threshold of
+/// 100 % the volume counts as low, raising KLSRV_NO_SPACE_ON_VOLUMES (4105) once; a second check
+/// raises nothing; after the threshold drops to 0 % (cleared) and rises again, it is raised
+/// again. The real database size against a limit below it raises KLSRV_NO_SPACE_IN_DATABASE
+/// (4106) the same way.
+#[tokio::test]
+async fn capacity_monitor_raises_once_per_onset() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut cap = CapacityServiceClient::new(s.channel.clone());
+    let mut live = s
+        .events()
+        .subscribe(proto::SubscribeRequest {
+            event_types: vec![
+                "KLSRV_NO_SPACE_ON_VOLUMES".into(),
+                "KLSRV_NO_SPACE_IN_DATABASE".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let first = cap
+        .check_capacity(CheckCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        first.raised.is_empty(),
+        "defaults: nothing low on this machine"
+    );
+    assert!(first.volume_total_bytes > 0 && first.volume_free_bytes <= first.volume_total_bytes);
+    assert!(first.database_bytes > 0);
+
+    let set = |v: u32, limit: u64| CapacitySettings {
+        volume_min_free_percent: v,
+        database_limit_bytes: limit,
+        database_warn_percent: 90,
+    };
+    let huge = 1 << 50;
+    cap.update_capacity_settings(set(100, huge)).await.unwrap();
+    let onset = cap
+        .check_capacity(CheckCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(onset.volume_low && !onset.database_low);
+    assert_eq!(onset.raised.len(), 1);
+    let ev = &onset.raised[0];
+    assert_eq!(
+        (ev.event_type_id, ev.severity),
+        (4105, Severity::Warning as i32)
+    );
+    assert_eq!(ev.device_id, "test-server");
+    assert_eq!(ev.params["min_free_percent"], "100");
+    assert_eq!(ev.params["free_bytes"], onset.volume_free_bytes.to_string());
+    assert_eq!(next_live(&mut live).await.event_id, ev.event_id);
+    let again = cap
+        .check_capacity(CheckCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.volume_low && again.raised.is_empty(),
+        "once per onset"
+    );
+    cap.update_capacity_settings(set(0, huge)).await.unwrap();
+    assert!(
+        cap.check_capacity(CheckCapacityRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .raised
+            .is_empty()
+    );
+    cap.update_capacity_settings(set(100, huge)).await.unwrap();
+    let back = cap
+        .check_capacity(CheckCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        back.raised.len(),
+        1,
+        "raised again after it cleared and came back"
+    );
+    assert_eq!(next_live(&mut live).await.event_type_id, 4105);
+    assert_eq!(stored_of(&s, "KLSRV_NO_SPACE_ON_VOLUMES").await.len(), 2);
+
+    // The database: a limit the real file already exceeds.
+    cap.update_capacity_settings(set(0, 1024)).await.unwrap();
+    let db = cap
+        .check_capacity(CheckCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(db.database_low);
+    assert_eq!(db.raised.len(), 1);
+    assert_eq!(db.raised[0].event_type_id, 4106);
+    assert_eq!(db.raised[0].params["limit_bytes"], "1024");
+    assert_eq!(
+        db.raised[0].params["database_bytes"],
+        db.database_bytes.to_string()
+    );
+    assert!(db.raised[0].stored);
+    assert_eq!(next_live(&mut live).await.event_type_id, 4106);
+    assert!(
+        cap.check_capacity(CheckCapacityRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .raised
+            .is_empty()
+    );
+
+    let st = cap
+        .update_capacity_settings(set(101, huge))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().starts_with("volume_min_free_percent"));
+    let st = cap.update_capacity_settings(set(10, 0)).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    s.stop().await;
+}
