@@ -51,6 +51,9 @@ pub enum EngineError {
     /// The server is shutting down and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// An update registry request was refused.
+    #[error(transparent)]
+    Update(#[from] crate::detectors::updates::UpdateError),
     /// The server failed at something that is not the client's doing.
     #[error("{0}")]
     Internal(String),

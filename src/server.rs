@@ -29,13 +29,16 @@ use crate::api::proto::catalog_service_server::CatalogServiceServer;
 use crate::api::proto::device_service_server::DeviceServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
+use crate::api::proto::update_service_server::UpdateServiceServer;
 use crate::api::push::PushApi;
+use crate::api::updates::UpdateApi;
 use crate::api::{proto, status};
 use crate::catalog::Catalog;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::detectors::capacity::CapacityMonitor;
 use crate::detectors::push::PushResults;
+use crate::detectors::updates::UpdateRegistry;
 use crate::engine::{Engine, EngineParts};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{EventStore, StoreError};
@@ -118,6 +121,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     // One check before serving, so a full disk is reported at once, then periodically.
     capacity.check().await?;
     let push = Arc::new(PushResults::new(engine.clone()));
+    let updates = Arc::new(UpdateRegistry::load(engine.clone()).await?);
     let mut background = engine.spawn_background(
         notices,
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
@@ -174,6 +178,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
+    let updates_api = UpdateServiceServer::new(UpdateApi::new(updates))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -194,7 +202,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .add_service(catalog_api)
         .add_service(devices)
         .add_service(push_api)
-        .add_service(capacity_api);
+        .add_service(capacity_api)
+        .add_service(updates_api);
     let serve = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())

@@ -291,3 +291,114 @@ async fn capacity_monitor_raises_once_per_onset() {
     assert_eq!(st.code(), Code::InvalidArgument);
     s.stop().await;
 }
+
+/// Registering an update raises KLSRV_SEAMLESS_UPDATE_REGISTERED (4141) once, stored and seen
+/// live; registering the same id again is refused without a second event; approve and reject
+/// decide a pending update once; the registry survives a restart.
+#[tokio::test]
+async fn update_registry_raises_once_per_update_and_survives_a_restart() {
+    use fleet_events::api::proto::update_service_client::UpdateServiceClient;
+    use fleet_events::api::proto::{
+        ListUpdatesRequest, RegisterUpdateRequest, UpdateDecision, UpdateState,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut up = UpdateServiceClient::new(s.channel.clone());
+    let mut live = s
+        .events()
+        .subscribe(proto::SubscribeRequest {
+            event_types: vec!["KLSRV_SEAMLESS_UPDATE_REGISTERED".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let register = |id: &str| RegisterUpdateRequest {
+        update_id: id.into(),
+        application: "KES".into(),
+        version: "12.6.1".into(),
+        description: "module patch".into(),
+    };
+    let u = up
+        .register_update(register("kes-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.state, UpdateState::Pending as i32);
+    let ev = next_live(&mut live).await;
+    assert_eq!(
+        (ev.event_type_id, ev.severity),
+        (4141, Severity::Warning as i32)
+    );
+    assert_eq!(ev.params["update_id"], "kes-a");
+    assert_eq!(ev.params["version"], "12.6.1");
+    assert!(ev.stored);
+    let st = up.register_update(register("kes-a")).await.unwrap_err();
+    assert_eq!(st.code(), Code::AlreadyExists);
+    up.register_update(register("kes-b")).await.unwrap();
+    assert_eq!(next_live(&mut live).await.params["update_id"], "kes-b");
+    assert_eq!(
+        stored_of(&s, "KLSRV_SEAMLESS_UPDATE_REGISTERED")
+            .await
+            .len(),
+        2
+    );
+
+    let a = up
+        .approve_update(UpdateDecision {
+            update_id: "kes-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.state, UpdateState::Approved as i32);
+    assert!(a.decided_at.is_some());
+    let st = up
+        .reject_update(UpdateDecision {
+            update_id: "kes-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let st = up
+        .approve_update(UpdateDecision {
+            update_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    let st = up.register_update(register("")).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().starts_with("update_id"));
+
+    let (d, clock) = s.stop().await;
+    let s = TestServer::start_with_clock(test_config(&d), clock).await;
+    let mut up = UpdateServiceClient::new(s.channel.clone());
+    let pending = up
+        .list_updates(ListUpdatesRequest {
+            state: UpdateState::Pending as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .updates;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].update_id, "kes-b");
+    let all = up
+        .list_updates(ListUpdatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .updates;
+    assert_eq!(all.len(), 2);
+    let r = up
+        .reject_update(UpdateDecision {
+            update_id: "kes-b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, UpdateState::Rejected as i32);
+    s.stop().await;
+}

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod events;
 pub mod push;
 pub mod status;
+pub mod updates;
 
 /// The generated protobuf and tonic code of `proto/fleetevents/v1/fleetevents.proto`.
 pub mod proto {

@@ -4,6 +4,7 @@
 use tonic::{Code, Status};
 
 use crate::catalog::CatalogError;
+use crate::detectors::updates::UpdateError;
 use crate::engine::EngineError;
 use crate::flood::FloodError;
 use crate::store::StoreError;
@@ -17,6 +18,11 @@ impl From<EngineError> for Status {
             }
             EngineError::ShuttingDown => Status::unavailable(msg),
             EngineError::Internal(_) => Status::internal(msg),
+            EngineError::Update(u) => match u {
+                UpdateError::NotFound(_) => Status::not_found(msg),
+                UpdateError::Exists(_) => Status::already_exists(msg),
+                UpdateError::Decided { .. } => Status::failed_precondition(msg),
+            },
             EngineError::Store(s) => match s {
                 StoreError::Unavailable(_) => Status::unavailable(msg),
                 StoreError::BadPageToken => Status::invalid_argument(msg),

@@ -6,6 +6,8 @@
 //! - [`push`]: outcomes of push batches: KLSRV_GCM_DEVICE_ERROR, _HTTP_ERROR, _GENERAL_ERROR.
 //! - [`capacity`]: free space of the data volume and size of the event database:
 //!   KLSRV_NO_SPACE_ON_VOLUMES, KLSRV_NO_SPACE_IN_DATABASE.
+//! - [`updates`]: module updates awaiting approval: KLSRV_SEAMLESS_UPDATE_REGISTERED.
 
 pub mod capacity;
 pub mod push;
+pub mod updates;

@@ -204,6 +204,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// The frequent-event blocks saved by [`EventStore::save_blocks`].
     async fn load_blocks(&self) -> Result<Vec<Block>, StoreError>;
 
+    /// Saves (upserts) a detector's record: `kind` names the registry (e.g. "update"), `id` the
+    /// record, `json` its state.
+    async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError>;
+
+    /// All records of one kind, as saved.
+    async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError>;
+
     /// How many events are stored.
     async fn event_count(&self) -> Result<u64, StoreError>;
 

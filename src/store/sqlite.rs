@@ -16,7 +16,7 @@
 //! hashes in memory ([`DedupeKeys`], about 20 bytes per stored event), loaded at start-up and
 //! updated by every insert and delete. Device queries therefore scan the time index. `event_types` keeps
 //! registered types and changed settings as JSON; `frequent_event_blocks` mirrors the flood
-//! detector's block table. `PRAGMA user_version` is the schema version.
+//! detector's block table; `records` holds the detectors' registries (updates, ...) as JSON. `PRAGMA user_version` is the schema version.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -66,7 +66,7 @@ pub struct SqliteOptions {
 /// The file name of the event database inside the data directory.
 pub const DB_FILE: &str = "events.sqlite3";
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // version 1
@@ -105,6 +105,13 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE events ADD COLUMN dedupe_lo INTEGER;
      DROP INDEX events_identity;
      CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
+    // version 4: the detectors' registries (updates, ...) as JSON records
+    "CREATE TABLE records (
+        kind TEXT NOT NULL,
+        id TEXT NOT NULL,
+        json TEXT NOT NULL,
+        PRIMARY KEY (kind, id)
+     );",
 ];
 
 /// An event waiting for the next group commit, with the sender that resolves its ticket.
@@ -132,6 +139,12 @@ enum Command {
     },
     SaveBlocks {
         blocks: Vec<Block>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    SaveRecord {
+        kind: String,
+        id: String,
+        json: String,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
     Shutdown,
@@ -363,6 +376,29 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::SaveRecord {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            json,
+            done,
+        })
+        .await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("writer stopped".into())))
+    }
+
+    async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        let kind = kind.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare("SELECT json FROM records WHERE kind = ?1 ORDER BY id")?;
+            let rows = stmt.query_map([kind], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+        .await
+    }
+
     async fn event_count(&self) -> Result<u64, StoreError> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Count { done }).await?;
@@ -520,6 +556,23 @@ impl Writer {
                         }
                         Command::SaveBlocks { blocks, done } => {
                             let _ = done.send(self.save_blocks(&blocks));
+                        }
+                        Command::SaveRecord {
+                            kind,
+                            id,
+                            json,
+                            done,
+                        } => {
+                            let r = self
+                                .conn
+                                .execute(
+                                    "INSERT INTO records (kind, id, json) VALUES (?1, ?2, ?3)
+                                     ON CONFLICT(kind, id) DO UPDATE SET json = excluded.json",
+                                    params![kind, id, json],
+                                )
+                                .map(|_| ())
+                                .map_err(StoreError::from);
+                            let _ = done.send(r);
                         }
                         Command::Shutdown => stop = true,
                         Command::Append { .. } => unreachable!(),

@@ -1,0 +1,98 @@
+//! `fleetevents.v1.UpdateService`: updates awaiting approval.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::pb_timestamp;
+use super::proto::{
+    self, ListUpdatesRequest, ListUpdatesResponse, RegisterUpdateRequest, UpdateDecision,
+    update_service_server::UpdateService,
+};
+use super::status::bad_field;
+use crate::detectors::updates::{Update, UpdateRegistry, UpdateState};
+
+/// The UpdateService adapter.
+pub struct UpdateApi {
+    registry: Arc<UpdateRegistry>,
+}
+
+impl UpdateApi {
+    /// Serves `registry`.
+    pub fn new(registry: Arc<UpdateRegistry>) -> Self {
+        UpdateApi { registry }
+    }
+}
+
+fn pb_state(s: UpdateState) -> i32 {
+    let s = match s {
+        UpdateState::Pending => proto::UpdateState::Pending,
+        UpdateState::Approved => proto::UpdateState::Approved,
+        UpdateState::Rejected => proto::UpdateState::Rejected,
+    };
+    s as i32
+}
+
+fn pb_update(u: Update) -> proto::Update {
+    proto::Update {
+        update_id: u.update_id,
+        application: u.application,
+        version: u.version,
+        description: u.description,
+        state: pb_state(u.state),
+        registered_at: Some(pb_timestamp(u.registered_at)),
+        decided_at: u.decided_at.map(pb_timestamp),
+    }
+}
+
+#[tonic::async_trait]
+impl UpdateService for UpdateApi {
+    async fn register_update(
+        &self,
+        request: Request<RegisterUpdateRequest>,
+    ) -> Result<Response<proto::Update>, Status> {
+        let r = request.into_inner();
+        let (u, _) = self
+            .registry
+            .register(r.update_id, r.application, r.version, r.description)
+            .await?;
+        Ok(Response::new(pb_update(u)))
+    }
+
+    async fn approve_update(
+        &self,
+        request: Request<UpdateDecision>,
+    ) -> Result<Response<proto::Update>, Status> {
+        let id = request.into_inner().update_id;
+        Ok(Response::new(pb_update(
+            self.registry.decide(&id, true).await?,
+        )))
+    }
+
+    async fn reject_update(
+        &self,
+        request: Request<UpdateDecision>,
+    ) -> Result<Response<proto::Update>, Status> {
+        let id = request.into_inner().update_id;
+        Ok(Response::new(pb_update(
+            self.registry.decide(&id, false).await?,
+        )))
+    }
+
+    async fn list_updates(
+        &self,
+        request: Request<ListUpdatesRequest>,
+    ) -> Result<Response<ListUpdatesResponse>, Status> {
+        let state = match request.into_inner().state {
+            0 => None,
+            1 => Some(UpdateState::Pending),
+            2 => Some(UpdateState::Approved),
+            3 => Some(UpdateState::Rejected),
+            n => return Err(bad_field("state", format!("{n} is not an update state"))),
+        };
+        let updates = self.registry.list(state).await;
+        Ok(Response::new(ListUpdatesResponse {
+            updates: updates.into_iter().map(pb_update).collect(),
+        }))
+    }
+}
