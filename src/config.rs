@@ -33,6 +33,27 @@ pub struct Config {
     pub subscribe: SubscribeConfig,
     /// The capacity monitor.
     pub capacity: CapacityConfig,
+    /// The certificate registry.
+    pub certificates: CertificatesConfig,
+}
+
+/// `[certificates]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertificatesConfig {
+    /// Seconds between certificate checks. Default 86400 (daily).
+    pub check_interval_secs: u64,
+    /// An MDM certificate is due for reissue this many days before it expires. Default 14.
+    pub reissue_before_days: u64,
+}
+
+impl Default for CertificatesConfig {
+    fn default() -> Self {
+        CertificatesConfig {
+            check_interval_secs: 86_400,
+            reissue_before_days: 14,
+        }
+    }
 }
 
 /// `[capacity]`: the capacity monitor's thresholds and how often it checks.

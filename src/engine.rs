@@ -54,6 +54,9 @@ pub enum EngineError {
     /// An update registry request was refused.
     #[error(transparent)]
     Update(#[from] crate::detectors::updates::UpdateError),
+    /// The named thing does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
     /// The server failed at something that is not the client's doing.
     #[error("{0}")]
     Internal(String),

@@ -22,10 +22,12 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::capacity::CapacityApi;
 use crate::api::catalog::CatalogApi;
+use crate::api::certificates::CertificateApi;
 use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
+use crate::api::proto::certificate_service_server::CertificateServiceServer;
 use crate::api::proto::device_service_server::DeviceServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
@@ -37,6 +39,7 @@ use crate::catalog::Catalog;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::detectors::capacity::CapacityMonitor;
+use crate::detectors::certificates::CertificateRegistry;
 use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
 use crate::engine::{Engine, EngineParts};
@@ -122,11 +125,18 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     capacity.check().await?;
     let push = Arc::new(PushResults::new(engine.clone()));
     let updates = Arc::new(UpdateRegistry::load(engine.clone()).await?);
+    let certificates = Arc::new(
+        CertificateRegistry::load(engine.clone(), config.certificates.reissue_before_days).await?,
+    );
+    certificates.check().await?;
     let mut background = engine.spawn_background(
         notices,
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
         Duration::from_secs(config.store.retention_sweep_secs.max(1)),
     );
+    background.push(certificates.spawn(Duration::from_secs(
+        config.certificates.check_interval_secs.max(1),
+    )));
     background.push(capacity.spawn(Duration::from_secs(
         config.capacity.check_interval_secs.max(1),
     )));
@@ -182,6 +192,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
+    let certificates_api = CertificateServiceServer::new(CertificateApi::new(certificates))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -203,7 +217,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .add_service(devices)
         .add_service(push_api)
         .add_service(capacity_api)
-        .add_service(updates_api);
+        .add_service(updates_api)
+        .add_service(certificates_api);
     let serve = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())

@@ -402,3 +402,241 @@ async fn update_registry_raises_once_per_update_and_survives_a_restart() {
     assert_eq!(r.state, UpdateState::Rejected as i32);
     s.stop().await;
 }
+
+fn pem_valid_until(y: i32, m: u8, d: u8) -> String {
+    let mut params = rcgen::CertificateParams::new(vec!["push.example".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+    params.not_after = rcgen::date_time_ymd(y, m, d);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Apple Push Services: fleet");
+    let key = rcgen::KeyPair::generate().unwrap();
+    params.self_signed(&key).unwrap().pem()
+}
+
+/// The APNs certificate, uploaded as real PEM and parsed: fewer than 14 days left raises
+/// KLSRV_APN_CERTIFICATE_EXPIRES_SOON (4136) once, expiry KLSRV_APN_CERTIFICATE_EXPIRED (4135)
+/// once, both live and never stored; a new certificate clears them and they come back only as it
+/// nears its own expiry. Bad PEM gets INVALID_ARGUMENT.
+#[tokio::test]
+async fn apns_certificate_expiry_on_the_clock() {
+    use fleet_events::api::proto::certificate_service_client::CertificateServiceClient;
+    use fleet_events::api::proto::{ApnsCertificateUpload, CheckCertificatesRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut certs = CertificateServiceClient::new(s.channel.clone());
+    let mut live = s
+        .events()
+        .subscribe(proto::SubscribeRequest {
+            event_types: vec![
+                "KLSRV_APN_CERTIFICATE_EXPIRED".into(),
+                "KLSRV_APN_CERTIFICATE_EXPIRES_SOON".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for bad in [
+        "not a certificate",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ] {
+        let st = certs
+            .upload_apns_certificate(ApnsCertificateUpload { pem: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument);
+        assert!(st.message().starts_with("pem"), "{}", st.message());
+    }
+    // T0 is 2026-11-25: 20 days left.
+    let c = certs
+        .upload_apns_certificate(ApnsCertificateUpload {
+            pem: pem_valid_until(2026, 12, 15),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.not_after.unwrap().seconds, common::T0 + 20 * 86_400);
+    assert!(c.subject.contains("Apple Push Services"));
+    let check = |certs: &mut CertificateServiceClient<tonic::transport::Channel>| {
+        let mut certs = certs.clone();
+        async move {
+            certs
+                .check_certificates(CheckCertificatesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .raised
+        }
+    };
+    assert!(check(&mut certs).await.is_empty());
+    s.clock.advance(Duration::from_secs(7 * 86_400));
+    let soon = check(&mut certs).await;
+    assert_eq!(soon.len(), 1);
+    assert_eq!((soon[0].event_type_id, soon[0].stored), (4136, false));
+    assert_eq!(soon[0].params["days_left"], "13");
+    assert_eq!(next_live(&mut live).await.event_id, soon[0].event_id);
+    assert!(check(&mut certs).await.is_empty(), "once per certificate");
+    s.clock.advance(Duration::from_secs(14 * 86_400));
+    let expired = check(&mut certs).await;
+    assert_eq!(expired.len(), 1);
+    assert_eq!((expired[0].event_type_id, expired[0].stored), (4135, false));
+    assert_eq!(next_live(&mut live).await.event_type_id, 4135);
+    assert!(check(&mut certs).await.is_empty());
+
+    // A new certificate clears both; they come back as it nears its own expiry.
+    certs
+        .upload_apns_certificate(ApnsCertificateUpload {
+            pem: pem_valid_until(2027, 6, 1),
+        })
+        .await
+        .unwrap();
+    assert!(check(&mut certs).await.is_empty());
+    s.clock.set(fleet_events::clock::Timestamp::from_secs(
+        common::T0 + 180 * 86_400,
+    ));
+    let again = check(&mut certs).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event_type_id, 4136);
+    assert!(
+        stored_of(&s, "KLSRV_APN_CERTIFICATE_EXPIRES_SOON")
+            .await
+            .is_empty()
+    );
+    assert!(
+        stored_of(&s, "KLSRV_APN_CERTIFICATE_EXPIRED")
+            .await
+            .is_empty()
+    );
+    s.stop().await;
+}
+
+/// MDM certificates: one inside its reissue window that may not be reissued automatically raises
+/// KLSRV_CERTIFICATE_REQUESTED (4133) once, for its device, with the reason, also across a
+/// restart; a renewed certificate starts over; a reported reissue failure raises it with the
+/// reported reason; removal raises KLSRV_CERTIFICATE_REMOVED (4134) with the kind.
+#[tokio::test]
+async fn mdm_certificates_requested_and_removed() {
+    use fleet_events::api::proto::certificate_service_client::CertificateServiceClient;
+    use fleet_events::api::proto::{
+        CertificateKey, CheckCertificatesRequest, MdmCertificate, MdmCertificateKind,
+        ReissueFailure,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut certs = CertificateServiceClient::new(s.channel.clone());
+    let at = |days: i64| prost_types::Timestamp {
+        seconds: common::T0 + days * 86_400,
+        nanos: 0,
+    };
+    let put =
+        |id: &str, kind: MdmCertificateKind, device: &str, days: i64, auto: bool| MdmCertificate {
+            certificate_id: id.into(),
+            kind: kind as i32,
+            device_id: device.into(),
+            not_after: Some(at(days)),
+            auto_reissue: auto,
+        };
+    certs
+        .put_mdm_certificate(put(
+            "gen-1",
+            MdmCertificateKind::General,
+            "phone-1",
+            30,
+            false,
+        ))
+        .await
+        .unwrap();
+    certs
+        .put_mdm_certificate(put("mail-1", MdmCertificateKind::Mail, "phone-2", 10, true))
+        .await
+        .unwrap();
+    let st = certs
+        .put_mdm_certificate(put("x", MdmCertificateKind::Unspecified, "", 10, true))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().starts_with("kind"));
+    let check = |certs: &CertificateServiceClient<tonic::transport::Channel>| {
+        let mut certs = certs.clone();
+        async move {
+            certs
+                .check_certificates(CheckCertificatesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .raised
+        }
+    };
+    assert!(
+        check(&certs).await.is_empty(),
+        "auto-reissue and far expiry: nothing"
+    );
+    s.clock.advance(Duration::from_secs(17 * 86_400));
+    let req = check(&certs).await;
+    assert_eq!(req.len(), 1);
+    assert_eq!(req[0].event_type_id, 4133);
+    assert_eq!(req[0].device_id, "phone-1");
+    assert_eq!(req[0].params["certificate_id"], "gen-1");
+    assert!(req[0].params["reason"].contains("automatic reissue is turned off"));
+    assert!(req[0].stored);
+    assert!(check(&certs).await.is_empty(), "once per certificate");
+
+    let (d, clock) = s.stop().await;
+    let s = TestServer::start_with_clock(test_config(&d), clock).await;
+    let mut certs = CertificateServiceClient::new(s.channel.clone());
+    assert!(
+        check(&certs).await.is_empty(),
+        "not raised again after a restart"
+    );
+    certs
+        .put_mdm_certificate(put(
+            "gen-1",
+            MdmCertificateKind::General,
+            "phone-1",
+            400,
+            false,
+        ))
+        .await
+        .unwrap();
+    assert!(check(&certs).await.is_empty(), "renewed");
+    s.clock.advance(Duration::from_secs(380 * 86_400));
+    assert_eq!(
+        check(&certs).await.len(),
+        1,
+        "the renewed one nears its own expiry"
+    );
+
+    let f = certs
+        .report_reissue_failure(ReissueFailure {
+            certificate_id: "mail-1".into(),
+            reason: "PKI account lacks SAM-Account-Name".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((f.event_type_id, f.device_id.as_str()), (4133, "phone-2"));
+    assert_eq!(f.params["reason"], "PKI account lacks SAM-Account-Name");
+    let r = certs
+        .remove_mdm_certificate(CertificateKey {
+            certificate_id: "mail-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.event_type_id, 4134);
+    assert_eq!(r.params["kind"], "MAIL");
+    assert!(r.stored);
+    let st = certs
+        .remove_mdm_certificate(CertificateKey {
+            certificate_id: "mail-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::NotFound);
+    assert_eq!(stored_of(&s, "KLSRV_CERTIFICATE_REQUESTED").await.len(), 3);
+    assert_eq!(stored_of(&s, "KLSRV_CERTIFICATE_REMOVED").await.len(), 1);
+    s.stop().await;
+}

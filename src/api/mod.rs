@@ -4,6 +4,7 @@
 
 pub mod capacity;
 pub mod catalog;
+pub mod certificates;
 pub mod convert;
 pub mod devices;
 pub mod events;

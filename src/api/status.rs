@@ -18,6 +18,7 @@ impl From<EngineError> for Status {
             }
             EngineError::ShuttingDown => Status::unavailable(msg),
             EngineError::Internal(_) => Status::internal(msg),
+            EngineError::NotFound(_) => Status::not_found(msg),
             EngineError::Update(u) => match u {
                 UpdateError::NotFound(_) => Status::not_found(msg),
                 UpdateError::Exists(_) => Status::already_exists(msg),

@@ -6,8 +6,11 @@
 //! - [`push`]: outcomes of push batches: KLSRV_GCM_DEVICE_ERROR, _HTTP_ERROR, _GENERAL_ERROR.
 //! - [`capacity`]: free space of the data volume and size of the event database:
 //!   KLSRV_NO_SPACE_ON_VOLUMES, KLSRV_NO_SPACE_IN_DATABASE.
+//! - [`certificates`]: MDM and APNs certificates: KLSRV_CERTIFICATE_REQUESTED, _REMOVED,
+//!   KLSRV_APN_CERTIFICATE_EXPIRES_SOON, _EXPIRED.
 //! - [`updates`]: module updates awaiting approval: KLSRV_SEAMLESS_UPDATE_REGISTERED.
 
 pub mod capacity;
+pub mod certificates;
 pub mod push;
 pub mod updates;

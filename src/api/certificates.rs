@@ -1,0 +1,129 @@
+//! `fleetevents.v1.CertificateService`: MDM certificates and the APNs certificate.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, pb_timestamp, timestamp};
+use super::proto::{
+    self, ApnsCertificateUpload, CertificateCheck, CertificateKey, CheckCertificatesRequest,
+    ListMdmCertificatesRequest, ListMdmCertificatesResponse, ReissueFailure,
+    certificate_service_server::CertificateService,
+};
+use super::status::bad_field;
+use crate::detectors::certificates::{CertificateRegistry, MdmCertificate, MdmCertificateKind};
+
+/// The CertificateService adapter.
+pub struct CertificateApi {
+    registry: Arc<CertificateRegistry>,
+}
+
+impl CertificateApi {
+    /// Serves `registry`.
+    pub fn new(registry: Arc<CertificateRegistry>) -> Self {
+        CertificateApi { registry }
+    }
+}
+
+fn pb_mdm(c: MdmCertificate) -> proto::MdmCertificate {
+    let kind = match c.kind {
+        MdmCertificateKind::General => proto::MdmCertificateKind::General,
+        MdmCertificateKind::Mail => proto::MdmCertificateKind::Mail,
+        MdmCertificateKind::Vpn => proto::MdmCertificateKind::Vpn,
+    };
+    proto::MdmCertificate {
+        certificate_id: c.certificate_id,
+        kind: kind as i32,
+        device_id: c.device_id,
+        not_after: Some(pb_timestamp(c.not_after)),
+        auto_reissue: c.auto_reissue,
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateService for CertificateApi {
+    async fn put_mdm_certificate(
+        &self,
+        request: Request<proto::MdmCertificate>,
+    ) -> Result<Response<proto::MdmCertificate>, Status> {
+        let r = request.into_inner();
+        let kind = match r.kind {
+            1 => MdmCertificateKind::General,
+            2 => MdmCertificateKind::Mail,
+            3 => MdmCertificateKind::Vpn,
+            n => return Err(bad_field("kind", format!("{n}: use GENERAL, MAIL or VPN"))),
+        };
+        let not_after = timestamp(r.not_after, "not_after")?
+            .ok_or_else(|| bad_field("not_after", "required"))?;
+        let c = self
+            .registry
+            .put_mdm(MdmCertificate {
+                certificate_id: r.certificate_id,
+                kind,
+                device_id: r.device_id,
+                not_after,
+                auto_reissue: r.auto_reissue,
+                requested_for: None,
+                removed: false,
+            })
+            .await?;
+        Ok(Response::new(pb_mdm(c)))
+    }
+
+    async fn remove_mdm_certificate(
+        &self,
+        request: Request<CertificateKey>,
+    ) -> Result<Response<proto::Classification>, Status> {
+        let id = request.into_inner().certificate_id;
+        let ev = self.registry.remove_mdm(&id).await?;
+        Ok(Response::new(convert::full(&ev)))
+    }
+
+    async fn report_reissue_failure(
+        &self,
+        request: Request<ReissueFailure>,
+    ) -> Result<Response<proto::Classification>, Status> {
+        let r = request.into_inner();
+        let ev = self
+            .registry
+            .report_reissue_failure(&r.certificate_id, &r.reason)
+            .await?;
+        Ok(Response::new(convert::full(&ev)))
+    }
+
+    async fn list_mdm_certificates(
+        &self,
+        _: Request<ListMdmCertificatesRequest>,
+    ) -> Result<Response<ListMdmCertificatesResponse>, Status> {
+        let certificates = self
+            .registry
+            .list_mdm()
+            .await
+            .into_iter()
+            .map(pb_mdm)
+            .collect();
+        Ok(Response::new(ListMdmCertificatesResponse { certificates }))
+    }
+
+    async fn upload_apns_certificate(
+        &self,
+        request: Request<ApnsCertificateUpload>,
+    ) -> Result<Response<proto::ApnsCertificate>, Status> {
+        let c = self.registry.upload_apns(&request.into_inner().pem).await?;
+        Ok(Response::new(proto::ApnsCertificate {
+            subject: c.subject,
+            not_before: Some(pb_timestamp(c.not_before)),
+            not_after: Some(pb_timestamp(c.not_after)),
+        }))
+    }
+
+    async fn check_certificates(
+        &self,
+        _: Request<CheckCertificatesRequest>,
+    ) -> Result<Response<CertificateCheck>, Status> {
+        let raised = self.registry.check().await?;
+        Ok(Response::new(CertificateCheck {
+            raised: raised.iter().map(|e| convert::full(e)).collect(),
+        }))
+    }
+}
