@@ -35,6 +35,53 @@ pub struct Config {
     pub capacity: CapacityConfig,
     /// The certificate registry.
     pub certificates: CertificatesConfig,
+    /// The device registry.
+    pub devices: DevicesConfig,
+}
+
+/// `[devices]`: the device registry's timings and status thresholds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// Seconds between inactivity checks. Default 300.
+    pub check_interval_secs: u64,
+    /// Seconds between batched saves of device state. Default 5.
+    pub flush_interval_secs: u64,
+    /// KLSRV_EVENT_HOSTS_NOT_VISIBLE after this many seconds of silence. Default 7 days.
+    pub inactive_after_secs: u64,
+    /// KLSRV_HOST_OUT_CONTROL after this many seconds without connecting while other devices
+    /// still see it. Default 1 day.
+    pub unmanaged_after_secs: u64,
+    /// A sighting by another device counts for this many seconds. Default 2 hours (the
+    /// product's "not visible" period).
+    pub seen_by_others_within_secs: u64,
+    /// Status conditions.
+    pub status: crate::devices::StatusThresholds,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            check_interval_secs: 300,
+            flush_interval_secs: 5,
+            inactive_after_secs: 7 * 86_400,
+            unmanaged_after_secs: 86_400,
+            seen_by_others_within_secs: 7200,
+            status: Default::default(),
+        }
+    }
+}
+
+impl DevicesConfig {
+    /// The timings as the registry takes them.
+    pub fn timings(&self) -> crate::devices::DeviceTimings {
+        use std::time::Duration;
+        crate::devices::DeviceTimings {
+            inactive_after: Duration::from_secs(self.inactive_after_secs),
+            unmanaged_after: Duration::from_secs(self.unmanaged_after_secs),
+            seen_by_others_within: Duration::from_secs(self.seen_by_others_within_secs),
+        }
+    }
 }
 
 /// `[certificates]`

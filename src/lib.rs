@@ -12,6 +12,7 @@
 //! - [`store`]: the `EventStore` interface and its SQLite backend (group commit, cap, retention).
 //! - [`bus`]: fan-out of classified events to live subscribers, never blocking ingest.
 //! - [`engine`]: the data path of one event, tying the above together; free of gRPC types.
+//! - [`devices`]: the device registry (heartbeats, identity conflicts, status, inactivity).
 //! - [`detectors`]: parts that raise catalog events from what they observe (push results,
 //!   capacity).
 //! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
@@ -27,6 +28,7 @@ pub mod classify;
 pub mod clock;
 pub mod config;
 pub mod detectors;
+pub mod devices;
 pub mod engine;
 pub mod flood;
 pub mod server;

@@ -42,6 +42,7 @@ use crate::detectors::capacity::CapacityMonitor;
 use crate::detectors::certificates::CertificateRegistry;
 use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
+use crate::devices::DeviceRegistry;
 use crate::engine::{Engine, EngineParts};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{EventStore, StoreError};
@@ -72,6 +73,8 @@ pub enum ServerError {
 pub struct RunningServer {
     addr: SocketAddr,
     engine: Arc<Engine>,
+    /// Flushed at shutdown: its batched state is saved before the store closes.
+    devices: Arc<DeviceRegistry>,
     shutdown: CancellationToken,
     health: HealthReporter,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -129,11 +132,23 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         CertificateRegistry::load(engine.clone(), config.certificates.reissue_before_days).await?,
     );
     certificates.check().await?;
+    let devices = Arc::new(
+        DeviceRegistry::load(
+            engine.clone(),
+            config.devices.status.clone(),
+            config.devices.timings(),
+        )
+        .await?,
+    );
     let mut background = engine.spawn_background(
         notices,
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
         Duration::from_secs(config.store.retention_sweep_secs.max(1)),
     );
+    background.push(devices.spawn(
+        Duration::from_secs(config.devices.check_interval_secs.max(1)),
+        Duration::from_secs(config.devices.flush_interval_secs.max(1)),
+    ));
     background.push(certificates.spawn(Duration::from_secs(
         config.certificates.check_interval_secs.max(1),
     )));
@@ -177,7 +192,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     let catalog_api = CatalogServiceServer::new(CatalogApi::new(engine.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
-    let devices = DeviceServiceServer::new(DeviceApi::new(engine.clone()))
+    let devices_api = DeviceServiceServer::new(DeviceApi::new(engine.clone(), devices.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
@@ -214,7 +229,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .add_service(reflection_v1alpha)
         .add_service(events)
         .add_service(catalog_api)
-        .add_service(devices)
+        .add_service(devices_api)
         .add_service(push_api)
         .add_service(capacity_api)
         .add_service(updates_api)
@@ -228,6 +243,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     Ok(RunningServer {
         addr,
         engine,
+        devices,
         shutdown,
         health,
         serve,
@@ -264,14 +280,14 @@ impl RunningServer {
                 serve.abort();
             }
         }
-        for task in self.background.iter().filter(|t| !t.is_finished()) {
-            // The periodic tasks end on the shutdown signal; the notice task ends with the store.
-            let _ = task;
+        if let Err(e) = self.devices.flush().await {
+            tracing::error!(error = %e, "saving devices at shutdown failed");
         }
         if let Err(e) = self.engine.save_blocks().await {
             tracing::error!(error = %e, "saving frequent-event blocks at shutdown failed");
         }
         self.engine.store().shutdown().await;
+        // The periodic tasks ended on the shutdown signal; the notice task ends with the store.
         for task in self.background {
             let _ = task.await;
         }

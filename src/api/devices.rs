@@ -4,25 +4,63 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::convert::{self, pb_timestamp, timestamp};
 use super::proto::{
-    FrequentEventBlock, FrequentEventBlockKey, ListFrequentEventBlocksRequest,
-    ListFrequentEventBlocksResponse, RemoveFrequentEventBlockResponse,
-    device_service_server::DeviceService,
+    self, CheckDevicesRequest, CheckDevicesResponse, DeviceHeartbeat, FrequentEventBlock,
+    FrequentEventBlockKey, GetDeviceRequest, HeartbeatResponse, ListDevicesRequest,
+    ListDevicesResponse, ListFrequentEventBlocksRequest, ListFrequentEventBlocksResponse,
+    RemoveFrequentEventBlockResponse, device_service_server::DeviceService,
 };
 use super::status::bad_field;
+use crate::devices::{DeviceRecord, DeviceRegistry, DeviceStatus, Heartbeat, StatusFacts};
 use crate::engine::Engine;
 
 /// The DeviceService adapter.
 pub struct DeviceApi {
     engine: Arc<Engine>,
+    registry: Arc<DeviceRegistry>,
 }
 
 impl DeviceApi {
-    /// Serves `engine`'s devices and blocks.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        DeviceApi { engine }
+    /// Serves `registry` and `engine`'s frequent-event blocks.
+    pub fn new(engine: Arc<Engine>, registry: Arc<DeviceRegistry>) -> Self {
+        DeviceApi { engine, registry }
     }
+}
+
+fn pb_status(s: DeviceStatus) -> i32 {
+    let s = match s {
+        DeviceStatus::Ok => proto::DeviceStatus::Ok,
+        DeviceStatus::Warning => proto::DeviceStatus::StatusWarning,
+        DeviceStatus::Critical => proto::DeviceStatus::StatusCritical,
+    };
+    s as i32
+}
+
+fn pb_device(d: DeviceRecord) -> proto::Device {
+    proto::Device {
+        device_id: d.device_id,
+        fingerprint: d.fingerprint,
+        hostname: d.hostname,
+        licence_key: d.licence_key,
+        last_seen: Some(pb_timestamp(d.last_seen)),
+        last_seen_by_others: d.last_seen_by_others.map(pb_timestamp),
+        status: pb_status(d.status),
+        status_reasons: d.status_reasons,
+        inactive: d.inactive,
+        unmanaged: d.unmanaged,
+    }
+}
+
+fn facts(f: proto::DeviceStatusFacts) -> Result<StatusFacts, Status> {
+    Ok(StatusFacts {
+        security_application_installed: f.security_application_installed,
+        protection_running: f.protection_running,
+        av_databases_date: timestamp(f.av_databases_date, "facts.av_databases_date")?,
+        last_full_scan: timestamp(f.last_full_scan, "facts.last_full_scan")?,
+        reboot_required: f.reboot_required,
+        unresolved_threats: f.unresolved_threats,
+    })
 }
 
 fn key(r: Request<FrequentEventBlockKey>) -> Result<FrequentEventBlockKey, Status> {
@@ -38,6 +76,67 @@ fn key(r: Request<FrequentEventBlockKey>) -> Result<FrequentEventBlockKey, Statu
 
 #[tonic::async_trait]
 impl DeviceService for DeviceApi {
+    async fn report_heartbeat(
+        &self,
+        request: Request<DeviceHeartbeat>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let (device, raised) = self
+            .registry
+            .heartbeat(Heartbeat {
+                device_id: r.device_id,
+                fingerprint: r.fingerprint,
+                hostname: r.hostname,
+                licence_key: r.licence_key,
+                facts: r.facts.map(facts).transpose()?,
+                visible_devices: r.visible_devices,
+            })
+            .await?;
+        Ok(Response::new(HeartbeatResponse {
+            device: Some(pb_device(device)),
+            raised: raised.iter().map(|e| convert::full(e)).collect(),
+        }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<GetDeviceRequest>,
+    ) -> Result<Response<proto::Device>, Status> {
+        let id = request.into_inner().device_id;
+        Ok(Response::new(pb_device(self.registry.get(&id).await?)))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let status = match request.into_inner().status {
+            0 => None,
+            1 => Some(DeviceStatus::Ok),
+            2 => Some(DeviceStatus::Warning),
+            3 => Some(DeviceStatus::Critical),
+            n => return Err(bad_field("status", format!("{n} is not a device status"))),
+        };
+        let devices = self
+            .registry
+            .list(status)
+            .await
+            .into_iter()
+            .map(pb_device)
+            .collect();
+        Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn check_devices(
+        &self,
+        _: Request<CheckDevicesRequest>,
+    ) -> Result<Response<CheckDevicesResponse>, Status> {
+        let raised = self.registry.check().await?;
+        Ok(Response::new(CheckDevicesResponse {
+            raised: raised.iter().map(|e| convert::full(e)).collect(),
+        }))
+    }
+
     async fn list_frequent_event_blocks(
         &self,
         request: Request<ListFrequentEventBlocksRequest>,

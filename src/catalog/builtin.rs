@@ -234,6 +234,16 @@ pub(crate) const BUILTIN_TYPES: &[BuiltinType] = &[
         recommended_response: "Check the agent on the device and the network path to the server.",
     },
     BuiltinType {
+        name: "KLSRV_HOST_STATUS_CRITICAL",
+        id: None,
+        severity: Critical,
+        display_name: "Device status is Critical",
+        display_name_ja: "",
+        retention_days: Some(180),
+        description: "A managed device's status became Critical under the configured status conditions. The product's numeric ID for this type is not documented, so it has none here.",
+        recommended_response: "Open the device's status reasons and fix the condition at once (protection off, security application missing, threats unresolved, databases far out of date).",
+    },
+    BuiltinType {
         name: "KLSRV_EV_LICENSE_CHECK_90",
         id: Some(4097),
         severity: Info,

@@ -206,7 +206,16 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Saves (upserts) a detector's record: `kind` names the registry (e.g. "update"), `id` the
     /// record, `json` its state.
-    async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError>;
+    async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError> {
+        self.save_records(kind, vec![(id.to_owned(), json)]).await
+    }
+
+    /// Saves many records of one kind in one transaction (for registries that change often).
+    async fn save_records(
+        &self,
+        kind: &str,
+        records: Vec<(String, String)>,
+    ) -> Result<(), StoreError>;
 
     /// All records of one kind, as saved.
     async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError>;

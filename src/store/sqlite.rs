@@ -141,10 +141,9 @@ enum Command {
         blocks: Vec<Block>,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
-    SaveRecord {
+    SaveRecords {
         kind: String,
-        id: String,
-        json: String,
+        records: Vec<(String, String)>,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
     Shutdown,
@@ -376,12 +375,15 @@ impl EventStore for SqliteStore {
         .await
     }
 
-    async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError> {
+    async fn save_records(
+        &self,
+        kind: &str,
+        records: Vec<(String, String)>,
+    ) -> Result<(), StoreError> {
         let (done, rx) = oneshot::channel();
-        self.send(Command::SaveRecord {
+        self.send(Command::SaveRecords {
             kind: kind.to_owned(),
-            id: id.to_owned(),
-            json,
+            records,
             done,
         })
         .await?;
@@ -557,22 +559,12 @@ impl Writer {
                         Command::SaveBlocks { blocks, done } => {
                             let _ = done.send(self.save_blocks(&blocks));
                         }
-                        Command::SaveRecord {
+                        Command::SaveRecords {
                             kind,
-                            id,
-                            json,
+                            records,
                             done,
                         } => {
-                            let r = self
-                                .conn
-                                .execute(
-                                    "INSERT INTO records (kind, id, json) VALUES (?1, ?2, ?3)
-                                     ON CONFLICT(kind, id) DO UPDATE SET json = excluded.json",
-                                    params![kind, id, json],
-                                )
-                                .map(|_| ())
-                                .map_err(StoreError::from);
-                            let _ = done.send(r);
+                            let _ = done.send(self.save_records(&kind, &records));
                         }
                         Command::Shutdown => stop = true,
                         Command::Append { .. } => unreachable!(),
@@ -791,6 +783,21 @@ impl Writer {
             self.dedupe.stored.remove(k);
         }
         Ok(keys.len() as u64)
+    }
+
+    fn save_records(&mut self, kind: &str, records: &[(String, String)]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO records (kind, id, json) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(kind, id) DO UPDATE SET json = excluded.json",
+            )?;
+            for (id, json) in records {
+                stmt.execute(params![kind, id, json])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn save_blocks(&mut self, blocks: &[Block]) -> Result<(), StoreError> {
