@@ -37,6 +37,24 @@ pub struct Config {
     pub certificates: CertificatesConfig,
     /// The device registry.
     pub devices: DevicesConfig,
+    /// The licence checker.
+    pub licences: LicencesConfig,
+}
+
+/// `[licences]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LicencesConfig {
+    /// Seconds between licence checks. Default 86400 (daily, as in the product).
+    pub check_interval_secs: u64,
+}
+
+impl Default for LicencesConfig {
+    fn default() -> Self {
+        LicencesConfig {
+            check_interval_secs: 86_400,
+        }
+    }
 }
 
 /// `[devices]`: the device registry's timings and status thresholds.

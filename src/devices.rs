@@ -467,6 +467,17 @@ impl DeviceRegistry {
             .ok_or_else(|| EngineError::NotFound(format!("device {device_id:?}")))
     }
 
+    /// How many devices report each licence key.
+    pub async fn count_by_licence_key(&self) -> HashMap<String, u64> {
+        let mut counts = HashMap::new();
+        for d in self.state.lock().await.devices.values() {
+            if !d.licence_key.is_empty() {
+                *counts.entry(d.licence_key.clone()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
     /// All devices, optionally in one status, ordered by id.
     pub async fn list(&self, status: Option<DeviceStatus>) -> Vec<DeviceRecord> {
         self.state

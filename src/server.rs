@@ -25,11 +25,13 @@ use crate::api::catalog::CatalogApi;
 use crate::api::certificates::CertificateApi;
 use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
+use crate::api::licences::LicenceApi;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
 use crate::api::proto::certificate_service_server::CertificateServiceServer;
 use crate::api::proto::device_service_server::DeviceServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
+use crate::api::proto::licence_service_server::LicenceServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
 use crate::api::proto::update_service_server::UpdateServiceServer;
 use crate::api::push::PushApi;
@@ -40,6 +42,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::detectors::capacity::CapacityMonitor;
 use crate::detectors::certificates::CertificateRegistry;
+use crate::detectors::licences::LicenceChecker;
 use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
 use crate::devices::DeviceRegistry;
@@ -145,6 +148,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
         Duration::from_secs(config.store.retention_sweep_secs.max(1)),
     );
+    let licences = Arc::new(LicenceChecker::load(engine.clone(), devices.clone()).await?);
+    background.push(licences.spawn(Duration::from_secs(
+        config.licences.check_interval_secs.max(1),
+    )));
     background.push(devices.spawn(
         Duration::from_secs(config.devices.check_interval_secs.max(1)),
         Duration::from_secs(config.devices.flush_interval_secs.max(1)),
@@ -211,6 +218,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
+    let licences_api = LicenceServiceServer::new(LicenceApi::new(licences))
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
@@ -233,7 +244,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .add_service(push_api)
         .add_service(capacity_api)
         .add_service(updates_api)
-        .add_service(certificates_api);
+        .add_service(certificates_api)
+        .add_service(licences_api);
     let serve = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())

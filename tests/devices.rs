@@ -224,3 +224,91 @@ async fn inactivity_and_out_of_control() {
     assert_eq!(st.code(), Code::NotFound);
     s.stop().await;
 }
+
+/// Licence use counted from the devices whose heartbeats report the key: 90 % raises
+/// KLSRV_EV_LICENSE_CHECK_90 (INFO), 110 % KLSRV_EV_LICENSE_CHECK_100_110 (4098, WARNING), 120 %
+/// KLSRV_EV_LICENSE_CHECK_MORE_110 (4099, CRITICAL, kept 180 days); once per crossing, and again
+/// after usage fell back and crossed once more.
+#[tokio::test]
+async fn licence_check_raises_once_per_crossing() {
+    use fleet_events::api::proto::licence_service_client::LicenceServiceClient;
+    use fleet_events::api::proto::{CheckLicencesRequest, Licence};
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let d = DeviceServiceClient::new(s.channel.clone());
+    let mut lic = LicenceServiceClient::new(s.channel.clone());
+    let licence = |units: u32| Licence {
+        key: "KEY-1".into(),
+        units,
+        expires_at: None,
+    };
+    lic.put_licence(licence(10)).await.unwrap();
+    let mut devices = 0;
+    let mut add_devices = |n: usize| {
+        let mut d = d.clone();
+        let start = devices;
+        devices += n;
+        async move {
+            for i in start..start + n {
+                let h = DeviceHeartbeat {
+                    licence_key: "KEY-1".into(),
+                    ..hb(&format!("lic-{i}"), &format!("hw-{i}"))
+                };
+                d.report_heartbeat(h).await.unwrap();
+            }
+        }
+    };
+    let check = |lic: &LicenceServiceClient<Channel>| {
+        let mut lic = lic.clone();
+        async move {
+            lic.check_licences(CheckLicencesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    add_devices(8).await;
+    assert!(check(&lic).await.raised.is_empty(), "80 %");
+    add_devices(1).await;
+    let c = check(&lic).await;
+    assert_eq!(c.usage[0].in_use, 9);
+    assert_eq!(c.raised.len(), 1);
+    assert_eq!(c.raised[0].event_type, "KLSRV_EV_LICENSE_CHECK_90");
+    assert_eq!(c.raised[0].severity, Severity::Info as i32);
+    add_devices(2).await;
+    let c = check(&lic).await;
+    assert_eq!(c.raised.len(), 1);
+    assert_eq!(c.raised[0].event_type_id, 4098);
+    assert_eq!(c.raised[0].severity, Severity::Warning as i32);
+    assert_eq!(c.raised[0].params["in_use"], "11");
+    assert_eq!(c.raised[0].params["percent"], "110");
+    assert!(check(&lic).await.raised.is_empty(), "once per crossing");
+    add_devices(1).await;
+    let c = check(&lic).await;
+    assert_eq!(c.raised[0].event_type_id, 4099);
+    assert_eq!(c.raised[0].severity, Severity::Critical as i32);
+    assert!(c.raised[0].stored);
+    assert!(check(&lic).await.raised.is_empty());
+    // More units: usage falls to 60 %; back to 10 units: the crossing raises again.
+    lic.put_licence(licence(20)).await.unwrap();
+    assert!(check(&lic).await.raised.is_empty());
+    lic.put_licence(licence(10)).await.unwrap();
+    let c = check(&lic).await;
+    assert_eq!(c.raised.len(), 1);
+    assert_eq!(c.raised[0].event_type_id, 4099);
+    let stored = query_all(
+        &mut s.events(),
+        proto::QueryEventsRequest {
+            event_type: "KLSRV_EV_LICENSE_CHECK_MORE_110".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stored.len(), 2);
+    let st = lic.put_licence(licence(0)).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    assert!(st.message().starts_with("units"));
+    drop(d);
+    s.stop().await;
+}

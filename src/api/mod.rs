@@ -8,6 +8,7 @@ pub mod certificates;
 pub mod convert;
 pub mod devices;
 pub mod events;
+pub mod licences;
 pub mod push;
 pub mod status;
 pub mod updates;

@@ -8,9 +8,11 @@
 //!   KLSRV_NO_SPACE_ON_VOLUMES, KLSRV_NO_SPACE_IN_DATABASE.
 //! - [`certificates`]: MDM and APNs certificates: KLSRV_CERTIFICATE_REQUESTED, _REMOVED,
 //!   KLSRV_APN_CERTIFICATE_EXPIRES_SOON, _EXPIRED.
+//! - [`licences`]: units in use per licence: KLSRV_EV_LICENSE_CHECK_90 / _100_110 / _MORE_110.
 //! - [`updates`]: module updates awaiting approval: KLSRV_SEAMLESS_UPDATE_REGISTERED.
 
 pub mod capacity;
 pub mod certificates;
+pub mod licences;
 pub mod push;
 pub mod updates;

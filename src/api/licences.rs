@@ -1,0 +1,78 @@
+//! `fleetevents.v1.LicenceService`: licences and the licence check.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, pb_timestamp, timestamp};
+use super::proto::{
+    self, CheckLicencesRequest, LicenceCheck, ListLicencesRequest, ListLicencesResponse,
+    licence_service_server::LicenceService,
+};
+use crate::detectors::licences::{Licence, LicenceChecker};
+
+/// The LicenceService adapter.
+pub struct LicenceApi {
+    checker: Arc<LicenceChecker>,
+}
+
+impl LicenceApi {
+    /// Serves `checker`.
+    pub fn new(checker: Arc<LicenceChecker>) -> Self {
+        LicenceApi { checker }
+    }
+}
+
+fn pb_licence(l: Licence) -> proto::Licence {
+    proto::Licence {
+        key: l.key,
+        units: l.units,
+        expires_at: l.expires_at.map(pb_timestamp),
+    }
+}
+
+#[tonic::async_trait]
+impl LicenceService for LicenceApi {
+    async fn put_licence(
+        &self,
+        request: Request<proto::Licence>,
+    ) -> Result<Response<proto::Licence>, Status> {
+        let r = request.into_inner();
+        let expires_at = timestamp(r.expires_at, "expires_at")?;
+        let l = self.checker.put(r.key, r.units, expires_at).await?;
+        Ok(Response::new(pb_licence(l)))
+    }
+
+    async fn list_licences(
+        &self,
+        _: Request<ListLicencesRequest>,
+    ) -> Result<Response<ListLicencesResponse>, Status> {
+        let licences = self
+            .checker
+            .list()
+            .await
+            .into_iter()
+            .map(pb_licence)
+            .collect();
+        Ok(Response::new(ListLicencesResponse { licences }))
+    }
+
+    async fn check_licences(
+        &self,
+        _: Request<CheckLicencesRequest>,
+    ) -> Result<Response<LicenceCheck>, Status> {
+        let (usage, raised) = self.checker.check().await?;
+        Ok(Response::new(LicenceCheck {
+            usage: usage
+                .into_iter()
+                .map(|u| proto::LicenceUsage {
+                    percent: u.in_use * 100 / u64::from(u.units.max(1)),
+                    key: u.key,
+                    units: u.units,
+                    in_use: u.in_use,
+                })
+                .collect(),
+            raised: raised.iter().map(|e| convert::full(e)).collect(),
+        }))
+    }
+}

@@ -1,0 +1,235 @@
+//! The licence checker: units in use per licence key (the devices whose heartbeats report it)
+//! against each licence's limit. Raised once per crossing (again only after usage fell below the
+//! level and rose past it again): KLSRV_EV_LICENSE_CHECK_90 at 90-100 %,
+//! KLSRV_EV_LICENSE_CHECK_100_110 above 100 % up to 110 %, KLSRV_EV_LICENSE_CHECK_MORE_110 above
+//! 110 %. Checked daily and on request; the licences and the level last raised are saved.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::classify::ClassifiedEvent;
+use crate::clock::Timestamp;
+use crate::devices::DeviceRegistry;
+use crate::engine::{Engine, EngineError};
+
+/// 90-100 % of a licence's units in use (INFO).
+pub const LICENSE_CHECK_90: &str = "KLSRV_EV_LICENSE_CHECK_90";
+/// Over 100 % up to 110 % (WARNING).
+pub const LICENSE_CHECK_100_110: &str = "KLSRV_EV_LICENSE_CHECK_100_110";
+/// Over 110 % (CRITICAL).
+pub const LICENSE_CHECK_MORE_110: &str = "KLSRV_EV_LICENSE_CHECK_MORE_110";
+
+const KIND: &str = "licence";
+
+/// How much of a licence is used, in the product's bands.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum UsageLevel {
+    /// Below 90 %.
+    #[default]
+    Normal,
+    /// 90-100 %.
+    Near,
+    /// Over 100 %, up to 110 %.
+    Over,
+    /// Over 110 %.
+    FarOver,
+}
+
+/// The band `in_use` of `units` falls in.
+pub fn usage_level(in_use: u64, units: u32) -> UsageLevel {
+    let used = u128::from(in_use) * 100;
+    let units = u128::from(units);
+    if used > units * 110 {
+        UsageLevel::FarOver
+    } else if used > units * 100 {
+        UsageLevel::Over
+    } else if used >= units * 90 {
+        UsageLevel::Near
+    } else {
+        UsageLevel::Normal
+    }
+}
+
+/// A licence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Licence {
+    /// The key.
+    pub key: String,
+    /// Units (devices) it allows.
+    pub units: u32,
+    /// When it expires.
+    pub expires_at: Option<Timestamp>,
+    /// The level last raised (or fallen to).
+    #[serde(default)]
+    pub level: UsageLevel,
+}
+
+/// One licence's usage at a check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LicenceUsage {
+    /// The key.
+    pub key: String,
+    /// Units allowed.
+    pub units: u32,
+    /// Devices using it.
+    pub in_use: u64,
+}
+
+/// The checker.
+pub struct LicenceChecker {
+    engine: Arc<Engine>,
+    devices: Arc<DeviceRegistry>,
+    licences: tokio::sync::Mutex<BTreeMap<String, Licence>>,
+}
+
+impl LicenceChecker {
+    /// Loads the saved licences.
+    pub async fn load(
+        engine: Arc<Engine>,
+        devices: Arc<DeviceRegistry>,
+    ) -> Result<Self, EngineError> {
+        let mut licences = BTreeMap::new();
+        for json in engine.store().load_records(KIND).await? {
+            let l: Licence = serde_json::from_str(&json)
+                .map_err(|e| EngineError::Internal(format!("saved licence {json}: {e}")))?;
+            licences.insert(l.key.clone(), l);
+        }
+        Ok(LicenceChecker {
+            engine,
+            devices,
+            licences: tokio::sync::Mutex::new(licences),
+        })
+    }
+
+    async fn save(&self, l: &Licence) -> Result<(), EngineError> {
+        let json = serde_json::to_string(l).map_err(|e| EngineError::Internal(e.to_string()))?;
+        Ok(self.engine.store().save_record(KIND, &l.key, json).await?)
+    }
+
+    /// Adds or replaces a licence (keeping the level raised, so a changed limit is judged at
+    /// the next check against what was already reported).
+    pub async fn put(
+        &self,
+        key: String,
+        units: u32,
+        expires_at: Option<Timestamp>,
+    ) -> Result<Licence, EngineError> {
+        if key.is_empty() {
+            return Err(EngineError::BadArgument {
+                field: "key",
+                reason: "required".into(),
+            });
+        }
+        if units == 0 {
+            return Err(EngineError::BadArgument {
+                field: "units",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let mut licences = self.licences.lock().await;
+        let level = licences.get(&key).map(|l| l.level).unwrap_or_default();
+        let l = Licence {
+            key,
+            units,
+            expires_at,
+            level,
+        };
+        self.save(&l).await?;
+        licences.insert(l.key.clone(), l.clone());
+        Ok(l)
+    }
+
+    /// The licences, ordered by key.
+    pub async fn list(&self) -> Vec<Licence> {
+        self.licences.lock().await.values().cloned().collect()
+    }
+
+    /// Counts units in use per key and raises each crossing into a higher band.
+    pub async fn check(
+        &self,
+    ) -> Result<(Vec<LicenceUsage>, Vec<Arc<ClassifiedEvent>>), EngineError> {
+        let in_use = self.devices.count_by_licence_key().await;
+        let mut licences = self.licences.lock().await;
+        let mut usage = Vec::new();
+        let mut pending = Vec::new();
+        let server = self.engine.server_id().to_owned();
+        for l in licences.values_mut() {
+            let n = in_use.get(&l.key).copied().unwrap_or(0);
+            usage.push(LicenceUsage {
+                key: l.key.clone(),
+                units: l.units,
+                in_use: n,
+            });
+            let level = usage_level(n, l.units);
+            if level == l.level {
+                continue;
+            }
+            let before = l.level;
+            l.level = level;
+            self.save(l).await?;
+            let ty = match level {
+                _ if level < before => continue, // fell back: the next crossing raises again
+                UsageLevel::Near => LICENSE_CHECK_90,
+                UsageLevel::Over => LICENSE_CHECK_100_110,
+                UsageLevel::FarOver => LICENSE_CHECK_MORE_110,
+                UsageLevel::Normal => continue,
+            };
+            let params = HashMap::from([
+                ("licence_key".to_owned(), l.key.clone()),
+                ("units".to_owned(), l.units.to_string()),
+                ("in_use".to_owned(), n.to_string()),
+                (
+                    "percent".to_owned(),
+                    (u128::from(n) * 100 / u128::from(l.units)).to_string(),
+                ),
+            ]);
+            pending.push(self.engine.raise(ty, &server, params).await?);
+        }
+        drop(licences);
+        let mut raised = Vec::with_capacity(pending.len());
+        for p in pending {
+            raised.push(self.engine.settle(p).await?);
+        }
+        Ok((usage, raised))
+    }
+
+    /// Checks every `every` until shutdown; the first check is one period after start.
+    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let every = every.max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let shutdown = me.engine.shutdown_signal().clone();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = me.check().await {
+                            tracing::error!(error = %e, "licence check failed");
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bands_follow_the_product() {
+        assert_eq!(usage_level(89, 100), UsageLevel::Normal);
+        assert_eq!(usage_level(90, 100), UsageLevel::Near);
+        assert_eq!(usage_level(100, 100), UsageLevel::Near);
+        assert_eq!(usage_level(101, 100), UsageLevel::Over);
+        assert_eq!(usage_level(110, 100), UsageLevel::Over);
+        assert_eq!(usage_level(111, 100), UsageLevel::FarOver);
+        assert_eq!(usage_level(11, 10), UsageLevel::Over);
+        assert_eq!(usage_level(12, 10), UsageLevel::FarOver);
+    }
+}
