@@ -527,6 +527,11 @@ async fn mdm_certificates_requested_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
     let mut certs = CertificateServiceClient::new(s.channel.clone());
+    let mut live = common::subscribe_types(
+        &s,
+        &["KLSRV_CERTIFICATE_REQUESTED", "KLSRV_CERTIFICATE_REMOVED"],
+    )
+    .await;
     let at = |days: i64| prost_types::Timestamp {
         seconds: common::T0 + days * 86_400,
         nanos: 0,
@@ -577,6 +582,7 @@ async fn mdm_certificates_requested_and_removed() {
     s.clock.advance(Duration::from_secs(17 * 86_400));
     let req = check(&certs).await;
     assert_eq!(req.len(), 1);
+    common::assert_live(&mut live, &req).await;
     assert_eq!(req[0].event_type_id, 4133);
     assert_eq!(req[0].device_id, "phone-1");
     assert_eq!(req[0].params["certificate_id"], "gen-1");
@@ -618,6 +624,7 @@ async fn mdm_certificates_requested_and_removed() {
         .unwrap()
         .into_inner();
     assert_eq!((f.event_type_id, f.device_id.as_str()), (4133, "phone-2"));
+    // (`live` belongs to the first server; the one after the restart is checked by query.)
     assert_eq!(f.params["reason"], "PKI account lacks SAM-Account-Name");
     let r = certs
         .remove_mdm_certificate(CertificateKey {

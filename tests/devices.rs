@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, query_all, test_config};
+use common::{TestServer, assert_live, query_all, subscribe_types, test_config};
 use fleet_events::api::proto::device_service_client::DeviceServiceClient;
 use fleet_events::api::proto::{
     self, CheckDevicesRequest, DeviceHeartbeat, DeviceStatusFacts, Severity,
@@ -45,9 +45,11 @@ async fn cloned_identity_raises_one_conflict_per_pair() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
     let mut d = DeviceServiceClient::new(s.channel.clone());
+    let mut live = subscribe_types(&s, &["KLSRV_EVENT_HOSTS_CONFLICT"]).await;
     assert!(beat(&mut d, hb("pc-1", "hw-A")).await.is_empty());
     let raised = beat(&mut d, hb("pc-1", "hw-B")).await;
     assert_eq!(raised.len(), 1);
+    assert_live(&mut live, &raised).await;
     let ev = &raised[0];
     assert_eq!(
         (ev.event_type_id, ev.severity),
@@ -119,8 +121,14 @@ async fn status_transitions_raise_warning_and_critical() {
         protection_running: Some(true),
         ..Default::default()
     };
+    let mut live = subscribe_types(
+        &s,
+        &["KLSRV_HOST_STATUS_WARNING", "KLSRV_HOST_STATUS_CRITICAL"],
+    )
+    .await;
     let raised = beat(&mut d, with(old_db)).await;
     assert_eq!(raised.len(), 1);
+    assert_live(&mut live, &raised).await;
     assert_eq!(raised[0].event_type_id, 4114);
     assert_eq!(raised[0].device_id, "pc-2");
     assert!(raised[0].params["reasons"].contains("anti-virus databases older than 7 days"));
@@ -137,17 +145,17 @@ async fn status_transitions_raise_warning_and_critical() {
         .unwrap()
         .into_inner();
     assert_eq!(dev.status, proto::DeviceStatus::Ok as i32);
-    assert_eq!(
-        beat(&mut d, with(old_db)).await.len(),
-        1,
-        "back into Warning"
-    );
+    let back = beat(&mut d, with(old_db)).await;
+    assert_eq!(back.len(), 1, "back into Warning");
+    assert_live(&mut live, &back).await;
     let off = DeviceStatusFacts {
         protection_running: Some(false),
         ..fresh
     };
     let raised = beat(&mut d, with(off)).await;
     assert_eq!(raised.len(), 1);
+    assert_live(&mut live, &raised).await;
+    assert!(raised[0].stored);
     assert_eq!(raised[0].event_type, "KLSRV_HOST_STATUS_CRITICAL");
     assert_eq!(raised[0].severity, Severity::Critical as i32);
     assert!(raised[0].params["reasons"].contains("real-time protection is not running"));
@@ -167,6 +175,11 @@ async fn inactivity_and_out_of_control() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
     let mut d = DeviceServiceClient::new(s.channel.clone());
+    let mut live = subscribe_types(
+        &s,
+        &["KLSRV_EVENT_HOSTS_NOT_VISIBLE", "KLSRV_HOST_OUT_CONTROL"],
+    )
+    .await;
     beat(&mut d, hb("quiet", "hw-q")).await;
     beat(&mut d, hb("lost", "hw-l")).await;
     s.clock.advance(Duration::from_secs(86_400 + 60));
@@ -181,6 +194,8 @@ async fn inactivity_and_out_of_control() {
     .await;
     let raised = check(&mut d).await;
     assert_eq!(raised.len(), 1);
+    assert_live(&mut live, &raised).await;
+    assert!(raised[0].stored);
     assert_eq!(
         (raised[0].event_type_id, raised[0].device_id.as_str()),
         (4111, "lost")
@@ -190,6 +205,7 @@ async fn inactivity_and_out_of_control() {
 
     s.clock.advance(Duration::from_secs(6 * 86_400));
     let raised = check(&mut d).await;
+    assert_live(&mut live, &raised).await;
     let mut silent: Vec<&str> = raised
         .iter()
         .filter(|e| e.event_type_id == 4103)
@@ -244,6 +260,15 @@ async fn licence_check_raises_once_per_crossing() {
         expires_at: None,
     };
     lic.put_licence(licence(10)).await.unwrap();
+    let mut live = subscribe_types(
+        &s,
+        &[
+            "KLSRV_EV_LICENSE_CHECK_90",
+            "KLSRV_EV_LICENSE_CHECK_100_110",
+            "KLSRV_EV_LICENSE_CHECK_MORE_110",
+        ],
+    )
+    .await;
     let mut devices = 0;
     let mut add_devices = |n: usize| {
         let mut d = d.clone();
@@ -274,11 +299,13 @@ async fn licence_check_raises_once_per_crossing() {
     let c = check(&lic).await;
     assert_eq!(c.usage[0].in_use, 9);
     assert_eq!(c.raised.len(), 1);
+    assert_live(&mut live, &c.raised).await;
     assert_eq!(c.raised[0].event_type, "KLSRV_EV_LICENSE_CHECK_90");
     assert_eq!(c.raised[0].severity, Severity::Info as i32);
     add_devices(2).await;
     let c = check(&lic).await;
     assert_eq!(c.raised.len(), 1);
+    assert_live(&mut live, &c.raised).await;
     assert_eq!(c.raised[0].event_type_id, 4098);
     assert_eq!(c.raised[0].severity, Severity::Warning as i32);
     assert_eq!(c.raised[0].params["in_use"], "11");
@@ -286,6 +313,7 @@ async fn licence_check_raises_once_per_crossing() {
     assert!(check(&lic).await.raised.is_empty(), "once per crossing");
     add_devices(1).await;
     let c = check(&lic).await;
+    assert_live(&mut live, &c.raised).await;
     assert_eq!(c.raised[0].event_type_id, 4099);
     assert_eq!(c.raised[0].severity, Severity::Critical as i32);
     assert!(c.raised[0].stored);

@@ -200,3 +200,47 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A live subscription to the given event types (registered once this returns).
+pub async fn subscribe_types(
+    s: &TestServer,
+    types: &[&str],
+) -> tonic::Streaming<proto::Classification> {
+    s.events()
+        .subscribe(proto::SubscribeRequest {
+            event_types: types.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next live event, within 10 s.
+pub async fn next_live(sub: &mut tonic::Streaming<proto::Classification>) -> proto::Classification {
+    tokio::time::timeout(Duration::from_secs(10), sub.message())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .unwrap()
+}
+
+/// Asserts that each of `raised` arrives live, in order.
+pub async fn assert_live(
+    sub: &mut tonic::Streaming<proto::Classification>,
+    raised: &[proto::Classification],
+) {
+    for ev in raised {
+        let got = next_live(sub).await;
+        if std::env::var_os("LIVE_DEBUG").is_some() {
+            eprintln!(
+                "live {} {} {:?} / expected {} {}",
+                got.event_id, got.event_type, got.params, ev.event_id, ev.event_type
+            );
+        }
+        assert_eq!(
+            (got.event_id.as_str(), got.event_type.as_str()),
+            (ev.event_id.as_str(), ev.event_type.as_str())
+        );
+    }
+}
