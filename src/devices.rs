@@ -408,6 +408,17 @@ impl DeviceRegistry {
                 continue;
             };
             let mut decisive = false;
+            // Any event the device sent counts as a sign of life, not only its heartbeats.
+            if let Some(t) = self.engine.last_event_from(&id)
+                && t > d.last_seen
+            {
+                d.last_seen = t;
+                if d.inactive || d.unmanaged {
+                    d.inactive = false;
+                    d.unmanaged = false;
+                    decisive = true;
+                }
+            }
             let silent = now.0.saturating_sub(d.last_seen.0);
             if !d.inactive && silent > self.timings.inactive_after.as_micros() as i64 {
                 d.inactive = true;
@@ -445,8 +456,15 @@ impl DeviceRegistry {
                 .await?;
             if decisive {
                 self.save_now(&d).await?;
-                state.devices.insert(id, d);
+                state.dirty.remove(&id);
+            } else if state
+                .devices
+                .get(&id)
+                .is_some_and(|old| old.last_seen != d.last_seen)
+            {
+                state.dirty.insert(id.clone());
             }
+            state.devices.insert(id, d);
         }
         drop(state);
         let mut raised = Vec::with_capacity(pending.len());
@@ -456,15 +474,27 @@ impl DeviceRegistry {
         Ok(raised)
     }
 
+    /// `d` with `last_seen` moved to its latest event, if that is later than its heartbeat.
+    fn freshest(&self, mut d: DeviceRecord) -> DeviceRecord {
+        if let Some(t) = self.engine.last_event_from(&d.device_id)
+            && t > d.last_seen
+        {
+            d.last_seen = t;
+        }
+        d
+    }
+
     /// One device.
     pub async fn get(&self, device_id: &str) -> Result<DeviceRecord, EngineError> {
-        self.state
+        let d = self
+            .state
             .lock()
             .await
             .devices
             .get(device_id)
             .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("device {device_id:?}")))
+            .ok_or_else(|| EngineError::NotFound(format!("device {device_id:?}")))?;
+        Ok(self.freshest(d))
     }
 
     /// How many devices report each licence key.
@@ -486,7 +516,7 @@ impl DeviceRegistry {
             .devices
             .values()
             .filter(|d| status.is_none_or(|s| d.status == s))
-            .cloned()
+            .map(|d| self.freshest(d.clone()))
             .collect()
     }
 

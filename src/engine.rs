@@ -123,6 +123,9 @@ pub struct Engine {
     server_id: String,
     /// Cancelled when shutdown begins: new work is refused with `ShuttingDown`.
     shutdown: CancellationToken,
+    /// When each device last sent an event (any event counts as a sign of life for the device
+    /// registry's inactivity checks). One entry per device that ever sent one.
+    last_event: dashmap::DashMap<String, crate::clock::Timestamp, rustc_hash::FxBuildHasher>,
     /// Woken when a flood is detected, so the block table is saved promptly.
     blocks_changed: tokio::sync::Notify,
     /// Serialises "snapshot the block table, save it", so an older snapshot never overwrites
@@ -163,6 +166,7 @@ impl Engine {
             limits: p.limits,
             server_id: p.server_id,
             shutdown: p.shutdown,
+            last_event: dashmap::DashMap::with_hasher(rustc_hash::FxBuildHasher),
             blocks_changed: tokio::sync::Notify::new(),
             blocks_saving: tokio::sync::Mutex::new(()),
         })
@@ -186,6 +190,11 @@ impl Engine {
     /// The store.
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
+    }
+
+    /// When `device_id` last sent an event, if ever.
+    pub fn last_event_from(&self, device_id: &str) -> Option<crate::clock::Timestamp> {
+        self.last_event.get(device_id).map(|t| *t)
     }
 
     /// This server's id: the device id of the events it raises about itself.
@@ -216,6 +225,12 @@ impl Engine {
         }
         let now = self.clock.now();
         let mut event = classify(&self.catalog, &self.limits, ev, now)?;
+        match self.last_event.get_mut(event.device_id.as_str()) {
+            Some(mut t) => *t = now,
+            None => {
+                self.last_event.insert(event.device_id.clone(), now);
+            }
+        }
         let verdict = self.flood.observe(
             &event.device_id,
             &event.event_type.name,

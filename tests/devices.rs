@@ -340,3 +340,37 @@ async fn licence_check_raises_once_per_crossing() {
     drop(d);
     s.stop().await;
 }
+
+/// Any event a device sends counts as a sign of life: a device that stopped heartbeating but
+/// still sends events is not reported as silent, and its last_seen follows its events.
+#[tokio::test]
+async fn events_count_as_signs_of_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut d = DeviceServiceClient::new(s.channel.clone());
+    beat(&mut d, hb("chatty", "hw-c")).await;
+    beat(&mut d, hb("mute", "hw-m")).await;
+    s.clock.advance(Duration::from_secs(6 * 86_400));
+    s.events()
+        .classify(common::event("chatty", "APP_PING", "p1"))
+        .await
+        .unwrap();
+    s.clock.advance(Duration::from_secs(2 * 86_400));
+    let raised = check(&mut d).await;
+    let silent: Vec<&str> = raised
+        .iter()
+        .filter(|e| e.event_type_id == 4103)
+        .map(|e| e.device_id.as_str())
+        .collect();
+    assert_eq!(silent, vec!["mute"]);
+    let chatty = d
+        .get_device(proto::GetDeviceRequest {
+            device_id: "chatty".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(chatty.last_seen.unwrap().seconds, common::T0 + 6 * 86_400);
+    assert!(!chatty.inactive);
+    s.stop().await;
+}
