@@ -130,6 +130,8 @@ async fn status_transitions_raise_warning_and_critical() {
     assert_eq!(raised.len(), 1);
     assert_live(&mut live, &raised).await;
     assert_eq!(raised[0].event_type_id, 4114);
+    assert_eq!(raised[0].severity, Severity::Warning as i32);
+    assert!(raised[0].stored);
     assert_eq!(raised[0].device_id, "pc-2");
     assert!(raised[0].params["reasons"].contains("anti-virus databases older than 7 days"));
     assert!(
@@ -213,6 +215,11 @@ async fn inactivity_and_out_of_control() {
         .collect();
     silent.sort();
     assert_eq!(silent, vec!["lost", "quiet"]);
+    assert!(
+        raised
+            .iter()
+            .all(|e| e.stored && e.severity == Severity::Warning as i32)
+    );
     assert_eq!(raised[0].params["silent_days"], "7");
     assert!(check(&mut d).await.is_empty(), "once per silence");
     beat(&mut d, hb("quiet", "hw-q")).await;
