@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{Catalog, EventType};
+use crate::catalog::{Catalog, EventType, Severity};
 use crate::clock::Timestamp;
 
 /// How a client named the event's type.
@@ -47,6 +47,41 @@ pub enum Origin {
     Client,
     /// A detector inside this server raised it.
     Server,
+    /// A secondary server forwarded it (see [`RelayTag`]).
+    Relayed,
+}
+
+/// Where a relayed event entered the server hierarchy and which servers it passed through.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayTag {
+    /// The server where the event entered the hierarchy.
+    pub origin_server: String,
+    /// The servers it passed through, origin first.
+    pub chain: Vec<String>,
+}
+
+/// An event a secondary server forwarded, as received, before this server classifies it
+/// against its own catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayedIncoming {
+    /// The idempotency key (never empty: the origin server assigned one).
+    pub event_id: String,
+    /// The device.
+    pub device_id: String,
+    /// The type string.
+    pub event_type: String,
+    /// The numeric type ID the sender knew (0: none).
+    pub event_type_id: u32,
+    /// The severity the sender gave it; used when this server's catalog does not know the type.
+    pub severity: Severity,
+    /// When it happened.
+    pub occurred_at: Timestamp,
+    /// The application that raised it.
+    pub application: String,
+    /// Details.
+    pub params: HashMap<String, String>,
+    /// Where it comes from.
+    pub relay: RelayTag,
 }
 
 /// Limits on the size and shape of incoming events; all configurable (see [`crate::config`]).
@@ -127,6 +162,8 @@ pub struct ClassifiedEvent {
     pub origin: Origin,
     /// Held back by frequent-event blocking.
     pub blocked: bool,
+    /// Set for events a secondary server forwarded.
+    pub relay: Option<Arc<RelayTag>>,
 }
 
 impl ClassifiedEvent {
@@ -237,6 +274,61 @@ pub fn classify(
         params: ev.params,
         origin: Origin::Client,
         blocked: false,
+        relay: None,
+    })
+}
+
+/// Validates an event relayed by a secondary server and classifies it against this server's
+/// catalog (a type this catalog does not know keeps the sender's severity). `now` becomes its
+/// receive time here, from which this server's retention counts.
+pub fn classify_relayed(
+    catalog: &Catalog,
+    limits: &Limits,
+    ev: RelayedIncoming,
+    now: Timestamp,
+) -> Result<ClassifiedEvent, ClassifyError> {
+    if ev.relay.origin_server.is_empty() {
+        return Err(invalid("origin_server_id", "must not be empty"));
+    }
+    if ev.event_id.is_empty() {
+        return Err(invalid("event.event_id", "must not be empty in a relayed event"));
+    }
+    if ev.device_id.is_empty() {
+        return Err(invalid("event.device_id", "must not be empty"));
+    }
+    if ev.device_id.len() > limits.max_device_id_bytes
+        || ev.event_id.len() > limits.max_event_id_bytes
+        || ev.application.len() > limits.max_application_bytes
+    {
+        return Err(invalid(
+            "event",
+            "device_id, event_id or application longer than this server's limits",
+        ));
+    }
+    check_params(&ev.params, limits)?;
+    let event_type = match catalog.by_name(&ev.event_type) {
+        Some(t) => t,
+        None => {
+            crate::catalog::validate_type_name(&ev.event_type)
+                .map_err(|e| invalid("event.event_type", e.to_string()))?;
+            let mut t = EventType::unknown(&ev.event_type, ev.severity);
+            if ev.event_type_id != 0 && catalog.by_id(ev.event_type_id).is_none() {
+                t.id = Some(ev.event_type_id);
+            }
+            Arc::new(t)
+        }
+    };
+    Ok(ClassifiedEvent {
+        event_id: ev.event_id,
+        device_id: ev.device_id,
+        event_type,
+        occurred_at: ev.occurred_at,
+        received_at: now,
+        application: ev.application,
+        params: ev.params,
+        origin: Origin::Relayed,
+        blocked: false,
+        relay: Some(Arc::new(ev.relay)),
     })
 }
 

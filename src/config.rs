@@ -39,6 +39,73 @@ pub struct Config {
     pub devices: DevicesConfig,
     /// The licence checker.
     pub licences: LicencesConfig,
+    /// The server hierarchy (primary and secondary roles).
+    pub hierarchy: HierarchyConfig,
+}
+
+/// `[hierarchy]`: this server's place in a hierarchy of servers. With `upstream` set it is a
+/// secondary; with `listen` set it accepts secondaries (is a primary); both make a middle level.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HierarchyConfig {
+    /// The primary's hierarchy address, `https://HOST:PORT`. Unset: no primary.
+    pub upstream: Option<String>,
+    /// The name the primary's certificate must carry, when it differs from the host in
+    /// `upstream` (e.g. connecting by IP address).
+    pub upstream_name: Option<String>,
+    /// Address of the mutual-TLS listener that accepts secondaries (the product's port is
+    /// 13000). Unset: this server accepts none.
+    pub listen: Option<SocketAddr>,
+    /// This server's certificate (PEM), presented on both sides of a link. Its common name or
+    /// one of its DNS names must be `server.server_id`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The certificate authority (PEM) that peers' certificates must chain to.
+    pub tls_ca: Option<PathBuf>,
+    /// Events at or above this severity are forwarded to the primary. Default WARNING.
+    pub forward_min_severity: Severity,
+    /// Most events waiting in the outbox; beyond it the oldest are dropped (with an error in
+    /// the log; a warning is logged at 90 %). Default 1 000 000.
+    pub outbox_max_events: u64,
+    /// Events per relayed batch. Default 500.
+    pub batch_events: usize,
+    /// Batches sent ahead of the primary's acknowledgements. Default 8.
+    pub window_batches: usize,
+    /// Seconds between keepalive pings on a quiet link. Default 10.
+    pub keepalive_interval_secs: u64,
+    /// A link silent this many seconds is broken. Also how long after start-up a server waits
+    /// for its peers before reporting a link as broken. Default 30.
+    pub keepalive_timeout_secs: u64,
+    /// First wait before reconnecting, milliseconds; doubled per failure (with jitter).
+    /// Default 500.
+    pub backoff_initial_ms: u64,
+    /// Longest wait before reconnecting, milliseconds. Default 30 000.
+    pub backoff_max_ms: u64,
+    /// Apply the per-type settings the primary pushes down. Default false.
+    pub accept_settings: bool,
+}
+
+impl Default for HierarchyConfig {
+    fn default() -> Self {
+        HierarchyConfig {
+            upstream: None,
+            upstream_name: None,
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            forward_min_severity: Severity::Warning,
+            outbox_max_events: 1_000_000,
+            batch_events: 500,
+            window_batches: 8,
+            keepalive_interval_secs: 10,
+            keepalive_timeout_secs: 30,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            accept_settings: false,
+        }
+    }
 }
 
 /// `[licences]`
@@ -332,6 +399,33 @@ impl Config {
         }
         if self.server.server_id.is_empty() {
             return Err(ConfigError("server.server_id must not be empty".into()));
+        }
+        let h = &self.hierarchy;
+        if (h.upstream.is_some() || h.listen.is_some())
+            && (h.tls_cert.is_none() || h.tls_key.is_none() || h.tls_ca.is_none())
+        {
+            return Err(ConfigError(
+                "hierarchy links run over mutual TLS: set hierarchy.tls_cert, hierarchy.tls_key and hierarchy.tls_ca".into(),
+            ));
+        }
+        if let Some(u) = &h.upstream
+            && !u.starts_with("https://")
+        {
+            return Err(ConfigError(format!(
+                "hierarchy.upstream must be https://HOST:PORT, not {u:?}"
+            )));
+        }
+        if h.keepalive_timeout_secs <= h.keepalive_interval_secs {
+            return Err(ConfigError(
+                "hierarchy.keepalive_timeout_secs must be longer than keepalive_interval_secs"
+                    .into(),
+            ));
+        }
+        if h.batch_events == 0 || h.window_batches == 0 || h.outbox_max_events == 0 {
+            return Err(ConfigError(
+                "hierarchy.batch_events, window_batches and outbox_max_events must be at least 1"
+                    .into(),
+            ));
         }
         Ok(())
     }

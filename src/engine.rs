@@ -18,13 +18,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, SubscriberFilter, Subscription};
 use crate::catalog::{Catalog, CatalogError, EventType, NewEventType, SettingsChange, Severity};
-use crate::classify::{ClassifiedEvent, ClassifyError, IncomingEvent, Limits, Origin, classify};
+use crate::classify::{
+    ClassifiedEvent, ClassifyError, IncomingEvent, Limits, Origin, RelayedIncoming, classify,
+    classify_relayed,
+};
 use crate::clock::SharedClock;
 use crate::flood::{Block, FloodDetector, FloodError, FloodThresholds, FloodVerdict};
 use crate::store::{
     AppendOutcome, AppendTicket, EventQuery, EventStore, PageCursor, RetentionRules, StoreError,
-    StoreNotice, StoredEvent,
+    StoreNotice, StoredEvent, WriteTo,
 };
+
+/// Record kind (in the store's records) of the engine's own small state.
+const ENGINE_RECORD: &str = "engine";
+/// Record id of the catalog settings version.
+const SETTINGS_VERSION_RECORD: &str = "settings_version";
 
 /// Type string of the flood detector's event.
 pub const SPAM_EVENTS_DETECTED: &str = "KLSRV_EVENT_SPAM_EVENTS_DETECTED";
@@ -74,6 +82,8 @@ pub enum EngineError {
 pub struct Pending {
     event: Arc<ClassifiedEvent>,
     ticket: Option<AppendTicket>,
+    /// The event entered the hierarchy outbox (once committed).
+    forwarded: bool,
     /// An event that this one caused the server to raise (the flood report).
     raised: Option<Box<Pending>>,
 }
@@ -131,6 +141,14 @@ pub struct Engine {
     /// Serialises "snapshot the block table, save it", so an older snapshot never overwrites
     /// a newer one.
     blocks_saving: tokio::sync::Mutex<()>,
+    /// Events at or above this severity go to the hierarchy outbox; `None` when this server
+    /// has no primary.
+    forward_min: Option<Severity>,
+    /// Woken when events entered the outbox, so the uplink sends them promptly.
+    outbox_written: tokio::sync::Notify,
+    /// The catalog settings version: bumped by every persisted catalog change, so a primary
+    /// knows when to push settings down and a secondary can say which it runs.
+    settings_version: tokio::sync::watch::Sender<u64>,
 }
 
 /// What [`Engine::new`] needs.
@@ -151,6 +169,8 @@ pub struct EngineParts {
     pub server_id: String,
     /// The shutdown signal.
     pub shutdown: CancellationToken,
+    /// Forward events at or above this severity to the primary (`None`: no primary).
+    pub forward_min: Option<Severity>,
 }
 
 impl Engine {
@@ -169,7 +189,56 @@ impl Engine {
             last_event: dashmap::DashMap::with_hasher(rustc_hash::FxBuildHasher),
             blocks_changed: tokio::sync::Notify::new(),
             blocks_saving: tokio::sync::Mutex::new(()),
+            forward_min: p.forward_min,
+            outbox_written: tokio::sync::Notify::new(),
+            settings_version: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Loads the saved catalog settings version (call once at start-up, after the catalog
+    /// was restored).
+    pub async fn restore_settings_version(&self) -> Result<u64, EngineError> {
+        let saved = self.store.load_records(ENGINE_RECORD).await?;
+        let version = saved
+            .iter()
+            .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+            .filter(|v| v["id"] == SETTINGS_VERSION_RECORD)
+            .filter_map(|v| v["version"].as_u64())
+            .max()
+            .unwrap_or(0);
+        self.settings_version.send_replace(version);
+        Ok(version)
+    }
+
+    /// The catalog settings version now.
+    pub fn settings_version(&self) -> u64 {
+        *self.settings_version.borrow()
+    }
+
+    /// Watches the catalog settings version.
+    pub fn watch_settings_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.settings_version.subscribe()
+    }
+
+    /// Bumps and saves the settings version after a catalog change was persisted.
+    async fn bump_settings_version(&self) -> Result<(), EngineError> {
+        let next = self.settings_version() + 1;
+        let json = serde_json::json!({ "id": SETTINGS_VERSION_RECORD, "version": next });
+        self.store
+            .save_record(ENGINE_RECORD, SETTINGS_VERSION_RECORD, json.to_string())
+            .await?;
+        self.settings_version.send_replace(next);
+        Ok(())
+    }
+
+    /// Whether this server forwards to a primary.
+    pub fn forwards(&self) -> bool {
+        self.forward_min.is_some()
+    }
+
+    /// Waits until events entered the outbox since the last call.
+    pub async fn outbox_written(&self) {
+        self.outbox_written.notified().await
     }
 
     /// The catalog.
@@ -266,18 +335,36 @@ impl Engine {
         Ok(pending)
     }
 
-    /// Queues a classified event for the store if it is to be stored.
+    /// Queues a classified event for the store if it is to be stored, and for the hierarchy
+    /// outbox if it is to be forwarded (not blocked, at or above the forwarding severity).
     async fn queue(&self, event: Arc<ClassifiedEvent>) -> Result<Pending, EngineError> {
-        let ticket = if event.stored() {
-            Some(self.store.enqueue(event.clone()).await?)
+        let to = WriteTo {
+            events: event.stored(),
+            outbox: !event.blocked
+                && self
+                    .forward_min
+                    .is_some_and(|min| event.event_type.severity >= min),
+        };
+        let ticket = if to.events || to.outbox {
+            Some(self.store.enqueue(event.clone(), to).await?)
         } else {
             None
         };
         Ok(Pending {
             event,
             ticket,
+            forwarded: to.outbox,
             raised: None,
         })
+    }
+
+    /// Stage 1 for an event a secondary server relayed: classify it against this catalog and
+    /// queue it (no flood counting: the secondary counted it). A repeat of an event already
+    /// stored here settles as a duplicate.
+    pub async fn accept_relayed(&self, ev: RelayedIncoming) -> Result<Pending, EngineError> {
+        let now = self.clock.now();
+        let event = classify_relayed(&self.catalog, &self.limits, ev, now)?;
+        self.queue(Arc::new(event)).await
     }
 
     /// Stage 2: waits for the commit of a pending event (and of any event it raised), then
@@ -293,6 +380,9 @@ impl Engine {
             Some(t) => t.committed().await? == AppendOutcome::Inserted,
             None => !pending.event.blocked,
         };
+        if publish && pending.forwarded {
+            self.outbox_written.notify_one();
+        }
         if publish {
             self.bus.publish(&pending.event);
         }
@@ -330,6 +420,7 @@ impl Engine {
             params,
             origin: Origin::Server,
             blocked: false,
+            relay: None,
         });
         self.queue(event).await
     }
@@ -393,6 +484,7 @@ impl Engine {
         let t = self.catalog.prepare_register(new)?;
         self.store.save_event_type(t.clone()).await?;
         self.catalog.put(t.clone());
+        self.bump_settings_version().await?;
         tracing::info!(event_type = %t.name, id = ?t.id, severity = ?t.severity, "event type registered");
         Ok(self.catalog.by_name(&t.name).unwrap_or_else(|| Arc::new(t)))
     }
@@ -407,6 +499,7 @@ impl Engine {
         let t = self.catalog.prepare_settings_change(name, &change)?;
         self.store.save_event_type(t.clone()).await?;
         self.catalog.put(t.clone());
+        self.bump_settings_version().await?;
         tracing::info!(event_type = %t.name, settings = ?t.settings, "event type settings changed");
         Ok(self.catalog.by_name(&t.name).unwrap_or_else(|| Arc::new(t)))
     }
@@ -492,6 +585,8 @@ impl Engine {
     /// Turns the store's notices into the truncation events (delivered live, not stored).
     pub async fn report_store_notice(&self, notice: StoreNotice) {
         let (ty, params) = match notice {
+            // The writer logged these; the uplink status shows the backlog.
+            StoreNotice::OutboxLevel { .. } | StoreNotice::OutboxOverflow { .. } => return,
             StoreNotice::TruncationStarted {
                 count,
                 cap,

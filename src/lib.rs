@@ -15,6 +15,8 @@
 //! - [`devices`]: the device registry (heartbeats, identity conflicts, status, inactivity).
 //! - [`detectors`]: parts that raise catalog events from what they observe (push results,
 //!   capacity).
+//! - [`hierarchy`]: the server hierarchy's rules: the primary's registry of secondaries, the
+//!   secondary's link state, the two disconnection events, settings pushed down.
 //! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
 //! - [`config`]: the `Config` struct, from TOML, environment and flags.
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
@@ -31,5 +33,6 @@ pub mod detectors;
 pub mod devices;
 pub mod engine;
 pub mod flood;
+pub mod hierarchy;
 pub mod server;
 pub mod store;

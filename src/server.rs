@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -34,7 +35,12 @@ use crate::api::proto::event_service_server::EventServiceServer;
 use crate::api::proto::licence_service_server::LicenceServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
 use crate::api::proto::update_service_server::UpdateServiceServer;
+use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
+use crate::api::proto::hierarchy_service_server::HierarchyServiceServer;
 use crate::api::push::PushApi;
+use crate::api::uplink::UplinkSettings;
+use crate::hierarchy::secondaries::Secondaries;
+use crate::hierarchy::uplink::Uplink;
 use crate::api::updates::UpdateApi;
 use crate::api::{proto, status};
 use crate::catalog::Catalog;
@@ -70,11 +76,56 @@ pub enum ServerError {
     /// Reflection could not be set up from the descriptors.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The hierarchy's certificates could not be loaded.
+    #[error("hierarchy TLS: {0}")]
+    Tls(String),
+}
+
+/// The certificates of the hierarchy links, read once at start-up.
+struct HierarchyTls {
+    identity: Identity,
+    ca: Certificate,
+}
+
+impl HierarchyTls {
+    /// Reads the configured files; `None` when this server takes no part in a hierarchy.
+    fn load(h: &crate::config::HierarchyConfig) -> Result<Option<Self>, ServerError> {
+        if h.upstream.is_none() && h.listen.is_none() {
+            return Ok(None);
+        }
+        let read = |what: &str, p: &Option<std::path::PathBuf>| {
+            let p = p
+                .as_ref()
+                .ok_or_else(|| ServerError::Tls(format!("hierarchy.{what} is not set")))?;
+            std::fs::read(p).map_err(|e| ServerError::Tls(format!("{what} {}: {e}", p.display())))
+        };
+        let cert = read("tls_cert", &h.tls_cert)?;
+        let key = read("tls_key", &h.tls_key)?;
+        let ca = read("tls_ca", &h.tls_ca)?;
+        for (what, pem, marker) in [
+            ("tls_cert", &cert, "CERTIFICATE"),
+            ("tls_key", &key, "PRIVATE KEY"),
+            ("tls_ca", &ca, "CERTIFICATE"),
+        ] {
+            if !String::from_utf8_lossy(pem).contains(marker) {
+                return Err(ServerError::Tls(format!(
+                    "hierarchy.{what} holds no PEM {marker}"
+                )));
+            }
+        }
+        Ok(Some(HierarchyTls {
+            identity: Identity::from_pem(cert, key),
+            ca: Certificate::from_pem(ca),
+        }))
+    }
 }
 
 /// A started server.
 pub struct RunningServer {
     addr: SocketAddr,
+    /// The mutual-TLS listener for secondaries, if any.
+    hierarchy_addr: Option<SocketAddr>,
+    hierarchy_serve: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     engine: Arc<Engine>,
     /// Flushed at shutdown: its batched state is saved before the store closes.
     devices: Arc<DeviceRegistry>,
@@ -94,6 +145,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         queue_capacity: config.store.queue_capacity,
         durability: config.store.durability,
         cache_mib: config.store.cache_mib,
+        outbox_max_events: config.hierarchy.outbox_max_events,
     })?;
     let store: Arc<dyn EventStore> = Arc::new(store);
     let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
@@ -111,7 +163,14 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         subscriber_buffer: config.subscribe.buffer,
         server_id: config.server.server_id.clone(),
         shutdown: shutdown.clone(),
+        forward_min: config
+            .hierarchy
+            .upstream
+            .is_some()
+            .then_some(config.hierarchy.forward_min_severity),
     });
+    engine.restore_settings_version().await?;
+    let tls = HierarchyTls::load(&config.hierarchy)?;
     // Events that expired while the server was down go before it serves.
     let expired = engine.sweep_retention().await?;
     if expired > 0 {
@@ -162,6 +221,94 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     background.push(capacity.spawn(Duration::from_secs(
         config.capacity.check_interval_secs.max(1),
     )));
+
+    let h = &config.hierarchy;
+    let keepalive_timeout = Duration::from_secs(h.keepalive_timeout_secs.max(1));
+    let secondaries = Arc::new(Secondaries::load(engine.clone()).await?);
+    let uplink = match (&h.upstream, &tls) {
+        (Some(upstream), Some(tls)) => {
+            let uplink =
+                Arc::new(Uplink::load(engine.clone(), upstream.clone(), keepalive_timeout).await?);
+            let mut client_tls = ClientTlsConfig::new()
+                .ca_certificate(tls.ca.clone())
+                .identity(tls.identity.clone());
+            if let Some(name) = &h.upstream_name {
+                client_tls = client_tls.domain_name(name.clone());
+            }
+            background.push(crate::api::uplink::spawn(
+                engine.clone(),
+                uplink.clone(),
+                UplinkSettings {
+                    upstream: upstream.clone(),
+                    tls: client_tls,
+                    batch_events: h.batch_events,
+                    window_batches: h.window_batches,
+                    keepalive_interval: Duration::from_secs(h.keepalive_interval_secs.max(1)),
+                    keepalive_timeout,
+                    backoff_initial: Duration::from_millis(h.backoff_initial_ms.max(1)),
+                    backoff_max: Duration::from_millis(h.backoff_max_ms.max(1)),
+                    accept_settings: h.accept_settings,
+                    max_message_bytes: config.server.max_message_bytes.max(64 * 1024 * 1024),
+                },
+            ));
+            Some(uplink)
+        }
+        _ => None,
+    };
+    let hierarchy_api = |relay_allowed: bool| {
+        HierarchyServiceServer::new(HierarchyApi::new(HierarchyApiParts {
+            engine: engine.clone(),
+            secondaries: secondaries.clone(),
+            uplink: uplink.clone(),
+            relay_allowed,
+            keepalive_timeout,
+            outbox_max_events: h.outbox_max_events,
+        }))
+        .max_decoding_message_size(config.server.max_message_bytes.max(64 * 1024 * 1024))
+        .accept_compressed(CompressionEncoding::Gzip)
+    };
+    let mut hierarchy_addr = None;
+    let mut hierarchy_serve = None;
+    if let (Some(listen), Some(tls)) = (h.listen, &tls) {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: listen,
+                source,
+            })?;
+        // Secondaries that were linked when this server stopped get one keepalive timeout to
+        // come back before their links count as broken.
+        background.push(secondaries.spawn_grace(keepalive_timeout));
+        let (_, hierarchy_health) = tonic_health::server::health_reporter();
+        let router = tonic::transport::Server::builder()
+            .tls_config(
+                ServerTlsConfig::new()
+                    .identity(tls.identity.clone())
+                    .client_ca_root(tls.ca.clone()),
+            )
+            .map_err(|e| ServerError::Tls(format!("hierarchy listener: {e}")))?
+            .http2_keepalive_interval(Some(Duration::from_secs(h.keepalive_interval_secs.max(1))))
+            .http2_keepalive_timeout(Some(keepalive_timeout))
+            .add_service(hierarchy_health)
+            .add_service(hierarchy_api(true));
+        let signal = shutdown.clone();
+        hierarchy_serve = Some(tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    signal.cancelled_owned(),
+                )
+                .await
+        }));
+        hierarchy_addr = Some(bound);
+        tracing::info!(addr = %bound, "accepting secondary servers (mutual TLS)");
+    }
 
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -245,7 +392,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .add_service(capacity_api)
         .add_service(updates_api)
         .add_service(certificates_api)
-        .add_service(licences_api);
+        .add_service(licences_api)
+        .add_service(hierarchy_api(false));
     let serve = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())
@@ -254,6 +402,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     tracing::info!(%addr, "fleet-events serving");
     Ok(RunningServer {
         addr,
+        hierarchy_addr,
+        hierarchy_serve,
         engine,
         devices,
         shutdown,
@@ -268,6 +418,11 @@ impl RunningServer {
     /// The address the server listens on (the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the hierarchy listener (secondaries connect here), if it has one.
+    pub fn hierarchy_addr(&self) -> Option<SocketAddr> {
+        self.hierarchy_addr
     }
 
     /// The engine, for in-process tests and embedding.
@@ -290,6 +445,13 @@ impl RunningServer {
             Err(_) => {
                 tracing::warn!(grace = ?self.grace, "open calls did not finish in time; closing them");
                 serve.abort();
+            }
+        }
+        if let Some(h) = self.hierarchy_serve {
+            match tokio::time::timeout(self.grace, h).await {
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "hierarchy listener ended with an error"),
+                Err(_) => tracing::warn!("relay streams did not finish in time"),
+                _ => {}
             }
         }
         if let Err(e) = self.devices.flush().await {

@@ -5,11 +5,12 @@ use tonic::Status;
 
 use super::proto;
 use super::status::bad_field;
-use crate::catalog::{EventType, FloodOverride, Severity};
-use crate::classify::{ClassifiedEvent, IncomingEvent, Origin};
+use crate::catalog::{EventType, FloodOverride, Severity, TypeSettings};
+use crate::classify::{ClassifiedEvent, IncomingEvent, Origin, RelayTag, RelayedIncoming};
 use crate::clock::Timestamp;
 use crate::engine::QueriedEvent;
 use crate::flood::{Block, BlockState};
+use crate::store::OutboxEntry;
 
 /// Wire timestamp to domain, naming `field` when it is malformed.
 pub fn timestamp(t: Option<PbTimestamp>, field: &str) -> Result<Option<Timestamp>, Status> {
@@ -58,6 +59,7 @@ fn pb_origin(o: Origin) -> i32 {
     let o = match o {
         Origin::Client => proto::Origin::Client,
         Origin::Server => proto::Origin::Server,
+        Origin::Relayed => proto::Origin::Relayed,
     };
     o as i32
 }
@@ -92,6 +94,12 @@ pub fn answer(c: &ClassifiedEvent) -> proto::Classification {
         occurred_at: Some(pb_timestamp(c.occurred_at)),
         received_at: Some(pb_timestamp(c.received_at)),
         origin: pb_origin(c.origin),
+        origin_server_id: c
+            .relay
+            .as_ref()
+            .map(|r| r.origin_server.clone())
+            .unwrap_or_default(),
+        server_chain: c.relay.as_ref().map(|r| r.chain.clone()).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -129,7 +137,93 @@ pub fn queried(q: QueriedEvent) -> proto::Classification {
         params: s.params,
         origin: pb_origin(s.origin),
         missed_before: 0,
+        origin_server_id: s.origin_server,
+        server_chain: s.server_chain,
     }
+}
+
+/// An outbox entry as this server relays it to its primary: the origin is this server for
+/// events it received itself, and this server joins the chain.
+pub fn relayed(entry: OutboxEntry, own_id: &str) -> proto::RelayedEvent {
+    let s = entry.event;
+    let (origin_server_id, mut server_chain) = if s.origin_server.is_empty() {
+        (own_id.to_owned(), Vec::new())
+    } else {
+        (s.origin_server, s.server_chain)
+    };
+    server_chain.push(own_id.to_owned());
+    proto::RelayedEvent {
+        position: entry.position,
+        origin_server_id,
+        server_chain,
+        event: Some(proto::Classification {
+            event_id: s.event_id,
+            device_id: s.device_id,
+            display_name: s.event_type.clone(),
+            event_type: s.event_type,
+            event_type_id: s.event_type_id.unwrap_or(0),
+            severity: pb_severity(s.severity),
+            known: s.known,
+            occurred_at: Some(pb_timestamp(s.occurred_at)),
+            received_at: Some(pb_timestamp(s.received_at)),
+            application: s.application,
+            params: s.params,
+            origin: pb_origin(s.origin),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A relayed wire event, checked for the fields the receiving server needs.
+pub fn relayed_incoming(r: proto::RelayedEvent) -> Result<RelayedIncoming, Status> {
+    let e = r
+        .event
+        .ok_or_else(|| bad_field("batch.events.event", "must be set"))?;
+    let occurred_at = timestamp(e.occurred_at, "batch.events.event.occurred_at")?
+        .ok_or_else(|| bad_field("batch.events.event.occurred_at", "must be set"))?;
+    let severity = severity(e.severity, "batch.events.event.severity")?
+        .ok_or_else(|| bad_field("batch.events.event.severity", "must be set"))?;
+    if r.server_chain.is_empty() {
+        return Err(bad_field("batch.events.server_chain", "must not be empty"));
+    }
+    Ok(RelayedIncoming {
+        event_id: e.event_id,
+        device_id: e.device_id,
+        event_type: e.event_type,
+        event_type_id: e.event_type_id,
+        severity,
+        occurred_at,
+        application: e.application,
+        params: e.params,
+        relay: RelayTag {
+            origin_server: r.origin_server_id,
+            chain: r.server_chain,
+        },
+    })
+}
+
+/// A wire catalog entry (settings pushed down by a primary) as a domain entry.
+pub fn event_type_from_pb(t: proto::EventType) -> Result<EventType, Status> {
+    let severity = severity(t.severity, "settings.event_types.severity")?
+        .ok_or_else(|| bad_field("settings.event_types.severity", "must be set"))?;
+    Ok(EventType {
+        name: t.event_type,
+        id: (t.event_type_id != 0).then_some(t.event_type_id),
+        severity,
+        display_name: t.display_name,
+        display_name_ja: t.display_name_ja,
+        description: t.description,
+        recommended_response: t.recommended_response,
+        settings: TypeSettings {
+            store: t.store,
+            retention_days: t.retention_days,
+            notify: t.notify,
+            flood: t.flood.and_then(flood_change),
+        },
+        builtin: t.builtin,
+        application: t.application,
+        known: true,
+    })
 }
 
 /// A catalog entry.

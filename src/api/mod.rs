@@ -8,10 +8,12 @@ pub mod certificates;
 pub mod convert;
 pub mod devices;
 pub mod events;
+pub mod hierarchy;
 pub mod licences;
 pub mod push;
 pub mod status;
 pub mod updates;
+pub mod uplink;
 
 /// The generated protobuf and tonic code of `proto/fleetevents/v1/fleetevents.proto`.
 pub mod proto {

@@ -7,7 +7,10 @@
 //! - `(device_id, event_id)` is stored once; a repeat resolves as [`AppendOutcome::Duplicate`];
 //! - the number of stored events never stays above the cap: the writer deletes the oldest and
 //!   reports it through [`StoreNotice`]s, and no incoming event is refused while it trims;
-//! - retention deletes per type, by the time the server received the event.
+//! - retention deletes per type, by the time the server received the event;
+//! - an event bound for the hierarchy outbox enters it in the transaction that stores it, so a
+//!   committed event is never missing from the outbox; the outbox keeps at most its limit,
+//!   dropping its oldest entries (reported) rather than refusing ingest.
 
 pub mod sqlite;
 
@@ -70,6 +73,29 @@ pub struct StoredEvent {
     pub application: String,
     /// Details.
     pub params: HashMap<String, String>,
+    /// For relayed events: the server where it entered the hierarchy; empty otherwise.
+    pub origin_server: String,
+    /// For relayed events: the servers it passed through, origin first; empty otherwise.
+    pub server_chain: Vec<String>,
+}
+
+/// Where an appended event is written, in one transaction.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct WriteTo {
+    /// Into the events table (de-duplicated by identity).
+    pub events: bool,
+    /// Into the hierarchy outbox, for relay to the primary. When `events` is also set, only
+    /// an event that is not a duplicate enters the outbox.
+    pub outbox: bool,
+}
+
+/// One event waiting in the hierarchy outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Its position: strictly increasing, never reused.
+    pub position: u64,
+    /// The event (its `seq` is meaningless here).
+    pub event: StoredEvent,
 }
 
 /// A filter and a page position over stored events.
@@ -138,6 +164,22 @@ pub struct RetentionRules {
 /// What the store tells the rest of the server about its own work.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreNotice {
+    /// The hierarchy outbox crossed its warning level (`near_full` true) or went back below it.
+    OutboxLevel {
+        /// Events waiting.
+        len: u64,
+        /// The outbox limit.
+        max: u64,
+        /// Above the warning level.
+        near_full: bool,
+    },
+    /// The hierarchy outbox was full: its oldest events were dropped to make room.
+    OutboxOverflow {
+        /// How many were dropped.
+        dropped: u64,
+        /// The outbox limit.
+        max: u64,
+    },
     /// The cap was exceeded and deletion of the oldest events begins.
     TruncationStarted {
         /// Events stored when it began.
@@ -180,7 +222,21 @@ pub enum StoreError {
 pub trait EventStore: Send + Sync + 'static {
     /// Queues one event for the next group commit. Waits only while the write queue is full
     /// (that wait is the ingest path's backpressure).
-    async fn enqueue(&self, event: Arc<ClassifiedEvent>) -> Result<AppendTicket, StoreError>;
+    async fn enqueue(
+        &self,
+        event: Arc<ClassifiedEvent>,
+        to: WriteTo,
+    ) -> Result<AppendTicket, StoreError>;
+
+    /// Up to `limit` outbox entries after position `after`, in position order.
+    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
+
+    /// Deletes the outbox entries at or below `upto` (the primary acknowledged them); returns
+    /// how many were deleted.
+    async fn ack_outbox(&self, upto: u64) -> Result<u64, StoreError>;
+
+    /// How many events wait in the outbox.
+    fn outbox_len(&self) -> u64;
 
     /// One page of stored events matching `query`.
     async fn query(&self, query: EventQuery) -> Result<EventPage, StoreError>;

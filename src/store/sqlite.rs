@@ -19,6 +19,7 @@
 //! detector's block table; `records` holds the detectors' registries (updates, ...) as JSON. `PRAGMA user_version` is the schema version.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -27,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AppendOutcome, AppendTicket, EventPage, EventQuery, EventStore, PageCursor, RetentionRules,
-    StoreError, StoreNotice, StoredEvent,
+    AppendOutcome, AppendTicket, EventPage, EventQuery, EventStore, OutboxEntry, PageCursor,
+    RetentionRules, StoreError, StoreNotice, StoredEvent, WriteTo,
 };
 use crate::catalog::{EventType, Severity};
 use crate::classify::{ClassifiedEvent, Origin};
@@ -61,12 +62,14 @@ pub struct SqliteOptions {
     pub durability: Durability,
     /// SQLite page cache of the writer, MiB. The indexes of a full store should fit.
     pub cache_mib: u32,
+    /// Most events kept in the hierarchy outbox; beyond it the oldest are dropped.
+    pub outbox_max_events: u64,
 }
 
 /// The file name of the event database inside the data directory.
 pub const DB_FILE: &str = "events.sqlite3";
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // version 1
@@ -112,18 +115,45 @@ const MIGRATIONS: &[&str] = &[
         json TEXT NOT NULL,
         PRIMARY KEY (kind, id)
      );",
+    // version 5: the server hierarchy: where a relayed event entered it, and the outbox of
+    // events waiting for the primary (AUTOINCREMENT: a position is never reused)
+    "ALTER TABLE events ADD COLUMN origin_server TEXT NOT NULL DEFAULT '';
+     ALTER TABLE events ADD COLUMN server_chain TEXT NOT NULL DEFAULT '';
+     CREATE TABLE outbox (
+        pos INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        event_type_id INTEGER,
+        severity INTEGER NOT NULL,
+        known INTEGER NOT NULL,
+        origin INTEGER NOT NULL,
+        occurred_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        application TEXT NOT NULL,
+        params TEXT NOT NULL,
+        origin_server TEXT NOT NULL,
+        server_chain TEXT NOT NULL
+     );",
 ];
 
-/// An event waiting for the next group commit, with the sender that resolves its ticket.
+/// An event waiting for the next group commit, where it goes, and the sender that resolves
+/// its ticket.
 type QueuedAppend = (
     Arc<ClassifiedEvent>,
+    WriteTo,
     oneshot::Sender<Result<AppendOutcome, StoreError>>,
 );
 
 enum Command {
     Append {
         event: Arc<ClassifiedEvent>,
+        to: WriteTo,
         done: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+    },
+    AckOutbox {
+        upto: u64,
+        done: oneshot::Sender<Result<u64, StoreError>>,
     },
     Sweep {
         now: Timestamp,
@@ -158,6 +188,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Joined on shutdown.
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Events in the outbox, kept by the writer.
+    outbox_len: Arc<AtomicU64>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -236,6 +268,8 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         migrate(&mut conn)?;
         let count: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+        let outbox: i64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+        let outbox_len = Arc::new(AtomicU64::new(outbox as u64));
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
         let dedupe = DedupeKeys::load(&conn)?;
@@ -246,7 +280,11 @@ impl SqliteStore {
             max_events: opts.max_events,
             batch_max: opts.batch_max.max(1),
             notices: notice_tx,
+            outbox_len: outbox_len.clone(),
+            outbox_max: opts.outbox_max_events.max(1),
+            outbox_near_full: false,
         };
+        writer.note_outbox_level();
         // Enforce a lowered cap at start-up.
         writer.enforce_cap()?;
         let handle = thread::Builder::new()
@@ -259,6 +297,7 @@ impl SqliteStore {
                 readers: Arc::new(Mutex::new(Vec::new())),
                 path: opts.path,
                 writer: Mutex::new(Some(handle)),
+                outbox_len,
             },
             notice_rx,
         ))
@@ -298,10 +337,29 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl EventStore for SqliteStore {
-    async fn enqueue(&self, event: Arc<ClassifiedEvent>) -> Result<AppendTicket, StoreError> {
+    async fn enqueue(
+        &self,
+        event: Arc<ClassifiedEvent>,
+        to: WriteTo,
+    ) -> Result<AppendTicket, StoreError> {
         let (done, rx) = oneshot::channel();
-        self.send(Command::Append { event, done }).await?;
+        self.send(Command::Append { event, to, done }).await?;
         Ok(AppendTicket(rx))
+    }
+
+    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(move |conn| read_outbox(conn, after, limit)).await
+    }
+
+    async fn ack_outbox(&self, upto: u64) -> Result<u64, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::AckOutbox { upto, done }).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("writer stopped".into())))
+    }
+
+    fn outbox_len(&self) -> u64 {
+        self.outbox_len.load(Ordering::Relaxed)
     }
 
     async fn query(&self, q: EventQuery) -> Result<EventPage, StoreError> {
@@ -463,7 +521,7 @@ impl DedupeKeys {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
         for (seq, device, event) in missing {
-            let (hi, lo) = split(keys.hash(&device, &event));
+            let (hi, lo) = split(keys.hash("", &device, &event));
             conn.execute(
                 "UPDATE events SET dedupe_hi = ?1, dedupe_lo = ?2 WHERE seq = ?3",
                 params![hi, lo, seq],
@@ -477,9 +535,14 @@ impl DedupeKeys {
         Ok(keys)
     }
 
-    fn hash(&self, device_id: &str, event_id: &str) -> u128 {
+    /// The identity hash of (origin server, device, event id). Events this server received
+    /// itself have an empty origin, which is left out, so their hashes are those of schema v3.
+    fn hash(&self, origin_server: &str, device_id: &str, event_id: &str) -> u128 {
         use std::hash::Hash;
         let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.key.0, self.key.1);
+        if !origin_server.is_empty() {
+            origin_server.hash(&mut h);
+        }
         device_id.hash(&mut h);
         event_id.hash(&mut h);
         siphasher::sip128::Hasher128::finish128(&h).as_u128()
@@ -504,6 +567,12 @@ struct Writer {
     max_events: u64,
     batch_max: usize,
     notices: mpsc::UnboundedSender<StoreNotice>,
+    /// Events in the outbox (shared with [`SqliteStore::outbox_len`]).
+    outbox_len: Arc<AtomicU64>,
+    /// The outbox limit.
+    outbox_max: u64,
+    /// Whether the outbox is above its warning level (reported once per crossing).
+    outbox_near_full: bool,
 }
 
 impl Writer {
@@ -543,7 +612,7 @@ impl Writer {
         let mut appends = Vec::new();
         for cmd in batch.drain(..) {
             match cmd {
-                Command::Append { event, done } => appends.push((event, done)),
+                Command::Append { event, to, done } => appends.push((event, to, done)),
                 other => {
                     self.commit_appends(&mut appends);
                     match other {
@@ -566,6 +635,9 @@ impl Writer {
                         } => {
                             let _ = done.send(self.save_records(&kind, &records));
                         }
+                        Command::AckOutbox { upto, done } => {
+                            let _ = done.send(self.ack_outbox(upto));
+                        }
                         Command::Shutdown => stop = true,
                         Command::Append { .. } => unreachable!(),
                     }
@@ -582,7 +654,7 @@ impl Writer {
         }
         match self.insert_all(appends) {
             Ok(outcomes) => {
-                for ((_, done), outcome) in appends.drain(..).zip(outcomes) {
+                for ((_, _, done), outcome) in appends.drain(..).zip(outcomes) {
                     let _ = done.send(Ok(outcome));
                 }
             }
@@ -590,7 +662,7 @@ impl Writer {
                 tracing::error!(error = %e, events = appends.len(), "group commit failed");
                 let msg = e.to_string();
                 let full = matches!(e, StoreError::Full(_));
-                for (_, done) in appends.drain(..) {
+                for (_, _, done) in appends.drain(..) {
                     let err = if full {
                         StoreError::Full(msg.clone())
                     } else {
@@ -607,8 +679,25 @@ impl Writer {
         let mut added: Vec<u128> = Vec::with_capacity(appends.len());
         let result = self.insert_new(appends, &mut outcomes, &mut added);
         match result {
-            Ok(trimmed) => {
+            Ok((trimmed, outbox_added, outbox_dropped)) => {
                 self.count += added.len() as u64;
+                if outbox_added > 0 || outbox_dropped > 0 {
+                    let len = self.outbox_len.load(Ordering::Relaxed) + outbox_added
+                        - outbox_dropped;
+                    self.outbox_len.store(len, Ordering::Relaxed);
+                    if outbox_dropped > 0 {
+                        tracing::error!(
+                            dropped = outbox_dropped,
+                            max = self.outbox_max,
+                            "hierarchy outbox full: its oldest events were dropped and will never reach the primary"
+                        );
+                        let _ = self.notices.send(StoreNotice::OutboxOverflow {
+                            dropped: outbox_dropped,
+                            max: self.outbox_max,
+                        });
+                    }
+                    self.note_outbox_level();
+                }
                 if let Some((cap, deleted_keys)) = trimmed {
                     for k in &deleted_keys {
                         self.dedupe.stored.remove(k);
@@ -642,53 +731,109 @@ impl Writer {
     /// Inserts, in one transaction, the events whose identity is not stored yet; when they take
     /// the count over the cap, the same transaction deletes the oldest down to 99 % of it, so
     /// the store is never seen above its cap and nothing is acknowledged before the trim.
-    /// Returns the cap and the identities deleted, if it trimmed.
+    /// Events bound for the outbox enter it in the same transaction; when that takes it over
+    /// its limit, its oldest entries are dropped.
+    /// Returns the cap and the identities deleted if it trimmed, and the outbox entries added
+    /// and dropped.
+    #[allow(clippy::type_complexity)]
     fn insert_new(
         &mut self,
         appends: &[QueuedAppend],
         outcomes: &mut Vec<AppendOutcome>,
         added: &mut Vec<u128>,
-    ) -> Result<Option<(u64, Vec<u128>)>, StoreError> {
+    ) -> Result<(Option<(u64, Vec<u128>)>, u64, u64), StoreError> {
         let tx = self.conn.transaction()?;
+        let mut outbox_added = 0u64;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO events (event_id, device_id, event_type, event_type_id, severity,
                      known, origin, occurred_at, received_at, application, params,
-                     dedupe_hi, dedupe_lo)
+                     dedupe_hi, dedupe_lo, origin_server, server_chain)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            let mut outbox = tx.prepare_cached(
+                "INSERT INTO outbox (event_id, device_id, event_type, event_type_id, severity,
+                     known, origin, occurred_at, received_at, application, params,
+                     origin_server, server_chain)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
-            for (ev, _) in appends {
-                let key = self.dedupe.hash(&ev.device_id, &ev.event_id);
-                if !self.dedupe.stored.insert(key) {
-                    outcomes.push(AppendOutcome::Duplicate);
-                    continue;
-                }
-                added.push(key);
+            for (ev, to, _) in appends {
+                let origin_server = ev.relay.as_ref().map_or("", |r| r.origin_server.as_str());
+                let key = if to.events {
+                    let key = self
+                        .dedupe
+                        .hash(origin_server, &ev.device_id, &ev.event_id);
+                    if !self.dedupe.stored.insert(key) {
+                        outcomes.push(AppendOutcome::Duplicate);
+                        continue;
+                    }
+                    added.push(key);
+                    Some(key)
+                } else {
+                    None
+                };
                 let params_json = if ev.params.is_empty() {
                     String::from("{}")
                 } else {
                     serde_json::to_string(&ev.params)
                         .map_err(|e| StoreError::Backend(e.to_string()))?
                 };
-                let (hi, lo) = split(key);
-                stmt.execute(params![
-                    ev.event_id,
-                    ev.device_id,
-                    ev.event_type.name,
-                    ev.event_type.id,
-                    ev.event_type.severity as i64,
-                    ev.event_type.known,
-                    origin_number(ev.origin),
-                    ev.occurred_at.0,
-                    ev.received_at.0,
-                    ev.application,
-                    params_json,
-                    hi,
-                    lo,
-                ])?;
+                let chain_json = match &ev.relay {
+                    Some(r) => serde_json::to_string(&r.chain)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?,
+                    None => String::new(),
+                };
+                if let Some(key) = key {
+                    let (hi, lo) = split(key);
+                    stmt.execute(params![
+                        ev.event_id,
+                        ev.device_id,
+                        ev.event_type.name,
+                        ev.event_type.id,
+                        ev.event_type.severity as i64,
+                        ev.event_type.known,
+                        origin_number(ev.origin),
+                        ev.occurred_at.0,
+                        ev.received_at.0,
+                        ev.application,
+                        params_json,
+                        hi,
+                        lo,
+                        origin_server,
+                        chain_json,
+                    ])?;
+                }
+                if to.outbox {
+                    outbox.execute(params![
+                        ev.event_id,
+                        ev.device_id,
+                        ev.event_type.name,
+                        ev.event_type.id,
+                        ev.event_type.severity as i64,
+                        ev.event_type.known,
+                        origin_number(ev.origin),
+                        ev.occurred_at.0,
+                        ev.received_at.0,
+                        ev.application,
+                        params_json,
+                        origin_server,
+                        chain_json,
+                    ])?;
+                    outbox_added += 1;
+                }
                 outcomes.push(AppendOutcome::Inserted);
             }
         }
+        let outbox_len = self.outbox_len.load(Ordering::Relaxed) + outbox_added;
+        let outbox_dropped = if outbox_len > self.outbox_max {
+            let excess = outbox_len - self.outbox_max;
+            tx.execute(
+                "DELETE FROM outbox WHERE pos IN (SELECT pos FROM outbox ORDER BY pos LIMIT ?1)",
+                [excess as i64],
+            )? as u64
+        } else {
+            0
+        };
         let count = self.count + added.len() as u64;
         let trimmed = if count > self.max_events {
             let to_delete = count - cap_target(self.max_events);
@@ -702,7 +847,44 @@ impl Writer {
             None
         };
         tx.commit()?;
-        Ok(trimmed)
+        Ok((trimmed, outbox_added, outbox_dropped))
+    }
+
+    /// Deletes the outbox entries the primary acknowledged.
+    fn ack_outbox(&mut self, upto: u64) -> Result<u64, StoreError> {
+        let deleted = self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE pos <= ?1")?
+            .execute([upto.min(i64::MAX as u64) as i64])? as u64;
+        if deleted > 0 {
+            let len = self.outbox_len.load(Ordering::Relaxed).saturating_sub(deleted);
+            self.outbox_len.store(len, Ordering::Relaxed);
+            self.note_outbox_level();
+        }
+        Ok(deleted)
+    }
+
+    /// Reports the outbox crossing its warning level (90 % of its limit), once per crossing.
+    fn note_outbox_level(&mut self) {
+        let len = self.outbox_len.load(Ordering::Relaxed);
+        let near_full = len.saturating_mul(10) >= self.outbox_max.saturating_mul(9);
+        if near_full != self.outbox_near_full {
+            self.outbox_near_full = near_full;
+            if near_full {
+                tracing::warn!(
+                    len,
+                    max = self.outbox_max,
+                    "hierarchy outbox is over 90 % full: the primary has not acknowledged events for a while; when it is full the oldest events are dropped"
+                );
+            } else {
+                tracing::info!(len, max = self.outbox_max, "hierarchy outbox back below 90 %");
+            }
+            let _ = self.notices.send(StoreNotice::OutboxLevel {
+                len,
+                max: self.outbox_max,
+                near_full,
+            });
+        }
     }
 
     /// Deletes the oldest events when the count is over the cap (at start-up, after the cap
@@ -870,13 +1052,70 @@ fn origin_number(o: Origin) -> i64 {
     match o {
         Origin::Client => 1,
         Origin::Server => 2,
+        Origin::Relayed => 3,
     }
+}
+
+fn origin_from_number(n: i64) -> Origin {
+    match n {
+        2 => Origin::Server,
+        3 => Origin::Relayed,
+        _ => Origin::Client,
+    }
+}
+
+/// Reads the columns shared by `events` and `outbox`, starting at column 1 (column 0 is the
+/// position), into a [`StoredEvent`].
+fn stored_event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let params: String = r.get(11)?;
+    let chain: String = r.get(13)?;
+    Ok(StoredEvent {
+        seq: r.get(0)?,
+        event_id: r.get(1)?,
+        device_id: r.get(2)?,
+        event_type: r.get(3)?,
+        event_type_id: r.get(4)?,
+        severity: Severity::from_number(r.get(5)?).unwrap_or(Severity::Info),
+        known: r.get(6)?,
+        origin: origin_from_number(r.get(7)?),
+        occurred_at: Timestamp(r.get(8)?),
+        received_at: Timestamp(r.get(9)?),
+        application: r.get(10)?,
+        params: serde_json::from_str(&params).unwrap_or_default(),
+        origin_server: r.get(12)?,
+        server_chain: if chain.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_str(&chain).unwrap_or_default()
+        },
+    })
+}
+
+fn read_outbox(conn: &Connection, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT pos, event_id, device_id, event_type, event_type_id, severity, known, origin,
+                occurred_at, received_at, application, params, origin_server, server_chain
+         FROM outbox WHERE pos > ?1 ORDER BY pos LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        params![after.min(i64::MAX as u64) as i64, limit as i64],
+        stored_event_from_row,
+    )?;
+    let mut out = Vec::with_capacity(limit.min(4096));
+    for row in rows {
+        let event = row?;
+        out.push(OutboxEntry {
+            position: event.seq as u64,
+            event,
+        });
+    }
+    Ok(out)
 }
 
 fn run_query(conn: &Connection, q: &EventQuery) -> Result<EventPage, StoreError> {
     let mut sql = String::from(
         "SELECT seq, event_id, device_id, event_type, event_type_id, severity, known, origin,
-                occurred_at, received_at, application, params
+                occurred_at, received_at, application, params, origin_server, server_chain
          FROM events WHERE 1 = 1",
     );
     let mut args: Vec<rusqlite::types::Value> = Vec::new();
@@ -908,44 +1147,10 @@ fn run_query(conn: &Connection, q: &EventQuery) -> Result<EventPage, StoreError>
     sql.push_str(" ORDER BY occurred_at, seq LIMIT ?");
     args.push(((q.limit + 1) as i64).into());
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, Option<u32>>(4)?,
-            r.get::<_, i32>(5)?,
-            r.get::<_, bool>(6)?,
-            r.get::<_, i64>(7)?,
-            r.get::<_, i64>(8)?,
-            r.get::<_, i64>(9)?,
-            r.get::<_, String>(10)?,
-            r.get::<_, String>(11)?,
-        ))
-    })?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(args), stored_event_from_row)?;
     let mut events = Vec::new();
     for row in rows {
-        let (seq, event_id, device_id, event_type, type_id, sev, known, origin, occ, rec, app, p) =
-            row?;
-        events.push(StoredEvent {
-            seq,
-            event_id,
-            device_id,
-            event_type,
-            event_type_id: type_id,
-            severity: Severity::from_number(sev).unwrap_or(Severity::Info),
-            known,
-            origin: if origin == 2 {
-                Origin::Server
-            } else {
-                Origin::Client
-            },
-            occurred_at: Timestamp(occ),
-            received_at: Timestamp(rec),
-            application: app,
-            params: serde_json::from_str(&p).unwrap_or_default(),
-        });
+        events.push(row?);
     }
     let next = if events.len() > q.limit {
         events.truncate(q.limit);

@@ -1,0 +1,418 @@
+//! `fleetevents.v1.HierarchyService`: the primary's end of the relay stream, the list of
+//! secondaries, and this server's own uplink status. The rules (who is linked, when a break is
+//! reported) are in [`crate::hierarchy`]; this adapter runs one relay session per stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use super::proto::{
+    self, GetUplinkStatusRequest, LinkState, ListSecondariesRequest, ListSecondariesResponse,
+    RelayDown, RelayUp, UplinkStatus, hierarchy_service_server::HierarchyService, relay_down,
+    relay_up,
+};
+use super::status::decode_status;
+use crate::engine::Engine;
+use crate::hierarchy::secondaries::{LinkError, LinkHello, Secondaries, Session};
+use crate::hierarchy::uplink::Uplink;
+
+/// The HierarchyService adapter.
+pub struct HierarchyApi {
+    engine: Arc<Engine>,
+    secondaries: Arc<Secondaries>,
+    uplink: Option<Arc<Uplink>>,
+    /// Relay is served only on the mutual-TLS hierarchy listener.
+    relay_allowed: bool,
+    keepalive_timeout: Duration,
+    outbox_max_events: u64,
+}
+
+/// What [`HierarchyApi::new`] needs.
+pub struct HierarchyApiParts {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// The registry of secondaries.
+    pub secondaries: Arc<Secondaries>,
+    /// This server's link to its primary, if it has one.
+    pub uplink: Option<Arc<Uplink>>,
+    /// Whether this listener serves `Relay` (only the mutual-TLS one does).
+    pub relay_allowed: bool,
+    /// A relay stream silent this long is broken.
+    pub keepalive_timeout: Duration,
+    /// The outbox limit, for the uplink status.
+    pub outbox_max_events: u64,
+}
+
+impl HierarchyApi {
+    /// Builds the adapter.
+    pub fn new(p: HierarchyApiParts) -> Self {
+        HierarchyApi {
+            engine: p.engine,
+            secondaries: p.secondaries,
+            uplink: p.uplink,
+            relay_allowed: p.relay_allowed,
+            keepalive_timeout: p.keepalive_timeout,
+            outbox_max_events: p.outbox_max_events,
+        }
+    }
+}
+
+type RelayStream = Pin<Box<dyn Stream<Item = Result<RelayDown, Status>> + Send>>;
+
+fn down(kind: relay_down::Kind) -> RelayDown {
+    RelayDown { kind: Some(kind) }
+}
+
+/// The names a client certificate vouches for: its subject common names and DNS names.
+fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push((*d).to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[tonic::async_trait]
+impl HierarchyService for HierarchyApi {
+    type RelayStream = RelayStream;
+
+    async fn relay(
+        &self,
+        request: Request<Streaming<RelayUp>>,
+    ) -> Result<Response<Self::RelayStream>, Status> {
+        if !self.relay_allowed {
+            return Err(Status::permission_denied(
+                "Relay is served only on the hierarchy listener (mutual TLS, [hierarchy] listen)",
+            ));
+        }
+        if self.engine.shutdown_signal().is_cancelled() {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
+        let address = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let names: Option<Vec<String>> = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| certificate_names(c.as_ref())));
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.keepalive_timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {} s",
+                    self.keepalive_timeout.as_secs()
+                ))
+            })?
+            .map_err(decode_status)?;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(relay_up::Kind::Hello(h)) => h,
+            Some(_) => {
+                return Err(Status::failed_precondition(
+                    "the first message of a relay stream must be hello",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the relay stream ended before its hello",
+                ));
+            }
+        };
+        if let Some(names) = &names
+            && !names.iter().any(|n| n == &hello.server_id)
+        {
+            return Err(Status::permission_denied(format!(
+                "hello.server_id {:?} is not a name of the client certificate ({})",
+                hello.server_id,
+                names.join(", ")
+            )));
+        }
+        let accepts_settings = hello.accept_settings;
+        let their_version = hello.settings_version;
+        let session = self
+            .secondaries
+            .connect(LinkHello {
+                server_id: hello.server_id,
+                address,
+                accepts_settings,
+                settings_version: their_version,
+                backlog: hello.backlog,
+            })
+            .await
+            .map_err(|e| match e {
+                LinkError::Invalid(m) => Status::invalid_argument(m),
+                LinkError::OwnId(_) => Status::failed_precondition(e.to_string()),
+            })?;
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx
+            .send(Ok(down(relay_down::Kind::Welcome(proto::RelayWelcome {
+                server_id: self.engine.server_id().to_owned(),
+            }))))
+            .await;
+        tokio::spawn(
+            RelaySession {
+                engine: self.engine.clone(),
+                secondaries: self.secondaries.clone(),
+                session,
+                tx,
+                keepalive_timeout: self.keepalive_timeout,
+                accepts_settings,
+                their_version,
+            }
+            .run(inbound),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_secondaries(
+        &self,
+        _request: Request<ListSecondariesRequest>,
+    ) -> Result<Response<ListSecondariesResponse>, Status> {
+        let secondaries = self
+            .secondaries
+            .list()
+            .into_iter()
+            .map(|s| proto::Secondary {
+                server_id: s.server_id,
+                state: if s.connected {
+                    LinkState::Connected
+                } else {
+                    LinkState::Disconnected
+                } as i32,
+                last_contact: s.last_contact.map(convert::pb_timestamp),
+                backlog: s.backlog,
+                accepts_settings: s.accepts_settings,
+                settings_version: s.settings_version,
+                address: s.address,
+                events_received: s.events_received,
+            })
+            .collect();
+        Ok(Response::new(ListSecondariesResponse {
+            secondaries,
+            settings_version: self.engine.settings_version(),
+        }))
+    }
+
+    async fn get_uplink_status(
+        &self,
+        _request: Request<GetUplinkStatusRequest>,
+    ) -> Result<Response<UplinkStatus>, Status> {
+        let server_id = self.engine.server_id().to_owned();
+        let Some(uplink) = &self.uplink else {
+            return Ok(Response::new(UplinkStatus {
+                configured: false,
+                server_id,
+                ..Default::default()
+            }));
+        };
+        let s = uplink.state();
+        Ok(Response::new(UplinkStatus {
+            configured: true,
+            upstream: s.upstream,
+            state: if s.connected {
+                LinkState::Connected
+            } else {
+                LinkState::Disconnected
+            } as i32,
+            primary_id: s.primary_id,
+            backlog: self.engine.store().outbox_len(),
+            outbox_max_events: self.outbox_max_events,
+            settings_version: s.settings_version,
+            last_error: s.last_error,
+            server_id,
+        }))
+    }
+}
+
+/// One relay stream, primary side.
+struct RelaySession {
+    engine: Arc<Engine>,
+    secondaries: Arc<Secondaries>,
+    session: Session,
+    tx: mpsc::Sender<Result<RelayDown, Status>>,
+    keepalive_timeout: Duration,
+    accepts_settings: bool,
+    their_version: u64,
+}
+
+/// How a relay session ended.
+enum End {
+    /// The link broke (reported as 4116).
+    Broken(String),
+    /// The link broke because the secondary sent something wrong: answered with this status.
+    Refused(Status),
+    /// A newer link from the same secondary replaced this one, or this server shuts down.
+    Quiet,
+}
+
+impl RelaySession {
+    async fn run(self, mut inbound: Streaming<RelayUp>) {
+        let end = self.serve(&mut inbound).await;
+        match end {
+            End::Quiet => {}
+            End::Broken(reason) => self.secondaries.disconnect(&self.session, &reason).await,
+            End::Refused(status) => {
+                tracing::warn!(secondary = %self.session.server_id, %status, "relay refused");
+                let reason = format!("refused: {}", status.message());
+                let _ = self.tx.send(Err(status)).await;
+                self.secondaries.disconnect(&self.session, &reason).await;
+            }
+        }
+    }
+
+    async fn send(&self, kind: relay_down::Kind) -> Result<(), End> {
+        self.tx
+            .send(Ok(down(kind)))
+            .await
+            .map_err(|_| End::Broken("the secondary stopped reading".into()))
+    }
+
+    async fn push_settings(&self, version: u64) -> Result<(), End> {
+        let event_types = self
+            .engine
+            .catalog()
+            .list()
+            .iter()
+            .map(|t| convert::event_type(t))
+            .collect();
+        self.send(relay_down::Kind::Settings(proto::SettingsPush {
+            settings_version: version,
+            event_types,
+        }))
+        .await
+    }
+
+    async fn serve(&self, inbound: &mut Streaming<RelayUp>) -> End {
+        let mut versions = self.engine.watch_settings_version();
+        let current = *versions.borrow_and_update();
+        if self.accepts_settings
+            && current != self.their_version
+            && let Err(e) = self.push_settings(current).await
+        {
+            return e;
+        }
+        let shutdown = self.engine.shutdown_signal().clone();
+        loop {
+            tokio::select! {
+                _ = self.session.superseded.cancelled() => return End::Quiet,
+                _ = shutdown.cancelled() => {
+                    let _ = self.tx.send(Err(Status::unavailable("the primary server is shutting down"))).await;
+                    return End::Quiet;
+                }
+                changed = versions.changed(), if self.accepts_settings => {
+                    if changed.is_err() {
+                        return End::Quiet;
+                    }
+                    let v = *versions.borrow_and_update();
+                    if let Err(e) = self.push_settings(v).await {
+                        return e;
+                    }
+                }
+                msg = tokio::time::timeout(self.keepalive_timeout, inbound.message()) => {
+                    let up = match msg {
+                        Err(_) => return End::Broken(format!(
+                            "the secondary was silent for {} s", self.keepalive_timeout.as_secs())),
+                        Ok(Err(status)) => return End::Broken(format!(
+                            "the stream failed: {}", decode_status(status).message())),
+                        Ok(Ok(None)) => return End::Broken("the secondary closed the link".into()),
+                        Ok(Ok(Some(up))) => up,
+                    };
+                    match up.kind {
+                        Some(relay_up::Kind::Batch(batch)) => {
+                            let n = batch.events.len() as u64;
+                            let backlog = batch.backlog;
+                            match self.store_batch(batch).await {
+                                Ok(Some(position)) => {
+                                    if let Err(e) = self.send(relay_down::Kind::Ack(proto::RelayAck { position })).await {
+                                        return e;
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(end) => return end,
+                            }
+                            self.secondaries.contact(&self.session, Some(backlog), n);
+                        }
+                        Some(relay_up::Kind::Ping(p)) => {
+                            self.secondaries.contact(&self.session, Some(p.backlog), 0);
+                            if let Err(e) = self.send(relay_down::Kind::Pong(proto::RelayPong {})).await {
+                                return e;
+                            }
+                        }
+                        Some(relay_up::Kind::SettingsApplied(a)) => {
+                            self.secondaries.contact(&self.session, None, 0);
+                            self.secondaries.settings_applied(&self.session, a.settings_version).await;
+                        }
+                        Some(relay_up::Kind::Hello(_)) => {
+                            return End::Refused(Status::failed_precondition("hello sent twice on one relay stream"));
+                        }
+                        None => return End::Refused(Status::invalid_argument("kind: must be set")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores one batch; returns the position to acknowledge once every event is committed.
+    async fn store_batch(&self, batch: proto::RelayBatch) -> Result<Option<u64>, End> {
+        let own = self.engine.server_id();
+        let mut last = None;
+        let mut pending = FuturesOrdered::new();
+        for (i, r) in batch.events.into_iter().enumerate() {
+            let position = r.position;
+            if r.server_chain.iter().any(|s| s == own) {
+                return Err(End::Refused(Status::failed_precondition(format!(
+                    "batch.events[{i}]: this server ({own}) is already in its server chain: the hierarchy has a loop"
+                ))));
+            }
+            let incoming = convert::relayed_incoming(r).map_err(|s| {
+                End::Refused(Status::new(
+                    s.code(),
+                    format!("batch.events[{i}] (position {position}): {}", s.message()),
+                ))
+            })?;
+            let p = self.engine.accept_relayed(incoming).await.map_err(|e| {
+                let status = Status::from(e);
+                if status.code() == tonic::Code::InvalidArgument {
+                    End::Refused(Status::invalid_argument(format!(
+                        "batch.events[{i}] (position {position}): {}",
+                        status.message()
+                    )))
+                } else {
+                    End::Broken(format!("storing relayed events failed: {}", status.message()))
+                }
+            })?;
+            pending.push_back(self.engine.settle(p));
+            last = Some(position);
+        }
+        while let Some(r) = pending.next().await {
+            if let Err(e) = r {
+                // Not acknowledged: the secondary sends the batch again after reconnecting.
+                let _ = self
+                    .tx
+                    .send(Err(Status::unavailable(format!(
+                        "storing relayed events failed: {e}"
+                    ))))
+                    .await;
+                return Err(End::Broken(format!("storing relayed events failed: {e}")));
+            }
+        }
+        Ok(last)
+    }
+}

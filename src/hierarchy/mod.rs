@@ -1,0 +1,84 @@
+//! The server hierarchy's rules, free of gRPC: a secondary forwards its classified events to its
+//! primary through a durable outbox (see [`crate::store::WriteTo`]); the primary stores them
+//! idempotently by (origin server, device, event id).
+//!
+//! - [`secondaries`]: the primary's registry of its secondaries, their link state, and
+//!   KLSRV_EV_SLAVE_SRV_DISCONNECTED (4116) once per broken link.
+//! - [`uplink`]: the secondary's view of its link to the primary, and
+//!   KLSRV_EV_MASTER_SRV_DISCONNECTED (4118) once per outage.
+//! - [`apply_pushed_settings`]: per-type settings a primary pushes down.
+//!
+//! The network side (the relay stream, TLS, reconnecting with backoff) lives in
+//! [`crate::api::hierarchy`] and [`crate::api::uplink`].
+//!
+//! Who reports an outage: each side reports the breaks it observes while it runs (the stream
+//! ended with an error, or stayed silent past the keepalive timeout). A server that was itself
+//! down does not blame the link for its own absence: after a start-up it reports a link as broken
+//! only when the peer has not (re)connected within the keepalive timeout. The "reported" mark is
+//! saved, so a restart in the middle of an outage does not report it twice.
+
+pub mod secondaries;
+pub mod uplink;
+
+use crate::catalog::{EventType, NewEventType, SettingsChange};
+use crate::engine::{Engine, EngineError};
+
+/// Applies per-type settings pushed down by the primary: changed settings of types this
+/// catalog knows, and registration of application types it does not. Built-in types this
+/// server does not know are skipped (a newer primary). Returns how many types changed.
+pub async fn apply_pushed_settings(
+    engine: &Engine,
+    types: Vec<EventType>,
+) -> Result<usize, EngineError> {
+    let mut changed = 0;
+    for t in types {
+        let current = match engine.catalog().by_name(&t.name) {
+            Some(c) => c,
+            None if t.builtin => {
+                tracing::warn!(event_type = %t.name, "pushed settings for a built-in type this server does not know; skipped");
+                continue;
+            }
+            None => {
+                let registered = engine
+                    .register_type(NewEventType {
+                        name: t.name.clone(),
+                        id: t.id,
+                        severity: t.severity,
+                        display_name: t.display_name.clone(),
+                        display_name_ja: t.display_name_ja.clone(),
+                        description: t.description.clone(),
+                        recommended_response: t.recommended_response.clone(),
+                        retention_days: Some(t.settings.retention_days),
+                        store: t.settings.store,
+                        application: t.application.clone(),
+                    })
+                    .await;
+                match registered {
+                    Ok(r) => {
+                        changed += 1;
+                        r
+                    }
+                    Err(e) => {
+                        tracing::error!(event_type = %t.name, error = %e, "pushed event type could not be registered; skipped");
+                        continue;
+                    }
+                }
+            }
+        };
+        if current.settings != t.settings {
+            engine
+                .update_type_settings(
+                    &t.name,
+                    SettingsChange {
+                        store: Some(t.settings.store),
+                        retention_days: Some(t.settings.retention_days),
+                        notify: Some(t.settings.notify),
+                        flood: Some(t.settings.flood),
+                    },
+                )
+                .await?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
