@@ -291,7 +291,10 @@ pub fn classify_relayed(
         return Err(invalid("origin_server_id", "must not be empty"));
     }
     if ev.event_id.is_empty() {
-        return Err(invalid("event.event_id", "must not be empty in a relayed event"));
+        return Err(invalid(
+            "event.event_id",
+            "must not be empty in a relayed event",
+        ));
     }
     if ev.device_id.is_empty() {
         return Err(invalid("event.device_id", "must not be empty"));

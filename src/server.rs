@@ -26,22 +26,20 @@ use crate::api::catalog::CatalogApi;
 use crate::api::certificates::CertificateApi;
 use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
+use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
 use crate::api::licences::LicenceApi;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
 use crate::api::proto::certificate_service_server::CertificateServiceServer;
 use crate::api::proto::device_service_server::DeviceServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
+use crate::api::proto::hierarchy_service_server::HierarchyServiceServer;
 use crate::api::proto::licence_service_server::LicenceServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
 use crate::api::proto::update_service_server::UpdateServiceServer;
-use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
-use crate::api::proto::hierarchy_service_server::HierarchyServiceServer;
 use crate::api::push::PushApi;
-use crate::api::uplink::UplinkSettings;
-use crate::hierarchy::secondaries::Secondaries;
-use crate::hierarchy::uplink::Uplink;
 use crate::api::updates::UpdateApi;
+use crate::api::uplink::UplinkSettings;
 use crate::api::{proto, status};
 use crate::catalog::Catalog;
 use crate::clock::SharedClock;
@@ -53,6 +51,8 @@ use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
 use crate::devices::DeviceRegistry;
 use crate::engine::{Engine, EngineParts};
+use crate::hierarchy::secondaries::Secondaries;
+use crate::hierarchy::uplink::Uplink;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{EventStore, StoreError};
 
@@ -276,12 +276,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
                 addr: listen,
                 source,
             })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| ServerError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
         // Secondaries that were linked when this server stopped get one keepalive timeout to
         // come back before their links count as broken.
         background.push(secondaries.spawn_grace(keepalive_timeout));
@@ -449,7 +447,9 @@ impl RunningServer {
         }
         if let Some(h) = self.hierarchy_serve {
             match tokio::time::timeout(self.grace, h).await {
-                Ok(Ok(Err(e))) => tracing::error!(error = %e, "hierarchy listener ended with an error"),
+                Ok(Ok(Err(e))) => {
+                    tracing::error!(error = %e, "hierarchy listener ended with an error")
+                }
                 Err(_) => tracing::warn!("relay streams did not finish in time"),
                 _ => {}
             }

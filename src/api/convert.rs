@@ -99,7 +99,11 @@ pub fn answer(c: &ClassifiedEvent) -> proto::Classification {
             .as_ref()
             .map(|r| r.origin_server.clone())
             .unwrap_or_default(),
-        server_chain: c.relay.as_ref().map(|r| r.chain.clone()).unwrap_or_default(),
+        server_chain: c
+            .relay
+            .as_ref()
+            .map(|r| r.chain.clone())
+            .unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -395,7 +395,10 @@ impl RelaySession {
                         status.message()
                     )))
                 } else {
-                    End::Broken(format!("storing relayed events failed: {}", status.message()))
+                    End::Broken(format!(
+                        "storing relayed events failed: {}",
+                        status.message()
+                    ))
                 }
             })?;
             pending.push_back(self.engine.settle(p));

@@ -13,7 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use super::convert;
-use super::proto::{self, RelayUp, hierarchy_service_client::HierarchyServiceClient, relay_down, relay_up};
+use super::proto::{
+    self, RelayUp, hierarchy_service_client::HierarchyServiceClient, relay_down, relay_up,
+};
 use crate::engine::Engine;
 use crate::hierarchy::apply_pushed_settings;
 use crate::hierarchy::uplink::Uplink;
@@ -123,15 +125,29 @@ async fn session(
     let response = tokio::time::timeout(s.keepalive_timeout, client.relay(ReceiverStream::new(rx)))
         .await
         .map_err(|_| "the primary did not answer the hello in time".to_owned())?
-        .map_err(|st| format!("the primary refused the link: {:?}: {}", st.code(), st.message()))?;
+        .map_err(|st| {
+            format!(
+                "the primary refused the link: {:?}: {}",
+                st.code(),
+                st.message()
+            )
+        })?;
     let mut inbound = response.into_inner();
     let welcome = tokio::time::timeout(s.keepalive_timeout, inbound.message())
         .await
         .map_err(|_| "the primary did not welcome the link in time".to_owned())?
-        .map_err(|st| format!("the primary refused the link: {:?}: {}", st.code(), st.message()))?;
+        .map_err(|st| {
+            format!(
+                "the primary refused the link: {:?}: {}",
+                st.code(),
+                st.message()
+            )
+        })?;
     let primary_id = match welcome.and_then(|m| m.kind) {
         Some(relay_down::Kind::Welcome(w)) => w.server_id,
-        _ => return Err("the primary answered the hello with something else than a welcome".into()),
+        _ => {
+            return Err("the primary answered the hello with something else than a welcome".into());
+        }
     };
     uplink.link_up(&primary_id).await;
     *was_up = true;
@@ -160,9 +176,12 @@ async fn session(
                 .map(|e| convert::relayed(e, &own_id))
                 .collect();
             let backlog = store.outbox_len();
-            tx.send(up(relay_up::Kind::Batch(proto::RelayBatch { events, backlog })))
-                .await
-                .map_err(|_| "the link closed while sending".to_owned())?;
+            tx.send(up(relay_up::Kind::Batch(proto::RelayBatch {
+                events,
+                backlog,
+            })))
+            .await
+            .map_err(|_| "the link closed while sending".to_owned())?;
             sent_upto = last;
             in_flight.push_back(last);
         }

@@ -18,6 +18,13 @@ pub struct ServeArgs {
     /// Directory for the embedded database (default ./fleet-events-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Make this server a secondary of the primary at `https://HOST:PORT` (its hierarchy
+    /// listener); needs the [hierarchy] TLS files.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Accept secondary servers on this address (mutual TLS; the product's port is 13000).
+    #[arg(long)]
+    hierarchy_listen: Option<SocketAddr>,
     /// TOML configuration file (see README, "Configuration").
     #[arg(long, env = "FLEET_EVENTS_CONFIG")]
     config: Option<PathBuf>,
@@ -41,6 +48,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.server.data_dir = d;
     }
+    if let Some(u) = args.upstream {
+        config.hierarchy.upstream = Some(u);
+    }
+    if let Some(l) = args.hierarchy_listen {
+        config.hierarchy.listen = Some(l);
+    }
+    config.validate()?;
     tracing::info!(
         data_dir = %config.server.data_dir.display(),
         max_events = config.store.max_events,

@@ -152,7 +152,9 @@ impl Secondaries {
     /// Registers a new link. A link from the same secondary that is still open is superseded.
     pub async fn connect(&self, hello: LinkHello) -> Result<Session, LinkError> {
         if hello.server_id.is_empty() {
-            return Err(LinkError::Invalid("hello.server_id: must not be empty".into()));
+            return Err(LinkError::Invalid(
+                "hello.server_id: must not be empty".into(),
+            ));
         }
         if hello.server_id == self.engine.server_id() {
             return Err(LinkError::OwnId(hello.server_id));
@@ -181,7 +183,10 @@ impl Secondaries {
             if let Some((_, old)) = entry.session.take() {
                 old.cancel();
             }
-            let was_down = entry.info.disconnect_reported.then_some(entry.info.last_contact);
+            let was_down = entry
+                .info
+                .disconnect_reported
+                .then_some(entry.info.last_contact);
             entry.session = Some((id, token.clone()));
             let i = &mut entry.info;
             i.connected = true;
@@ -257,7 +262,12 @@ impl Secondaries {
             e.info.connected = false;
             let report = !e.info.disconnect_reported;
             e.info.disconnect_reported = true;
-            report.then(|| (e.info.clone(), serde_json::to_string(&e.info).unwrap_or_default()))
+            report.then(|| {
+                (
+                    e.info.clone(),
+                    serde_json::to_string(&e.info).unwrap_or_default(),
+                )
+            })
         };
         let Some((info, json)) = report else {
             return;

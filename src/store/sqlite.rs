@@ -682,8 +682,8 @@ impl Writer {
             Ok((trimmed, outbox_added, outbox_dropped)) => {
                 self.count += added.len() as u64;
                 if outbox_added > 0 || outbox_dropped > 0 {
-                    let len = self.outbox_len.load(Ordering::Relaxed) + outbox_added
-                        - outbox_dropped;
+                    let len =
+                        self.outbox_len.load(Ordering::Relaxed) + outbox_added - outbox_dropped;
                     self.outbox_len.store(len, Ordering::Relaxed);
                     if outbox_dropped > 0 {
                         tracing::error!(
@@ -760,9 +760,7 @@ impl Writer {
             for (ev, to, _) in appends {
                 let origin_server = ev.relay.as_ref().map_or("", |r| r.origin_server.as_str());
                 let key = if to.events {
-                    let key = self
-                        .dedupe
-                        .hash(origin_server, &ev.device_id, &ev.event_id);
+                    let key = self.dedupe.hash(origin_server, &ev.device_id, &ev.event_id);
                     if !self.dedupe.stored.insert(key) {
                         outcomes.push(AppendOutcome::Duplicate);
                         continue;
@@ -857,7 +855,10 @@ impl Writer {
             .prepare_cached("DELETE FROM outbox WHERE pos <= ?1")?
             .execute([upto.min(i64::MAX as u64) as i64])? as u64;
         if deleted > 0 {
-            let len = self.outbox_len.load(Ordering::Relaxed).saturating_sub(deleted);
+            let len = self
+                .outbox_len
+                .load(Ordering::Relaxed)
+                .saturating_sub(deleted);
             self.outbox_len.store(len, Ordering::Relaxed);
             self.note_outbox_level();
         }
@@ -877,7 +878,11 @@ impl Writer {
                     "hierarchy outbox is over 90 % full: the primary has not acknowledged events for a while; when it is full the oldest events are dropped"
                 );
             } else {
-                tracing::info!(len, max = self.outbox_max, "hierarchy outbox back below 90 %");
+                tracing::info!(
+                    len,
+                    max = self.outbox_max,
+                    "hierarchy outbox back below 90 %"
+                );
             }
             let _ = self.notices.send(StoreNotice::OutboxLevel {
                 len,
@@ -1091,7 +1096,11 @@ fn stored_event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent>
     })
 }
 
-fn read_outbox(conn: &Connection, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+fn read_outbox(
+    conn: &Connection,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<OutboxEntry>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT pos, event_id, device_id, event_type, event_type_id, severity, known, origin,
                 occurred_at, received_at, application, params, origin_server, server_chain

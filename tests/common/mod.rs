@@ -244,3 +244,126 @@ pub async fn assert_live(
         );
     }
 }
+
+/// A throw-away certificate authority and server certificates for hierarchy tests, generated
+/// here (rcgen) into a temporary directory: no private key is ever committed.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca_params: rcgen::CertificateParams,
+    ca_key: rcgen::KeyPair,
+    pub ca_pem: String,
+}
+
+/// A server's certificate files.
+#[derive(Clone, Debug)]
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Pki {
+    /// A new CA named `name`, written under `dir`.
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let ca_pem = ca_cert.pem();
+        std::fs::write(dir.join("ca.pem"), &ca_pem).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            ca_params,
+            ca_key,
+            ca_pem,
+        }
+    }
+
+    /// A certificate for server `server_id` (its CN and a DNS name), also valid for
+    /// `localhost` and 127.0.0.1, usable as server and as client.
+    pub fn server(&self, server_id: &str) -> ServerCert {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec![server_id.to_owned(), "localhost".to_owned()])
+                .unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, server_id);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let cert_path = self.dir.join(format!("{server_id}.pem"));
+        let key_path = self.dir.join(format!("{server_id}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        ServerCert {
+            cert: cert_path,
+            key: key_path,
+            ca: self.dir.join("ca.pem"),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago (for a listener that must keep its port across
+/// restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Puts `cert` and the hierarchy roles into `config`: `listen` makes it a primary, `upstream`
+/// a secondary. Keepalive is short (1 s ping, 3 s timeout) so tests see broken links quickly.
+pub fn hierarchy_config(
+    config: &mut Config,
+    cert: &ServerCert,
+    listen: Option<u16>,
+    upstream: Option<u16>,
+) {
+    let h = &mut config.hierarchy;
+    h.tls_cert = Some(cert.cert.clone());
+    h.tls_key = Some(cert.key.clone());
+    h.tls_ca = Some(cert.ca.clone());
+    h.listen = listen.map(|p| format!("127.0.0.1:{p}").parse().unwrap());
+    h.upstream = upstream.map(|p| format!("https://localhost:{p}"));
+    h.keepalive_interval_secs = 1;
+    h.keepalive_timeout_secs = 3;
+    h.backoff_initial_ms = 50;
+    h.backoff_max_ms = 500;
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `secs` seconds with `what`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {secs} s: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
