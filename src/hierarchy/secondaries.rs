@@ -149,7 +149,10 @@ impl Secondaries {
         })
     }
 
-    /// Registers a new link. A link from the same secondary that is still open is superseded.
+    /// Registers a new link. A link from the same secondary that is still open is superseded:
+    /// a secondary opens a new link only when it lost the old one (it crashed, or the network
+    /// dropped the old connection before this side noticed), so that old link counts as broken
+    /// and is reported, unless its outage was reported already.
     pub async fn connect(&self, hello: LinkHello) -> Result<Session, LinkError> {
         if hello.server_id.is_empty() {
             return Err(LinkError::Invalid(
@@ -162,7 +165,7 @@ impl Secondaries {
         let now = self.engine.clock().now();
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
-        let (json, was_down) = {
+        let (json, was_down, broken_unnoticed) = {
             let mut entries = self.lock();
             let entry = entries
                 .entry(hello.server_id.clone())
@@ -180,9 +183,13 @@ impl Secondaries {
                     },
                     session: None,
                 });
-            if let Some((_, old)) = entry.session.take() {
-                old.cancel();
-            }
+            let broken_unnoticed = match entry.session.take() {
+                Some((_, old)) => {
+                    old.cancel();
+                    (!entry.info.disconnect_reported).then(|| entry.info.clone())
+                }
+                None => None,
+            };
             let was_down = entry
                 .info
                 .disconnect_reported
@@ -196,8 +203,19 @@ impl Secondaries {
             i.backlog = hello.backlog;
             i.accepts_settings = hello.accepts_settings;
             i.settings_version = hello.settings_version;
-            (serde_json::to_string(i).unwrap_or_default(), was_down)
+            (
+                serde_json::to_string(i).unwrap_or_default(),
+                was_down,
+                broken_unnoticed,
+            )
         };
+        if let Some(old) = broken_unnoticed {
+            self.report(
+                &old,
+                "the secondary opened a new link: the previous one broke before this server noticed",
+            )
+            .await;
+        }
         match was_down {
             Some(last) => tracing::info!(
                 secondary = %hello.server_id,
@@ -272,6 +290,14 @@ impl Secondaries {
         let Some((info, json)) = report else {
             return;
         };
+        // Saved before raising: a crash in between loses the report, never doubles it.
+        self.save(server_id, json).await;
+        self.report(&info, reason).await;
+    }
+
+    /// Raises 4116 for `info`'s link.
+    async fn report(&self, info: &SecondaryInfo, reason: &str) {
+        let server_id = &info.server_id;
         tracing::warn!(secondary = %server_id, %reason, "link to secondary server broken");
         let mut params = HashMap::from([
             ("secondary_server_id".to_owned(), info.server_id.clone()),
@@ -282,8 +308,6 @@ impl Secondaries {
         if let Some(t) = info.last_contact {
             params.insert("last_contact".to_owned(), t.to_rfc3339());
         }
-        // Saved before raising: a crash in between loses the report, never doubles it.
-        self.save(server_id, json).await;
         let me = self.engine.server_id().to_owned();
         if let Err(e) = self
             .engine
