@@ -517,3 +517,40 @@ async fn peers_without_a_valid_certificate_and_bad_relay_messages_are_refused() 
     assert_eq!(got[0].origin_server_id, "sec-a");
     primary.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_outbox_drops_its_oldest_and_keeps_ingesting() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), "test CA");
+    let port = free_port();
+    // No primary yet: everything waits in the outbox, which holds 10.
+    let secondary = start_node(dir.path(), &pki, "secondary", None, Some(port), |c| {
+        c.hierarchy.outbox_max_events = 10
+    })
+    .await;
+    let mut events = secondary.events();
+    for i in 0..15 {
+        let a = events
+            .classify(event(&format!("dev-{i}"), WARN_TYPE, &format!("o-{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(a.stored, "local ingest goes on while the outbox is full");
+    }
+    let up = hierarchy(&secondary.channel)
+        .get_uplink_status(GetUplinkStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(up.outbox_max_events, 10);
+    assert_eq!(up.backlog, 10);
+    assert_eq!(stored_of_type(&secondary, WARN_TYPE).await.len(), 15);
+
+    let primary = start_node(dir.path(), &pki, "primary", Some(port), None, |_| {}).await;
+    let got = wait_stored(&primary, WARN_TYPE, 10).await;
+    let ids: Vec<_> = got.iter().map(|e| e.event_id.clone()).collect();
+    let expected: Vec<_> = (5..15).map(|i| format!("o-{i}")).collect();
+    assert_eq!(ids, expected, "the newest 10 arrive, in order");
+    secondary.stop().await;
+    primary.stop().await;
+}
