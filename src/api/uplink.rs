@@ -155,7 +155,9 @@ async fn session(
     let shutdown = engine.shutdown_signal().clone();
     let own_id = engine.server_id().to_owned();
     let mut sent_upto = 0u64;
-    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    // Last position and event count of each batch sent and not yet acknowledged.
+    let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut in_flight_events = 0u64;
     let mut last_heard = tokio::time::Instant::now();
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + s.keepalive_interval,
@@ -171,11 +173,13 @@ async fn session(
             let Some(last) = entries.last().map(|e| e.position) else {
                 break;
             };
+            let n = entries.len() as u64;
             let events = entries
                 .into_iter()
                 .map(|e| convert::relayed(e, &own_id))
                 .collect();
-            let backlog = store.outbox_len();
+            // What still waits once this batch and those before it are stored.
+            let backlog = store.outbox_len().saturating_sub(in_flight_events + n);
             tx.send(up(relay_up::Kind::Batch(proto::RelayBatch {
                 events,
                 backlog,
@@ -183,7 +187,8 @@ async fn session(
             .await
             .map_err(|_| "the link closed while sending".to_owned())?;
             sent_upto = last;
-            in_flight.push_back(last);
+            in_flight.push_back((last, n));
+            in_flight_events += n;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -200,8 +205,11 @@ async fn session(
                             .ack_outbox(a.position)
                             .await
                             .map_err(|e| format!("deleting acknowledged events failed: {e}"))?;
-                        while in_flight.front().is_some_and(|&p| p <= a.position) {
+                        while let Some(&(p, n)) = in_flight.front()
+                            && p <= a.position
+                        {
                             in_flight.pop_front();
+                            in_flight_events -= n;
                         }
                     }
                     Some(relay_down::Kind::Settings(push)) if s.accept_settings => {
@@ -240,7 +248,8 @@ async fn session(
                         s.keepalive_timeout.as_secs()
                     ));
                 }
-                tx.send(up(relay_up::Kind::Ping(proto::RelayPing { backlog: store.outbox_len() })))
+                let backlog = store.outbox_len().saturating_sub(in_flight_events);
+                tx.send(up(relay_up::Kind::Ping(proto::RelayPing { backlog })))
                     .await
                     .map_err(|_| "the link closed while sending".to_owned())?;
             }

@@ -4,7 +4,8 @@
 //! Invariants every backend keeps:
 //! - writes are group-committed by one writer; an [`AppendTicket`] resolves only after the
 //!   transaction holding its event committed;
-//! - `(device_id, event_id)` is stored once; a repeat resolves as [`AppendOutcome::Duplicate`];
+//! - `(origin server, device_id, event_id)` is stored once (the origin server is empty for
+//!   events this server received itself); a repeat resolves as [`AppendOutcome::Duplicate`];
 //! - the number of stored events never stays above the cap: the writer deletes the oldest and
 //!   reports it through [`StoreNotice`]s, and no incoming event is refused while it trims;
 //! - retention deletes per type, by the time the server received the event;
