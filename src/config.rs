@@ -68,7 +68,7 @@ pub struct HierarchyConfig {
     /// Most events waiting in the outbox; beyond it the oldest are dropped (with an error in
     /// the log; a warning is logged at 90 %). Default 1 000 000.
     pub outbox_max_events: u64,
-    /// Events per relayed batch. Default 500.
+    /// Events per relayed batch (at most 10 000; a batch also stays under 4 MiB). Default 500.
     pub batch_events: usize,
     /// Batches sent ahead of the primary's acknowledgements. Default 8.
     pub window_batches: usize,
@@ -418,6 +418,12 @@ impl Config {
         if h.keepalive_timeout_secs <= h.keepalive_interval_secs {
             return Err(ConfigError(
                 "hierarchy.keepalive_timeout_secs must be longer than keepalive_interval_secs"
+                    .into(),
+            ));
+        }
+        if h.batch_events > 10_000 {
+            return Err(ConfigError(
+                "hierarchy.batch_events must be at most 10000 (a primary refuses larger batches)"
                     .into(),
             ));
         }

@@ -345,7 +345,9 @@ impl Engine {
                     .forward_min
                     .is_some_and(|min| event.event_type.severity >= min),
         };
-        let ticket = if to.events || to.outbox {
+        // Relayed events always pass the writer: it drops a secondary's resends also of types
+        // that are not stored here.
+        let ticket = if to.events || to.outbox || event.relay.is_some() {
             Some(self.store.enqueue(event.clone(), to).await?)
         } else {
             None

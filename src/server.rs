@@ -26,7 +26,7 @@ use crate::api::catalog::CatalogApi;
 use crate::api::certificates::CertificateApi;
 use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
-use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
+use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts, RELAY_MAX_MESSAGE_BYTES};
 use crate::api::licences::LicenceApi;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
@@ -55,6 +55,7 @@ use crate::hierarchy::secondaries::Secondaries;
 use crate::hierarchy::uplink::Uplink;
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{EventStore, StoreError};
+use tokio_util::task::TaskTracker;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,8 @@ pub struct RunningServer {
     /// The mutual-TLS listener for secondaries, if any.
     hierarchy_addr: Option<SocketAddr>,
     hierarchy_serve: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// The uplink and the relay sessions.
+    links: TaskTracker,
     engine: Arc<Engine>,
     /// Flushed at shutdown: its batched state is saved before the store closes.
     devices: Arc<DeviceRegistry>,
@@ -225,6 +228,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     let h = &config.hierarchy;
     let keepalive_timeout = Duration::from_secs(h.keepalive_timeout_secs.max(1));
     let secondaries = Arc::new(Secondaries::load(engine.clone()).await?);
+    // The uplink and the relay sessions: joined at shutdown before the store closes.
+    let links = TaskTracker::new();
     let uplink = match (&h.upstream, &tls) {
         (Some(upstream), Some(tls)) => {
             let uplink =
@@ -235,7 +240,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             if let Some(name) = &h.upstream_name {
                 client_tls = client_tls.domain_name(name.clone());
             }
-            background.push(crate::api::uplink::spawn(
+            crate::api::uplink::spawn(
                 engine.clone(),
                 uplink.clone(),
                 UplinkSettings {
@@ -248,9 +253,9 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
                     backoff_initial: Duration::from_millis(h.backoff_initial_ms.max(1)),
                     backoff_max: Duration::from_millis(h.backoff_max_ms.max(1)),
                     accept_settings: h.accept_settings,
-                    max_message_bytes: config.server.max_message_bytes.max(64 * 1024 * 1024),
                 },
-            ));
+                &links,
+            );
             Some(uplink)
         }
         _ => None,
@@ -263,8 +268,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             relay_allowed,
             keepalive_timeout,
             outbox_max_events: h.outbox_max_events,
+            sessions: links.clone(),
         }))
-        .max_decoding_message_size(config.server.max_message_bytes.max(64 * 1024 * 1024))
+        .max_decoding_message_size(RELAY_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(RELAY_MAX_MESSAGE_BYTES)
         .accept_compressed(CompressionEncoding::Gzip)
     };
     let mut hierarchy_addr = None;
@@ -402,6 +409,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         addr,
         hierarchy_addr,
         hierarchy_serve,
+        links,
         engine,
         devices,
         shutdown,
@@ -453,6 +461,14 @@ impl RunningServer {
                 Err(_) => tracing::warn!("relay streams did not finish in time"),
                 _ => {}
             }
+        }
+        // Relay sessions and the uplink finish their batch and stop before the store closes.
+        self.links.close();
+        if tokio::time::timeout(self.grace, self.links.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("hierarchy links did not stop in time");
         }
         if let Err(e) = self.devices.flush().await {
             tracing::error!(error = %e, "saving devices at shutdown failed");

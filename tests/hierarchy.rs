@@ -472,49 +472,138 @@ async fn peers_without_a_valid_certificate_and_bad_relay_messages_are_refused() 
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
-    // Inside a session: an event without device is INVALID_ARGUMENT, a chain that already
-    // holds the primary is FAILED_PRECONDITION; the stream ends with that status.
-    for (msg, code) in [
-        (batch(vec!["sec-a".into()], ""), Code::InvalidArgument),
-        (
-            batch(vec!["primary".into(), "sec-a".into()], "d"),
-            Code::FailedPrecondition,
-        ),
-    ] {
-        let mut down = open_relay(ch.clone(), vec![hello("sec-a"), msg])
-            .await
-            .unwrap();
-        let welcome = down.message().await.unwrap().unwrap();
-        assert!(matches!(welcome.kind, Some(relay_down::Kind::Welcome(_))));
-        let e = loop {
-            match down.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(e) => break e,
-            }
-        };
-        assert_eq!(e.code(), code, "{e:?}");
-    }
     // Relay on the plaintext API port: PERMISSION_DENIED.
     let e = open_relay(primary.channel.clone(), vec![hello("sec-a")])
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
-    // And the primary still serves: a good session stores and acknowledges.
-    let mut down = open_relay(ch, vec![hello("sec-a"), batch(vec!["sec-a".into()], "d")])
-        .await
-        .unwrap();
-    let mut acked = None;
-    while acked.is_none() {
+    // Inside a session, bad events are refused one by one in the acknowledgement (a poison
+    // event must not stall the link): no device, a loop through the primary, a chain that does
+    // not end with the sender, an origin that is not the chain's first server. The good events
+    // around them are stored.
+    let rel =
+        |position: u64, origin: &str, chain: &[&str], device: &str, id: &str| proto::RelayedEvent {
+            position,
+            origin_server_id: origin.into(),
+            server_chain: chain.iter().map(|s| s.to_string()).collect(),
+            event: Some(proto::Classification {
+                event_id: id.into(),
+                device_id: device.into(),
+                event_type: WARN_TYPE.into(),
+                severity: Severity::Warning as i32,
+                occurred_at: Some(prost_types::Timestamp {
+                    seconds: T0,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        };
+    let events = vec![
+        rel(1, "sec-a", &["sec-a"], "d", "good-1"),
+        rel(2, "sec-a", &["sec-a"], "", "no-device"),
+        rel(3, "primary", &["primary", "sec-a"], "d", "loop"),
+        rel(4, "sec-b", &["sec-b"], "d", "spoofed"),
+        rel(5, "sec-x", &["sec-y", "sec-a"], "d", "bad-origin"),
+        rel(6, "sec-a", &["sec-a"], "d", "good-2"),
+    ];
+    let mut down = open_relay(
+        ch,
+        vec![
+            hello("sec-a"),
+            RelayUp {
+                kind: Some(relay_up::Kind::Batch(proto::RelayBatch {
+                    events,
+                    backlog: 0,
+                })),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    let ack = loop {
         match down.message().await.unwrap().unwrap().kind {
-            Some(relay_down::Kind::Ack(a)) => acked = Some(a.position),
+            Some(relay_down::Kind::Ack(a)) => break a,
             _ => continue,
         }
+    };
+    assert_eq!(ack.position, 6);
+    let refused: Vec<(u64, i32)> = ack.rejected.iter().map(|r| (r.position, r.code)).collect();
+    assert_eq!(
+        refused,
+        vec![
+            (2, Code::InvalidArgument as i32),
+            (3, Code::FailedPrecondition as i32),
+            (4, Code::PermissionDenied as i32),
+            (5, Code::InvalidArgument as i32),
+        ]
+    );
+    assert!(
+        ack.rejected[0].reason.contains("device_id"),
+        "{:?}",
+        ack.rejected[0]
+    );
+    let got = wait_stored(&primary, WARN_TYPE, 2).await;
+    let ids: Vec<_> = got.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(ids, vec!["good-1", "good-2"]);
+    assert!(got.iter().all(|e| e.origin_server_id == "sec-a"));
+    primary.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resent_event_of_a_type_not_stored_is_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), "test CA");
+    let port = free_port();
+    let primary = start_node(dir.path(), &pki, "primary", Some(port), None, |_| {}).await;
+    // 4136 is never stored: live only.
+    let live_type = "KLSRV_APN_CERTIFICATE_EXPIRES_SOON";
+    let mut sub = subscribe_types(&primary, &[live_type]).await;
+    let good = pki.server("sec-a");
+    let batch = RelayUp {
+        kind: Some(relay_up::Kind::Batch(proto::RelayBatch {
+            events: vec![proto::RelayedEvent {
+                position: 1,
+                origin_server_id: "sec-a".into(),
+                server_chain: vec!["sec-a".into()],
+                event: Some(proto::Classification {
+                    event_id: "apns-1".into(),
+                    device_id: "sec-a".into(),
+                    event_type: live_type.into(),
+                    severity: Severity::Warning as i32,
+                    occurred_at: Some(prost_types::Timestamp {
+                        seconds: T0,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }),
+            }],
+            backlog: 0,
+        })),
+    };
+    // The same batch over two links, as after a crash between send and acknowledgement.
+    for _ in 0..2 {
+        let ch = tls_channel(port, &pki.ca_pem, Some(&good)).await.unwrap();
+        let mut down = open_relay(ch, vec![hello("sec-a"), batch.clone()])
+            .await
+            .unwrap();
+        loop {
+            if let Some(relay_down::Kind::Ack(a)) = down.message().await.unwrap().unwrap().kind {
+                assert_eq!(a.position, 1);
+                break;
+            }
+        }
     }
-    assert_eq!(acked, Some(1));
-    let got = wait_stored(&primary, WARN_TYPE, 1).await;
-    assert_eq!(got[0].origin_server_id, "sec-a");
+    let first = next_live(&mut sub).await;
+    assert_eq!(first.event_id, "apns-1");
+    assert!(!first.stored);
+    // A marker sent after: the next live event is the marker, not a second apns-1.
+    primary
+        .events()
+        .classify(event("marker", live_type, "marker-1"))
+        .await
+        .unwrap();
+    assert_eq!(next_live(&mut sub).await.event_id, "marker-1");
     primary.stop().await;
 }
 

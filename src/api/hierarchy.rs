@@ -21,6 +21,17 @@ use super::status::decode_status;
 use crate::engine::Engine;
 use crate::hierarchy::secondaries::{LinkError, LinkHello, Secondaries, Session};
 use crate::hierarchy::uplink::Uplink;
+use tokio_util::task::TaskTracker;
+
+/// Largest relay message, both ways, whatever `max_message_bytes` says: the uplink keeps its
+/// batches under a quarter of it, so a batch is never refused for its size.
+pub const RELAY_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Most events in one relayed batch.
+pub const RELAY_MAX_BATCH_EVENTS: usize = 10_000;
+/// Most servers in a relayed event's chain (the hierarchy's depth).
+pub const RELAY_MAX_CHAIN: usize = 32;
+/// Longest server id in a relayed event.
+const RELAY_MAX_SERVER_ID_BYTES: usize = 256;
 
 /// The HierarchyService adapter.
 pub struct HierarchyApi {
@@ -31,6 +42,7 @@ pub struct HierarchyApi {
     relay_allowed: bool,
     keepalive_timeout: Duration,
     outbox_max_events: u64,
+    sessions: TaskTracker,
 }
 
 /// What [`HierarchyApi::new`] needs.
@@ -47,6 +59,8 @@ pub struct HierarchyApiParts {
     pub keepalive_timeout: Duration,
     /// The outbox limit, for the uplink status.
     pub outbox_max_events: u64,
+    /// Relay sessions run here, so shutdown can wait for them before closing the store.
+    pub sessions: TaskTracker,
 }
 
 impl HierarchyApi {
@@ -59,6 +73,7 @@ impl HierarchyApi {
             relay_allowed: p.relay_allowed,
             keepalive_timeout: p.keepalive_timeout,
             outbox_max_events: p.outbox_max_events,
+            sessions: p.sessions,
         }
     }
 }
@@ -109,9 +124,12 @@ impl HierarchyService for HierarchyApi {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let names: Option<Vec<String>> = request
+        // The hierarchy listener requires a client certificate; without one there is no
+        // identity to check the hello against.
+        let names: Vec<String> = request
             .peer_certs()
-            .and_then(|certs| certs.first().map(|c| certificate_names(c.as_ref())));
+            .and_then(|certs| certs.first().map(|c| certificate_names(c.as_ref())))
+            .ok_or_else(|| Status::unauthenticated("Relay needs a client certificate"))?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.keepalive_timeout, inbound.message())
             .await
@@ -135,9 +153,7 @@ impl HierarchyService for HierarchyApi {
                 ));
             }
         };
-        if let Some(names) = &names
-            && !names.iter().any(|n| n == &hello.server_id)
-        {
+        if !names.iter().any(|n| n == &hello.server_id) {
             return Err(Status::permission_denied(format!(
                 "hello.server_id {:?} is not a name of the client certificate ({})",
                 hello.server_id,
@@ -166,7 +182,7 @@ impl HierarchyService for HierarchyApi {
                 server_id: self.engine.server_id().to_owned(),
             }))))
             .await;
-        tokio::spawn(
+        self.sessions.spawn(
             RelaySession {
                 engine: self.engine.clone(),
                 secondaries: self.secondaries.clone(),
@@ -339,12 +355,12 @@ impl RelaySession {
                             let n = batch.events.len() as u64;
                             let backlog = batch.backlog;
                             match self.store_batch(batch).await {
-                                Ok(Some(position)) => {
-                                    if let Err(e) = self.send(relay_down::Kind::Ack(proto::RelayAck { position })).await {
+                                Ok((Some(position), rejected)) => {
+                                    if let Err(e) = self.send(relay_down::Kind::Ack(proto::RelayAck { position, rejected })).await {
                                         return e;
                                     }
                                 }
-                                Ok(None) => {}
+                                Ok((None, _)) => {}
                                 Err(end) => return end,
                             }
                             self.secondaries.contact(&self.session, Some(backlog), n);
@@ -369,40 +385,100 @@ impl RelaySession {
         }
     }
 
-    /// Stores one batch; returns the position to acknowledge once every event is committed.
-    async fn store_batch(&self, batch: proto::RelayBatch) -> Result<Option<u64>, End> {
+    /// Checks what the session vouches for: the chain ends with the secondary on this link,
+    /// starts with the event's origin, does not hold this server, and is of sane size.
+    fn check_relay_tag(&self, r: &proto::RelayedEvent) -> Result<(), Status> {
+        let chain = &r.server_chain;
+        if chain.is_empty() || chain.len() > RELAY_MAX_CHAIN {
+            return Err(Status::invalid_argument(format!(
+                "server_chain: {} servers, 1 to {RELAY_MAX_CHAIN} allowed",
+                chain.len()
+            )));
+        }
+        if chain
+            .iter()
+            .any(|s| s.is_empty() || s.len() > RELAY_MAX_SERVER_ID_BYTES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "server_chain: server ids must be 1 to {RELAY_MAX_SERVER_ID_BYTES} bytes"
+            )));
+        }
+        if chain.last() != Some(&self.session.server_id) {
+            return Err(Status::permission_denied(format!(
+                "server_chain must end with the sending secondary {:?}",
+                self.session.server_id
+            )));
+        }
+        if chain.first() != Some(&r.origin_server_id) {
+            return Err(Status::invalid_argument(
+                "origin_server_id must be the first server of server_chain",
+            ));
+        }
         let own = self.engine.server_id();
+        if chain.iter().any(|s| s == own) {
+            return Err(Status::failed_precondition(format!(
+                "this server ({own}) is already in the server chain: the hierarchy has a loop"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores one batch. Returns the position to acknowledge once every event is committed,
+    /// and the events refused (invalid ones are refused one by one, never by ending the link,
+    /// so one poison event cannot stall the secondary's outbox).
+    async fn store_batch(
+        &self,
+        batch: proto::RelayBatch,
+    ) -> Result<(Option<u64>, Vec<proto::RelayRejection>), End> {
+        if batch.events.len() > RELAY_MAX_BATCH_EVENTS {
+            return Err(End::Refused(Status::invalid_argument(format!(
+                "batch.events: {} events, at most {RELAY_MAX_BATCH_EVENTS}",
+                batch.events.len()
+            ))));
+        }
         let mut last = None;
+        let mut rejected = Vec::new();
         let mut pending = FuturesOrdered::new();
         for (i, r) in batch.events.into_iter().enumerate() {
             let position = r.position;
-            if r.server_chain.iter().any(|s| s == own) {
-                return Err(End::Refused(Status::failed_precondition(format!(
-                    "batch.events[{i}]: this server ({own}) is already in its server chain: the hierarchy has a loop"
-                ))));
-            }
-            let incoming = convert::relayed_incoming(r).map_err(|s| {
-                End::Refused(Status::new(
-                    s.code(),
-                    format!("batch.events[{i}] (position {position}): {}", s.message()),
-                ))
-            })?;
-            let p = self.engine.accept_relayed(incoming).await.map_err(|e| {
-                let status = Status::from(e);
-                if status.code() == tonic::Code::InvalidArgument {
-                    End::Refused(Status::invalid_argument(format!(
-                        "batch.events[{i}] (position {position}): {}",
-                        status.message()
-                    )))
-                } else {
-                    End::Broken(format!(
-                        "storing relayed events failed: {}",
-                        status.message()
-                    ))
-                }
-            })?;
-            pending.push_back(self.engine.settle(p));
             last = Some(position);
+            let accepted = match self
+                .check_relay_tag(&r)
+                .and_then(|()| convert::relayed_incoming(r))
+            {
+                Ok(incoming) => self
+                    .engine
+                    .accept_relayed(incoming)
+                    .await
+                    .map_err(Status::from),
+                Err(s) => Err(s),
+            };
+            match accepted {
+                Ok(p) => pending.push_back(self.engine.settle(p)),
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::PermissionDenied
+                    ) =>
+                {
+                    tracing::error!(secondary = %self.session.server_id, position, index = i,
+                        code = ?s.code(), reason = %s.message(), "relayed event refused");
+                    rejected.push(proto::RelayRejection {
+                        position,
+                        code: s.code() as i32,
+                        reason: format!("batch.events[{i}]: {}", s.message()),
+                    });
+                }
+                Err(s) => {
+                    // The store cannot take it now: nothing of this batch is acknowledged, and
+                    // the secondary sends it again after reconnecting.
+                    let reason = format!("storing relayed events failed: {}", s.message());
+                    let _ = self.tx.send(Err(Status::unavailable(reason.clone()))).await;
+                    return Err(End::Broken(reason));
+                }
+            }
         }
         while let Some(r) = pending.next().await {
             if let Err(e) = r {
@@ -416,6 +492,6 @@ impl RelaySession {
                 return Err(End::Broken(format!("storing relayed events failed: {e}")));
             }
         }
-        Ok(last)
+        Ok((last, rejected))
     }
 }

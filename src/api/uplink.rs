@@ -16,9 +16,11 @@ use super::convert;
 use super::proto::{
     self, RelayUp, hierarchy_service_client::HierarchyServiceClient, relay_down, relay_up,
 };
+use crate::api::hierarchy::RELAY_MAX_MESSAGE_BYTES;
 use crate::engine::Engine;
 use crate::hierarchy::apply_pushed_settings;
 use crate::hierarchy::uplink::Uplink;
+use tokio_util::task::TaskTracker;
 
 /// How the uplink connects and paces itself.
 #[derive(Clone, Debug)]
@@ -41,31 +43,35 @@ pub struct UplinkSettings {
     pub backoff_max: Duration,
     /// Apply settings the primary pushes.
     pub accept_settings: bool,
-    /// Largest message either way.
-    pub max_message_bytes: usize,
 }
 
-/// Starts the uplink task; it ends at shutdown.
+/// Starts the uplink task on `tracker` (shutdown waits for it before closing the store); it
+/// ends at shutdown.
 pub fn spawn(
     engine: Arc<Engine>,
     uplink: Arc<Uplink>,
     settings: UplinkSettings,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(async move {
         let shutdown = engine.shutdown_signal().clone();
         let mut backoff = settings.backoff_initial;
         loop {
-            let mut was_up = false;
+            let mut up_since = None;
             let end = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = session(&engine, &uplink, &settings, &mut was_up) => r,
+                r = session(&engine, &uplink, &settings, &mut up_since) => r,
             };
             let Err(reason) = end else { break };
             if shutdown.is_cancelled() {
                 break;
             }
-            uplink.link_down(&reason, was_up).await;
-            if was_up {
+            uplink.link_down(&reason, up_since.is_some()).await;
+            // Only a link that stayed up for a keepalive timeout resets the backoff: a primary
+            // that welcomes and then drops every link is not hammered.
+            if up_since
+                .is_some_and(|t: tokio::time::Instant| t.elapsed() >= settings.keepalive_timeout)
+            {
                 backoff = settings.backoff_initial;
             }
             let wait = jitter(backoff);
@@ -77,7 +83,7 @@ pub fn spawn(
             }
         }
         tracing::info!("uplink stopped");
-    })
+    });
 }
 
 /// Between half and all of `d`, at random, so that many secondaries do not reconnect in step.
@@ -95,7 +101,7 @@ async fn session(
     engine: &Arc<Engine>,
     uplink: &Uplink,
     s: &UplinkSettings,
-    was_up: &mut bool,
+    up_since: &mut Option<tokio::time::Instant>,
 ) -> Result<(), String> {
     let endpoint = Endpoint::from_shared(s.upstream.clone())
         .map_err(|e| format!("bad upstream address {}: {e}", s.upstream))?
@@ -111,8 +117,8 @@ async fn session(
         .await
         .map_err(|e| format!("cannot connect to {}: {}", s.upstream, error_chain(&e)))?;
     let mut client = HierarchyServiceClient::new(channel)
-        .max_decoding_message_size(s.max_message_bytes)
-        .max_encoding_message_size(s.max_message_bytes);
+        .max_decoding_message_size(RELAY_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(RELAY_MAX_MESSAGE_BYTES);
     let store = engine.store().clone();
     let (tx, rx) = mpsc::channel::<RelayUp>(s.window_batches + 8);
     let hello = up(relay_up::Kind::Hello(proto::RelayHello {
@@ -150,7 +156,7 @@ async fn session(
         }
     };
     uplink.link_up(&primary_id).await;
-    *was_up = true;
+    *up_since = Some(tokio::time::Instant::now());
 
     let shutdown = engine.shutdown_signal().clone();
     let own_id = engine.server_id().to_owned();
@@ -170,14 +176,25 @@ async fn session(
                 .read_outbox(sent_upto, s.batch_events)
                 .await
                 .map_err(|e| format!("reading the outbox failed: {e}"))?;
-            let Some(last) = entries.last().map(|e| e.position) else {
+            if entries.is_empty() {
                 break;
-            };
-            let n = entries.len() as u64;
-            let events = entries
-                .into_iter()
-                .map(|e| convert::relayed(e, &own_id))
-                .collect();
+            }
+            // A batch stays under a quarter of the relay message limit (at least one event).
+            let mut events = Vec::with_capacity(entries.len());
+            let mut bytes = 0usize;
+            let mut last = 0u64;
+            for e in entries {
+                let position = e.position;
+                let r = convert::relayed(e, &own_id);
+                let len = prost::Message::encoded_len(&r);
+                if !events.is_empty() && bytes + len > RELAY_MAX_MESSAGE_BYTES / 4 {
+                    break;
+                }
+                bytes += len;
+                last = position;
+                events.push(r);
+            }
+            let n = events.len() as u64;
             // What still waits once this batch and those before it are stored.
             let backlog = store.outbox_len().saturating_sub(in_flight_events + n);
             tx.send(up(relay_up::Kind::Batch(proto::RelayBatch {
@@ -201,6 +218,10 @@ async fn session(
                 last_heard = tokio::time::Instant::now();
                 match kind {
                     Some(relay_down::Kind::Ack(a)) => {
+                        for r in &a.rejected {
+                            tracing::error!(position = r.position, code = r.code, reason = %r.reason,
+                                primary = %primary_id, "the primary refused a relayed event; it is not sent again");
+                        }
                         store
                             .ack_outbox(a.position)
                             .await

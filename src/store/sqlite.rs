@@ -71,6 +71,9 @@ pub const DB_FILE: &str = "events.sqlite3";
 
 const SCHEMA_VERSION: i64 = 5;
 
+/// How many identities of relayed, not-stored events the writer remembers to drop resends.
+const RECENT_UNSTORED: usize = 1 << 17;
+
 const MIGRATIONS: &[&str] = &[
     // version 1
     "CREATE TABLE events (
@@ -283,6 +286,8 @@ impl SqliteStore {
             outbox_len: outbox_len.clone(),
             outbox_max: opts.outbox_max_events.max(1),
             outbox_near_full: false,
+            recent_unstored: RecentKeys::new(RECENT_UNSTORED),
+            unstored_in_batch: Vec::new(),
         };
         writer.note_outbox_level();
         // Enforce a lowered cap at start-up.
@@ -573,6 +578,41 @@ struct Writer {
     outbox_max: u64,
     /// Whether the outbox is above its warning level (reported once per crossing).
     outbox_near_full: bool,
+    /// Identities of the latest relayed events of types not stored here (bounded, in memory).
+    recent_unstored: RecentKeys,
+    /// Those remembered by the transaction in progress, forgotten again if it fails.
+    unstored_in_batch: Vec<u128>,
+}
+
+/// The most recent identities seen, up to a bound: the oldest are forgotten first.
+struct RecentKeys {
+    set: std::collections::HashSet<u128, rustc_hash::FxBuildHasher>,
+    order: std::collections::VecDeque<u128>,
+    cap: usize,
+}
+
+impl RecentKeys {
+    fn new(cap: usize) -> Self {
+        RecentKeys {
+            set: Default::default(),
+            order: Default::default(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Remembers `k`; false when it was remembered already.
+    fn insert(&mut self, k: u128) -> bool {
+        if !self.set.insert(k) {
+            return false;
+        }
+        self.order.push_back(k);
+        if self.order.len() > self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
 }
 
 impl Writer {
@@ -677,6 +717,7 @@ impl Writer {
     fn insert_all(&mut self, appends: &[QueuedAppend]) -> Result<Vec<AppendOutcome>, StoreError> {
         let mut outcomes = Vec::with_capacity(appends.len());
         let mut added: Vec<u128> = Vec::with_capacity(appends.len());
+        self.unstored_in_batch.clear();
         let result = self.insert_new(appends, &mut outcomes, &mut added);
         match result {
             Ok((trimmed, outbox_added, outbox_dropped)) => {
@@ -723,6 +764,9 @@ impl Writer {
                 for k in added {
                     self.dedupe.stored.remove(&k);
                 }
+                for k in std::mem::take(&mut self.unstored_in_batch) {
+                    self.recent_unstored.set.remove(&k);
+                }
                 Err(e)
             }
         }
@@ -768,6 +812,16 @@ impl Writer {
                     added.push(key);
                     Some(key)
                 } else {
+                    if !origin_server.is_empty() {
+                        // A relayed event of a type not stored here: a secondary's resend must
+                        // not be published or forwarded twice either.
+                        let key = self.dedupe.hash(origin_server, &ev.device_id, &ev.event_id);
+                        if !self.recent_unstored.insert(key) {
+                            outcomes.push(AppendOutcome::Duplicate);
+                            continue;
+                        }
+                        self.unstored_in_batch.push(key);
+                    }
                     None
                 };
                 let params_json = if ev.params.is_empty() {
