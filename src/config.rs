@@ -333,6 +333,11 @@ pub struct StoreConfig {
     pub retention_sweep_secs: u64,
     /// SQLite page cache for the writer, MiB; the store's indexes should fit. Default 64.
     pub cache_mib: u32,
+    /// `postgres://USER@HOST:PORT/DATABASE` stores events in PostgreSQL (shared by several
+    /// servers) instead of the embedded SQLite database in `data_dir`. Default unset.
+    pub url: Option<String>,
+    /// Connections to PostgreSQL. Default 16.
+    pub pool_size: usize,
 }
 
 impl Default for StoreConfig {
@@ -344,6 +349,8 @@ impl Default for StoreConfig {
             queue_capacity: 16_384,
             retention_sweep_secs: 3600,
             cache_mib: 64,
+            url: None,
+            pool_size: 16,
         }
     }
 }
@@ -399,6 +406,13 @@ impl Config {
         }
         if self.server.server_id.is_empty() {
             return Err(ConfigError("server.server_id must not be empty".into()));
+        }
+        if let Some(u) = &self.store.url
+            && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        {
+            return Err(ConfigError(format!(
+                "store.url must be postgres://USER@HOST:PORT/DATABASE, not {u:?}"
+            )));
         }
         let h = &self.hierarchy;
         if (h.upstream.is_some() || h.listen.is_some())

@@ -53,6 +53,7 @@ use crate::devices::DeviceRegistry;
 use crate::engine::{Engine, EngineParts};
 use crate::hierarchy::secondaries::Secondaries;
 use crate::hierarchy::uplink::Uplink;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{EventStore, StoreError};
 use tokio_util::task::TaskTracker;
@@ -141,16 +142,40 @@ pub struct RunningServer {
 
 /// Starts a server with `config`, reading time from `clock`.
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, ServerError> {
-    let (store, notices) = SqliteStore::open(SqliteOptions {
-        path: config.database_path(),
-        max_events: config.store.max_events,
-        batch_max: config.store.batch_max,
-        queue_capacity: config.store.queue_capacity,
-        durability: config.store.durability,
-        cache_mib: config.store.cache_mib,
-        outbox_max_events: config.hierarchy.outbox_max_events,
+    // The data directory exists with either backend: the capacity monitor watches its volume.
+    std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot create {}: {e}",
+            config.server.data_dir.display()
+        ))
     })?;
-    let store: Arc<dyn EventStore> = Arc::new(store);
+    let (store, notices): (Arc<dyn EventStore>, _) = match &config.store.url {
+        Some(url) => {
+            let (store, notices) = PgStore::open(PgOptions {
+                url: url.clone(),
+                server_id: config.server.server_id.clone(),
+                max_events: config.store.max_events,
+                batch_max: config.store.batch_max,
+                queue_capacity: config.store.queue_capacity,
+                outbox_max_events: config.hierarchy.outbox_max_events,
+                pool_size: config.store.pool_size,
+            })
+            .await?;
+            (Arc::new(store), notices)
+        }
+        None => {
+            let (store, notices) = SqliteStore::open(SqliteOptions {
+                path: config.database_path(),
+                max_events: config.store.max_events,
+                batch_max: config.store.batch_max,
+                queue_capacity: config.store.queue_capacity,
+                durability: config.store.durability,
+                cache_mib: config.store.cache_mib,
+                outbox_max_events: config.hierarchy.outbox_max_events,
+            })?;
+            (Arc::new(store), notices)
+        }
+    };
     let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
     for skipped in catalog.restore(store.load_event_types().await?) {
         tracing::error!(event_type = %skipped.name, id = ?skipped.id,

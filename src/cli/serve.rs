@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// Directory for the embedded database (default ./fleet-events-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Where events are stored: `postgres://USER@HOST:PORT/DATABASE` for PostgreSQL; unset
+    /// for the embedded SQLite database in the data directory.
+    #[arg(long)]
+    store: Option<String>,
     /// Make this server a secondary of the primary at `https://HOST:PORT` (its hierarchy
     /// listener); needs the [hierarchy] TLS files.
     #[arg(long)]
@@ -47,6 +51,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(d) = args.data_dir {
         config.server.data_dir = d;
+    }
+    if let Some(s) = args.store {
+        config.store.url = Some(s);
     }
     if let Some(u) = args.upstream {
         config.hierarchy.upstream = Some(u);

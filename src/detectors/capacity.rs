@@ -159,7 +159,10 @@ impl CapacityMonitor {
         let (free, total) = volume_space(&self.data_dir)?;
         let volume_low = u128::from(free) * 100
             < u128::from(total) * u128::from(settings.volume_min_free_percent);
-        let db = database_size(&self.database);
+        let db = match self.engine.store().size_bytes().await? {
+            Some(n) => n,
+            None => database_size(&self.database),
+        };
         let database_low = u128::from(db) * 100
             >= u128::from(settings.database_limit_bytes)
                 * u128::from(settings.database_warn_percent);

@@ -1,5 +1,6 @@
 //! The event store: one [`EventStore`] interface that every backend implements, and the types
-//! that cross it. Backends: [`sqlite`] (embedded, the default).
+//! that cross it. Backends: [`sqlite`] (embedded, the default) and
+//! [`postgres`] (shared by several servers).
 //!
 //! Invariants every backend keeps:
 //! - writes are group-committed by one writer; an [`AppendTicket`] resolves only after the
@@ -13,6 +14,7 @@
 //!   committed event is never missing from the outbox; the outbox keeps at most its limit,
 //!   dropping its oldest entries (reported) rather than refusing ingest.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -279,6 +281,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// How many events are stored.
     async fn event_count(&self) -> Result<u64, StoreError>;
+
+    /// The database's size in bytes, when the backend measures it itself (PostgreSQL);
+    /// `None` for a backend whose files the capacity monitor measures (SQLite).
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 
     /// Commits everything queued, then stops the writer. Later calls fail with `Unavailable`.
     async fn shutdown(&self);
