@@ -36,7 +36,65 @@ pub fn test_config(dir: &Path) -> Config {
     c.server.data_dir = dir.to_path_buf();
     c.server.server_id = "test-server".into();
     c.store.durability = fleet_events::store::sqlite::Durability::Normal;
+    c.store.url = store_url_for(dir);
     c
+}
+
+/// The PostgreSQL cluster the suite runs against, when `scripts/test.sh` started one
+/// (`FLEET_TEST_POSTGRES=postgres://USER@HOST:PORT`); unset runs on the embedded SQLite store.
+/// The same tests run on both backends.
+pub fn postgres_base() -> Option<String> {
+    std::env::var("FLEET_TEST_POSTGRES")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// The backend the suite runs on, for messages.
+pub fn backend() -> &'static str {
+    if postgres_base().is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    }
+}
+
+/// With PostgreSQL: the URL of a database of its own for the data directory `dir` (created on
+/// first use, the same for a restart on the same directory). `None` on SQLite.
+pub fn store_url_for(dir: &Path) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let base = postgres_base()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    let name = format!("t_{:016x}", h.finish());
+    let (b, n) = (base.clone(), name.clone());
+    // Its own thread and runtime: callers may be sync or inside a runtime.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) =
+                tokio_postgres::connect(&format!("{b}/postgres"), tokio_postgres::NoTls)
+                    .await
+                    .expect("the test PostgreSQL cluster answers");
+            tokio::spawn(conn);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&n])
+                .await
+                .unwrap()
+                .is_some();
+            if !exists
+                && let Err(e) = client.batch_execute(&format!("CREATE DATABASE {n}")).await
+                && e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+            {
+                panic!("CREATE DATABASE {n}: {e}");
+            }
+        })
+    })
+    .join()
+    .unwrap();
+    Some(format!("{base}/{name}"))
 }
 
 impl TestServer {
@@ -151,6 +209,7 @@ impl ServerProcess {
         let _ = std::fs::remove_file(&ready);
         let cfg = dir.join("config.toml");
         std::fs::write(&cfg, config_toml).unwrap();
+        let store_env = store_url_for(&dir.join("data"));
         let child = Command::new(env!("CARGO_BIN_EXE_fleet-events"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.join("data"))
@@ -160,6 +219,7 @@ impl ServerProcess {
             .arg(&cfg)
             .arg("--log")
             .arg("warn")
+            .envs(store_env.iter().map(|u| ("FLEET_EVENTS_STORE__URL", u.as_str())))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -365,5 +425,20 @@ where
         }
         assert!(Instant::now() < deadline, "not within {secs} s: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The PostgreSQL cluster for a test that needs one. On SQLite-only runs the test is skipped
+/// with a message, except in CI (`CI` set), where a missing cluster fails it.
+pub fn require_postgres(test: &str) -> Option<String> {
+    match postgres_base() {
+        Some(b) => Some(b),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("{test}: CI must run with PostgreSQL (scripts/test.sh starts it)")
+        }
+        None => {
+            eprintln!("{test}: skipped, FLEET_TEST_POSTGRES is not set (scripts/test.sh sets it)");
+            None
+        }
     }
 }
