@@ -2,8 +2,10 @@
 # The whole test suite, from a fresh machine: installs what it needs that is not in the repo
 # (Go tools via `go install`, Python packages via pip into a venv under target/), checks
 # formatting and lints, builds once (release), runs the Rust tests (unit, integration,
-# process-level, and each Criterion bench once in test mode), then the Python grpcio suite
-# against the same release binary. Idempotent; cleans up the servers it starts.
+# process-level, and each Criterion bench once in test mode) on the embedded SQLite store, then
+# the same integration tests again on PostgreSQL (Debian's package, installed when missing; a
+# throw-away cluster on a free port, stopped at exit), then the Python grpcio suite against the
+# same release binary. Idempotent; cleans up the servers it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -35,8 +37,18 @@ step "format and lints"
 cargo fmt --check
 cargo clippy --release --all-targets --locked -- -D warnings
 
-step "rust tests (release build, benches once in test mode)"
+step "rust tests on SQLite (release build, benches once in test mode)"
+unset FLEET_TEST_POSTGRES
 FLEET_BENCH_QUICK=1 cargo test --release --all-targets --locked
+
+step "the same integration tests on PostgreSQL"
+source scripts/pg.sh
+trap pg_stop EXIT
+# fsync off: a throw-away cluster; crash safety of the server is tested on its side.
+pg_start -c fsync=off
+cargo test --release --tests --locked
+pg_stop
+trap - EXIT
 
 step "python grpcio suite"
 FLEET_EVENTS_BIN="$root/target/release/fleet-events" "$venv/bin/python" -m pytest -q tests/python
