@@ -9,7 +9,8 @@
 //!   lock-free look-up by string or ID, per-type settings.
 //! - [`classify`]: validation of an incoming event and its classification.
 //! - [`flood`]: per-(device, type) sliding-window counters, blocks and the three admin actions.
-//! - [`store`]: the `EventStore` interface and its SQLite backend (group commit, cap, retention).
+//! - [`store`]: the `EventStore` interface and its backends, SQLite (embedded, the default) and
+//!   PostgreSQL (shared by several servers): group commit, cap, retention, the hierarchy outbox.
 //! - [`bus`]: fan-out of classified events to live subscribers, never blocking ingest.
 //! - [`engine`]: the data path of one event, tying the above together; free of gRPC types.
 //! - [`devices`]: the device registry (heartbeats, identity conflicts, status, inactivity).

@@ -80,7 +80,11 @@ async fn losing_postgres_mid_stream_gives_unavailable_and_the_server_recovers() 
     // The server still serves what does not need the store.
     assert!(
         events
-            .classify(event("dev-x", "KLSRV_APN_CERTIFICATE_EXPIRES_SOON", "live-only"))
+            .classify(event(
+                "dev-x",
+                "KLSRV_APN_CERTIFICATE_EXPIRES_SOON",
+                "live-only"
+            ))
             .await
             .is_ok()
     );

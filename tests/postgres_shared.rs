@@ -13,7 +13,11 @@ const TYPE: &str = "KLSRV_EVENT_HOSTS_CONFLICT";
 
 async fn send(url: &str, events: Vec<Event>) -> Vec<bool> {
     let mut c = EventServiceClient::new(connect(url).await);
-    let mut answers = c.stream(tokio_stream::iter(events)).await.unwrap().into_inner();
+    let mut answers = c
+        .stream(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner();
     let mut stored = Vec::new();
     while let Some(a) = answers.message().await.unwrap() {
         stored.push(a.stored);
@@ -63,7 +67,10 @@ async fn two_servers_on_one_database_see_each_others_events_and_store_a_shared_e
         send(&a.addr, batch("both")),
         send(&b.addr, batch("both")),
     );
-    assert_eq!((ra.len(), rb.len(), sa.len(), sb.len()), (500, 500, 500, 500));
+    assert_eq!(
+        (ra.len(), rb.len(), sa.len(), sb.len()),
+        (500, 500, 500, 500)
+    );
 
     for url in [&a.addr, &b.addr] {
         let ids = all_ids(url).await;

@@ -219,7 +219,11 @@ impl ServerProcess {
             .arg(&cfg)
             .arg("--log")
             .arg("warn")
-            .envs(store_env.iter().map(|u| ("FLEET_EVENTS_STORE__URL", u.as_str())))
+            .envs(
+                store_env
+                    .iter()
+                    .map(|u| ("FLEET_EVENTS_STORE__URL", u.as_str())),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
