@@ -136,14 +136,18 @@ async fn secondary_forwards_warnings_to_its_primary_which_lists_it() {
     assert_eq!(s.state, LinkState::Connected as i32);
     assert!(s.last_contact.is_some());
     assert_eq!(s.events_received, 50);
-    let up = hierarchy(&secondary.channel)
-        .get_uplink_status(GetUplinkStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    // The secondary deletes what the primary acknowledged: its own outbox empties too.
+    let up = eventually(20, "the secondary's outbox empties", || async {
+        let up = hierarchy(&secondary.channel)
+            .get_uplink_status(GetUplinkStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        (up.backlog == 0).then_some(up)
+    })
+    .await;
     assert!(up.configured);
     assert_eq!(up.primary_id, "primary");
-    assert_eq!(up.backlog, 0);
     secondary.stop().await;
     primary.stop().await;
 }
