@@ -619,8 +619,10 @@ async fn a_full_outbox_drops_its_oldest_and_keeps_ingesting() {
     let pki = Pki::new(&dir.path().join("pki"), "test CA");
     let port = free_port();
     // No primary yet: everything waits in the outbox, which holds 10.
+    // A long keepalive timeout: no 4118 (a warning, forwarded too) joins the outbox meanwhile.
     let secondary = start_node(dir.path(), &pki, "secondary", None, Some(port), |c| {
-        c.hierarchy.outbox_max_events = 10
+        c.hierarchy.outbox_max_events = 10;
+        c.hierarchy.keepalive_timeout_secs = 600;
     })
     .await;
     let mut events = secondary.events();
