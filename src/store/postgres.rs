@@ -125,12 +125,16 @@ const MIGRATIONS: &[&str] = &[
         server_chain TEXT NOT NULL,
         PRIMARY KEY (owner, pos)
      );",
+    // version 2: retention deletes the identities of a dropped day by arrival time
+    "CREATE INDEX event_keys_by_arrival ON event_keys (received_at);",
 ];
 
 /// Advisory lock key serialising migrations and partition creation across servers.
 const SCHEMA_LOCK: i64 = 0x666c_6565_7476_0001;
 const PARTITION_LOCK: i64 = 0x666c_6565_7476_0002;
 const DAY_MICROS: i64 = 86_400_000_000;
+/// Longest a group commit may take before its events get UNAVAILABLE.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 /// How many identities of relayed, not-stored events the writer remembers to drop resends.
 const RECENT_UNSTORED: usize = 1 << 17;
 
@@ -145,7 +149,15 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
     };
     match e.code().map(|c| c.code()) {
         None => StoreError::Unavailable(detail),
-        Some(c) if c.starts_with("08") || c.starts_with("57P") => StoreError::Unavailable(detail),
+        // Connection trouble, shutdown, and the waits this store bounds (deadlock, lock and
+        // statement timeouts): the database cannot take the batch now; a retry may succeed.
+        Some(c)
+            if c.starts_with("08")
+                || c.starts_with("57P")
+                || matches!(c, "40P01" | "40001" | "55P03" | "57014") =>
+        {
+            StoreError::Unavailable(detail)
+        }
         Some("53100") => StoreError::Full(detail),
         Some(_) => StoreError::Backend(detail),
     }
@@ -329,24 +341,42 @@ impl PgStore {
     pub async fn open(
         opts: PgOptions,
     ) -> Result<(Self, mpsc::UnboundedReceiver<StoreNotice>), StoreError> {
-        let pg_config: tokio_postgres::Config = opts
+        let mut pg_config: tokio_postgres::Config = opts
             .url
             .parse()
             .map_err(|e| StoreError::Backend(format!("store url: {e}")))?;
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
+        // Every wait is bounded: a stuck peer holding a lock, or a half-open connection, turns
+        // into UNAVAILABLE instead of a hang (see `pg_err`).
+        let options = format!(
+            "{} -c lock_timeout=10s -c statement_timeout=60s -c idle_in_transaction_session_timeout=60s",
+            pg_config.get_options().unwrap_or("")
         );
-        let pool = Pool::builder(manager)
-            .max_size(opts.pool_size.max(2))
-            .wait_timeout(Some(std::time::Duration::from_secs(10)))
-            .create_timeout(Some(std::time::Duration::from_secs(10)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
+        pg_config
+            .options(options.trim())
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .keepalives(true)
+            .keepalives_idle(std::time::Duration::from_secs(15))
+            .tcp_user_timeout(std::time::Duration::from_secs(30));
+        let make_pool = |size: usize| {
+            let manager = Manager::from_config(
+                pg_config.clone(),
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(std::time::Duration::from_secs(10)))
+                .create_timeout(Some(std::time::Duration::from_secs(10)))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))
+        };
+        // Reads and small saves share one pool; the writer has its own, so busy queries never
+        // keep ingest waiting for a connection.
+        let pool = make_pool(opts.pool_size.max(2))?;
+        let writer_pool = make_pool(2)?;
         migrate(&pool).await?;
         let client = pool.get().await.map_err(pool_err)?;
         let outbox: i64 = client
@@ -361,8 +391,8 @@ impl PgStore {
         let outbox_len = Arc::new(AtomicU64::new(outbox as u64));
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
-        let writer = Writer {
-            pool: pool.clone(),
+        let mut writer = Writer {
+            pool: writer_pool,
             server_id: opts.server_id.clone(),
             max_events: opts.max_events,
             batch_max: opts.batch_max.max(1),
@@ -374,6 +404,8 @@ impl PgStore {
             recent_unstored: Default::default(),
             recent_order: Default::default(),
         };
+        // A cap lowered since the last start is enforced before serving, as with SQLite.
+        writer.enforce_cap().await?;
         let handle = tokio::spawn(writer.run(rx));
         tracing::info!(url = %redact(&opts.url), "PostgreSQL event store open");
         Ok((
@@ -841,7 +873,7 @@ impl Writer {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
             .await
             .map_err(pg_err)?;
-        for d in missing {
+        for d in &missing {
             tx.batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS events_d{d} PARTITION OF events
                  FOR VALUES FROM ({}) TO ({})",
@@ -850,9 +882,11 @@ impl Writer {
             ))
             .await
             .map_err(pg_err)?;
-            self.partitions.insert(d);
         }
-        tx.commit().await.map_err(pg_err)
+        tx.commit().await.map_err(pg_err)?;
+        // Known only once committed.
+        self.partitions.extend(missing);
+        Ok(())
     }
 
     fn remember_unstored(&mut self, key: (String, String, String)) -> bool {
@@ -868,7 +902,34 @@ impl Writer {
         true
     }
 
+    /// One group commit, bounded in time. A partition that another server dropped since this
+    /// one cached it is created again, once.
     async fn insert_all(
+        &mut self,
+        appends: &[QueuedAppend],
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        for attempt in 0.. {
+            let r = tokio::time::timeout(WRITE_TIMEOUT, self.try_insert_all(appends))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "PostgreSQL did not commit within {} s",
+                        WRITE_TIMEOUT.as_secs()
+                    )))
+                });
+            match r {
+                Err(StoreError::Backend(m))
+                    if attempt == 0 && m.contains("no partition of relation") =>
+                {
+                    self.partitions.clear();
+                }
+                other => return other,
+            }
+        }
+        unreachable!()
+    }
+
+    async fn try_insert_all(
         &mut self,
         appends: &[QueuedAppend],
     ) -> Result<Vec<AppendOutcome>, StoreError> {
@@ -880,6 +941,13 @@ impl Writer {
         self.ensure_partitions(&days).await?;
         let mut client = self.pool.get().await.map_err(pool_err)?;
         let tx = client.transaction().await.map_err(pg_err)?;
+        // Every writing transaction of every server takes the count row first: one lock order,
+        // so writers of several servers queue instead of deadlocking on each other's keys.
+        if !days.is_empty() {
+            tx.execute("SELECT 1 FROM event_count WHERE id = 1 FOR UPDATE", &[])
+                .await
+                .map_err(pg_err)?;
+        }
 
         // 1. Identities: the database says which are new (also against other servers).
         let mut keys = Columns::default();
@@ -894,6 +962,7 @@ impl Writer {
                 .query(
                     "INSERT INTO event_keys (origin_server, device_id, event_id, event_type, received_at)
                      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
+                     ORDER BY 1, 2, 3
                      ON CONFLICT DO NOTHING
                      RETURNING origin_server, device_id, event_id",
                     &[
@@ -1022,42 +1091,7 @@ impl Writer {
                 .await
                 .map_err(pg_err)?
                 .get(0);
-            let count = count.max(0) as u64;
-            if count > self.max_events {
-                let target = self.max_events - self.max_events / 100;
-                let to_delete = count - target;
-                let _ = self.notices.send(StoreNotice::TruncationStarted {
-                    count,
-                    cap: self.max_events,
-                    to_delete,
-                });
-                let deleted = delete_returning_count(
-                    tx,
-                    "WITH old AS (
-                        SELECT seq, received_at FROM events ORDER BY received_at, seq LIMIT $1
-                     ), d AS (
-                        DELETE FROM events e USING old
-                        WHERE e.seq = old.seq AND e.received_at = old.received_at
-                        RETURNING e.origin_server, e.device_id, e.event_id
-                     ), k AS (
-                        DELETE FROM event_keys k USING d
-                        WHERE k.origin_server = d.origin_server AND k.device_id = d.device_id
-                          AND k.event_id = d.event_id
-                     )
-                     SELECT count(*) FROM d",
-                    &[&(to_delete as i64)],
-                )
-                .await?;
-                let remaining: i64 = tx
-                    .query_one(
-                        "UPDATE event_count SET n = n - $1 WHERE id = 1 RETURNING n",
-                        &[&(deleted as i64)],
-                    )
-                    .await
-                    .map_err(pg_err)?
-                    .get(0);
-                trim = Some((deleted, remaining.max(0) as u64));
-            }
+            trim = self.trim(tx, count.max(0) as u64).await?;
         }
         let mut dropped = 0;
         if outbox.len() > 0 {
@@ -1085,6 +1119,79 @@ impl Writer {
             }
         }
         Ok((trim, dropped))
+    }
+
+    /// When `count` is over the cap, deletes the oldest events (and their identities) down to
+    /// 99 % of it in `tx`, which holds the count row. Returns (deleted, remaining).
+    async fn trim(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        count: u64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        if count <= self.max_events {
+            return Ok(None);
+        }
+        let target = self.max_events - self.max_events / 100;
+        let to_delete = count - target;
+        let _ = self.notices.send(StoreNotice::TruncationStarted {
+            count,
+            cap: self.max_events,
+            to_delete,
+        });
+        let deleted = delete_returning_count(
+            tx,
+            "WITH old AS (
+                SELECT seq, received_at FROM events ORDER BY received_at, seq LIMIT $1
+             ), d AS (
+                DELETE FROM events e USING old
+                WHERE e.seq = old.seq AND e.received_at = old.received_at
+                RETURNING e.origin_server, e.device_id, e.event_id
+             ), k AS (
+                DELETE FROM event_keys k USING d
+                WHERE k.origin_server = d.origin_server AND k.device_id = d.device_id
+                  AND k.event_id = d.event_id
+             )
+             SELECT count(*) FROM d",
+            &[&(to_delete as i64)],
+        )
+        .await?;
+        let remaining: i64 = tx
+            .query_one(
+                "UPDATE event_count SET n = n - $1 WHERE id = 1 RETURNING n",
+                &[&(deleted as i64)],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        Ok(Some((deleted, remaining.max(0) as u64)))
+    }
+
+    /// At start-up: a cap lowered since the last start is enforced at once, reported like a
+    /// trim during ingest.
+    async fn enforce_cap(&mut self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let count: i64 = tx
+            .query_one("SELECT n FROM event_count WHERE id = 1 FOR UPDATE", &[])
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        let trimmed = self.trim(&tx, count.max(0) as u64).await?;
+        tx.commit().await.map_err(pg_err)?;
+        if let Some((deleted, remaining)) = trimmed {
+            tracing::warn!(
+                deleted,
+                remaining,
+                cap = self.max_events,
+                "event cap lowered: oldest events deleted"
+            );
+            let _ = self.notices.send(StoreNotice::TruncationFinished {
+                deleted,
+                remaining,
+                cap: self.max_events,
+            });
+        }
+        Ok(())
     }
 
     async fn ack_outbox(&mut self, upto: u64) -> Result<u64, StoreError> {
@@ -1136,6 +1243,27 @@ impl Writer {
     /// Retention: drops the day partitions that every type's retention has passed, then deletes
     /// the expired rows of each type at the edges.
     async fn sweep(&mut self, now: Timestamp, rules: &RetentionRules) -> Result<u64, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        // The count row first, as every writing transaction: sweeps and inserts of all servers
+        // run one at a time, so the counts and drops below are exact.
+        tx.execute("SELECT 1 FROM event_count WHERE id = 1 FOR UPDATE", &[])
+            .await
+            .map_err(pg_err)?;
+        // Another server sharing the database may know types (or longer retentions) this one
+        // loaded before they were saved: the longer retention wins.
+        let mut rules = rules.clone();
+        for r in tx
+            .query("SELECT definition FROM event_types", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            if let Ok(t) = serde_json::from_str::<EventType>(r.get(0)) {
+                let days = rules.per_type.entry(t.name).or_insert(0);
+                *days = (*days).max(t.settings.retention_days);
+            }
+        }
+        let rules = &rules;
         let cutoff = |days: u32| now.0 - i64::from(days) * DAY_MICROS;
         let longest = rules
             .per_type
@@ -1145,8 +1273,6 @@ impl Writer {
             .max()
             .unwrap_or(0);
         let all_expired_before = cutoff(longest);
-        let mut client = self.pool.get().await.map_err(pool_err)?;
-        let tx = client.transaction().await.map_err(pg_err)?;
         let mut deleted = 0u64;
         let parts = tx
             .query(
@@ -1171,7 +1297,7 @@ impl Writer {
                     .await
                     .map_err(pg_err)?
                     .get(0);
-                tx.batch_execute(&format!("DROP TABLE {name}"))
+                tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
                     .await
                     .map_err(pg_err)?;
                 tx.execute(
