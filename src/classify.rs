@@ -132,6 +132,12 @@ pub enum ClassifyError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The type is raised only by the server's detectors; clients may not send it.
+    #[error("event_type: {event_type} is raised only by the server's detectors, never by clients")]
+    ServerOnly {
+        /// The type string.
+        event_type: String,
+    },
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ClassifyError {
@@ -259,6 +265,11 @@ pub fn classify(
             ));
         }
     };
+    if event_type.raised_by == crate::catalog::RaisedBy::Server {
+        return Err(ClassifyError::ServerOnly {
+            event_type: event_type.name.clone(),
+        });
+    }
     let event_id = if ev.event_id.is_empty() {
         uuid::Uuid::new_v4().to_string()
     } else {
@@ -399,6 +410,7 @@ mod tests {
     fn field_of(r: Result<ClassifiedEvent, ClassifyError>) -> &'static str {
         match r {
             Err(ClassifyError::Invalid { field, .. }) => field,
+            Err(ClassifyError::ServerOnly { .. }) => "server-only",
             Ok(_) => "accepted",
         }
     }
@@ -408,16 +420,52 @@ mod tests {
         let c = Catalog::with_builtins(Severity::Info);
         let l = Limits::default();
         let now = Timestamp::from_secs(1_700_000_000);
-        let a = classify(&c, &l, ev("d", "KLSRV_EVENT_HOSTS_CONFLICT", 0), now).unwrap();
-        assert_eq!(a.event_type.id, Some(4102));
+        let registered = c.prepare_register(crate::catalog::NewEventType {
+            name: "APP_CONFLICT".into(),
+            id: Some(74102),
+            severity: Severity::Warning,
+            display_name: "App conflict".into(),
+            display_name_ja: String::new(),
+            description: String::new(),
+            recommended_response: String::new(),
+            retention_days: None,
+            store: false,
+            application: "app".into(),
+        });
+        c.put(registered.unwrap());
+        let a = classify(&c, &l, ev("d", "APP_CONFLICT", 0), now).unwrap();
+        assert_eq!(a.event_type.id, Some(74102));
         assert_eq!(a.occurred_at, now);
-        let b = classify(&c, &l, ev("d", "", 4135), now).unwrap();
-        assert_eq!(b.event_type.name, "KLSRV_APN_CERTIFICATE_EXPIRED");
+        let b = classify(&c, &l, ev("d", "", 74102), now).unwrap();
+        assert_eq!(b.event_type.name, "APP_CONFLICT");
         assert!(!b.stored());
         let u = classify(&c, &l, ev("d", "APP_THING", 0), now).unwrap();
         assert!(!u.event_type.known);
         assert_eq!(u.event_type.severity, Severity::Info);
         assert!(u.stored());
+    }
+
+    /// Built-in types are the server's: a client sending one, by string or by ID, is refused.
+    #[test]
+    fn refuses_server_types_from_clients() {
+        let c = Catalog::with_builtins(Severity::Info);
+        let l = Limits::default();
+        let now = Timestamp::from_secs(1_700_000_000);
+        for t in [
+            "KLSRV_EVENT_HOSTS_CONFLICT",
+            "KLSRV_EVENT_SPAM_EVENTS_DETECTED",
+            "FLEET_AUDIT_ACCESS",
+        ] {
+            assert_eq!(
+                field_of(classify(&c, &l, ev("d", t, 0), now)),
+                "server-only",
+                "{t}"
+            );
+        }
+        assert_eq!(
+            field_of(classify(&c, &l, ev("d", "", 4135), now)),
+            "server-only"
+        );
     }
 
     #[test]

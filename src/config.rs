@@ -15,6 +15,11 @@ use crate::classify::Limits;
 use crate::flood::FloodThresholds;
 use crate::store::sqlite::Durability;
 
+/// The CA certificate clients pin, in the data directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The first admin token (mode 0600), in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
 /// Everything the server can be configured with.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +46,8 @@ pub struct Config {
     pub licences: LicencesConfig,
     /// The server hierarchy (primary and secondary roles).
     pub hierarchy: HierarchyConfig,
+    /// Credentials: device certificates, shared credential refresh.
+    pub auth: AuthConfig,
 }
 
 /// `[hierarchy]`: this server's place in a hierarchy of servers. With `upstream` set it is a
@@ -240,6 +247,45 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Seconds that shutdown waits for open calls to finish. Default 10.
     pub shutdown_grace_secs: u64,
+    /// The client port's TLS certificate chain (PEM). Unset: `<data_dir>/server.pem`, made
+    /// and signed by this server's CA on first start (for localhost, 127.0.0.1, ::1, the host
+    /// name, `server_id` and the listen address).
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA that issues device certificates (PEM). Unset: `<data_dir>/ca.pem`, made on first
+    /// start with its key in `<data_dir>/ca.key` (mode 0600). Servers sharing one PostgreSQL
+    /// database must be given the same CA.
+    pub tls_ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM).
+    pub tls_ca_key: Option<PathBuf>,
+    /// Serve plaintext HTTP/2 instead of TLS (credentials are still required). On an address
+    /// that is not loopback, a warning is logged at every start. Default false.
+    pub insecure_plaintext: bool,
+    /// Most client connections open at once; more wait in the kernel's backlog. Default 10 000.
+    pub max_connections: usize,
+    /// Seconds a new connection has to finish its TLS handshake. Default 10.
+    pub handshake_timeout_secs: u64,
+}
+
+/// `[auth]`: credentials.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Days an issued device certificate is valid. Default 365.
+    pub device_certificate_days: u64,
+    /// Seconds between re-reads of shared credentials (tokens, revocations) from the store,
+    /// for servers sharing one PostgreSQL database. Default 5.
+    pub refresh_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            device_certificate_days: 365,
+            refresh_secs: 5,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -250,6 +296,13 @@ impl Default for ServerConfig {
             server_id: default_server_id(),
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_secs: 10,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca_cert: None,
+            tls_ca_key: None,
+            insecure_plaintext: false,
+            max_connections: 10_000,
+            handshake_timeout_secs: 10,
         }
     }
 }
@@ -404,8 +457,25 @@ impl Config {
         if self.flood.threshold == 0 {
             return Err(ConfigError("flood.threshold must be at least 1".into()));
         }
-        if self.server.server_id.is_empty() {
-            return Err(ConfigError("server.server_id must not be empty".into()));
+        if self.server.server_id.is_empty() || self.server.server_id == "*" {
+            return Err(ConfigError(
+                "server.server_id must not be empty or \"*\"".into(),
+            ));
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err(ConfigError(
+                "server.tls_cert and server.tls_key go together: set both or neither".into(),
+            ));
+        }
+        if self.server.tls_ca_cert.is_some() != self.server.tls_ca_key.is_some() {
+            return Err(ConfigError(
+                "server.tls_ca_cert and server.tls_ca_key go together: set both or neither".into(),
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError(
+                "server.max_connections must be at least 1".into(),
+            ));
         }
         if let Some(u) = &self.store.url
             && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
@@ -453,6 +523,33 @@ impl Config {
     /// The event database file.
     pub fn database_path(&self) -> PathBuf {
         self.server.data_dir.join(crate::store::sqlite::DB_FILE)
+    }
+
+    /// The CA certificate and key files (configured, or in the data directory).
+    pub fn ca_files(&self) -> (PathBuf, PathBuf) {
+        match (&self.server.tls_ca_cert, &self.server.tls_ca_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (
+                self.server.data_dir.join(CA_CERT_FILE),
+                self.server.data_dir.join("ca.key"),
+            ),
+        }
+    }
+
+    /// The client port's certificate and key files (configured, or in the data directory).
+    pub fn server_tls_files(&self) -> (PathBuf, PathBuf) {
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (
+                self.server.data_dir.join("server.pem"),
+                self.server.data_dir.join("server.key"),
+            ),
+        }
+    }
+
+    /// The file the first admin token is written to.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.server.data_dir.join(ADMIN_TOKEN_FILE)
     }
 }
 

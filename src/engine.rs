@@ -266,6 +266,11 @@ impl Engine {
         self.last_event.get(device_id).map(|t| *t)
     }
 
+    /// The limits incoming events (and other requests naming a device) are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// This server's id: the device id of the events it raises about itself.
     pub fn server_id(&self) -> &str {
         &self.server_id

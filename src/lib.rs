@@ -18,6 +18,9 @@
 //!   capacity).
 //! - [`hierarchy`]: the server hierarchy's rules: the primary's registry of secondaries, the
 //!   secondary's link state, the two disconnection events, settings pushed down.
+//! - [`auth`]: the trust model: the server's CA and device certificates, bearer tokens with
+//!   roles, enrolment tokens, revocations, the table of who may call what, audit events.
+//! - [`client`]: connecting to a server with TLS and a credential (the CLI, tests, benches).
 //! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
 //! - [`config`]: the `Config` struct, from TOML, environment and flags.
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
@@ -25,9 +28,11 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod catalog;
 pub mod classify;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod detectors;

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -21,6 +20,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::api::access::AccessApi;
+use crate::api::auth::AuthorizeLayer;
 use crate::api::capacity::CapacityApi;
 use crate::api::catalog::CatalogApi;
 use crate::api::certificates::CertificateApi;
@@ -28,10 +29,12 @@ use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
 use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts, RELAY_MAX_MESSAGE_BYTES};
 use crate::api::licences::LicenceApi;
+use crate::api::proto::access_service_server::AccessServiceServer;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
 use crate::api::proto::certificate_service_server::CertificateServiceServer;
 use crate::api::proto::device_service_server::DeviceServiceServer;
+use crate::api::proto::enrollment_service_server::EnrollmentServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
 use crate::api::proto::hierarchy_service_server::HierarchyServiceServer;
 use crate::api::proto::licence_service_server::LicenceServiceServer;
@@ -41,6 +44,8 @@ use crate::api::push::PushApi;
 use crate::api::updates::UpdateApi;
 use crate::api::uplink::UplinkSettings;
 use crate::api::{proto, status};
+use crate::auth::AccessControl;
+use crate::auth::pki::Authority;
 use crate::catalog::Catalog;
 use crate::clock::SharedClock;
 use crate::config::Config;
@@ -81,6 +86,12 @@ pub enum ServerError {
     /// The hierarchy's certificates could not be loaded.
     #[error("hierarchy TLS: {0}")]
     Tls(String),
+    /// The client port's CA or certificate could not be loaded or made.
+    #[error("client port TLS: {0}")]
+    ClientTls(String),
+    /// The credential store could not be read, or the admin token not written.
+    #[error("credentials: {0}")]
+    Auth(String),
 }
 
 /// The certificates of the hierarchy links, read once at start-up.
@@ -124,6 +135,8 @@ impl HierarchyTls {
 
 /// A started server.
 pub struct RunningServer {
+    /// Credentials and the checks of every call.
+    access: Arc<AccessControl>,
     addr: SocketAddr,
     /// The mutual-TLS listener for secondaries, if any.
     hierarchy_addr: Option<SocketAddr>,
@@ -198,6 +211,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             .then_some(config.hierarchy.forward_min_severity),
     });
     engine.restore_settings_version().await?;
+    let access = start_access(&config, &engine).await?;
+    let client_tls = client_port_tls(&config, &access)?;
     let tls = HierarchyTls::load(&config.hierarchy)?;
     // Events that expired while the server was down go before it serves.
     let expired = engine.sweep_retention().await?;
@@ -357,6 +372,21 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .set_serving::<CatalogServiceServer<CatalogApi>>()
         .await;
     health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
+    health.set_serving::<PushServiceServer<PushApi>>().await;
+    health
+        .set_serving::<CapacityServiceServer<CapacityApi>>()
+        .await;
+    health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
+    health
+        .set_serving::<CertificateServiceServer<CertificateApi>>()
+        .await;
+    health
+        .set_serving::<LicenceServiceServer<LicenceApi>>()
+        .await;
+    health.set_serving::<AccessServiceServer<AccessApi>>().await;
+    health
+        .set_serving::<EnrollmentServiceServer<AccessApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -369,7 +399,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let max = config.server.max_message_bytes;
-    let events = EventServiceServer::new(EventApi::new(engine.clone()))
+    let events = EventServiceServer::new(EventApi::new(engine.clone(), access.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
@@ -383,28 +413,42 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     let push_api = PushServiceServer::new(PushApi::new(push))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
-    let capacity_api = CapacityServiceServer::new(CapacityApi::new(capacity))
+    let capacity_api = CapacityServiceServer::new(CapacityApi::new(capacity, engine.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
-    let updates_api = UpdateServiceServer::new(UpdateApi::new(updates))
+    let updates_api = UpdateServiceServer::new(UpdateApi::new(updates, engine.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
-    let certificates_api = CertificateServiceServer::new(CertificateApi::new(certificates))
+    let certificates_api =
+        CertificateServiceServer::new(CertificateApi::new(certificates, engine.clone()))
+            .max_decoding_message_size(max)
+            .accept_compressed(CompressionEncoding::Gzip);
+
+    let licences_api = LicenceServiceServer::new(LicenceApi::new(licences, engine.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
 
-    let licences_api = LicenceServiceServer::new(LicenceApi::new(licences))
+    let access_api = AccessApi::new(engine.clone(), access.clone());
+    let enrollment_api = EnrollmentServiceServer::new(access_api.clone())
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
+    let access_api = AccessServiceServer::new(access_api)
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
+    background.push(access.spawn_refresh(
+        Duration::from_secs(config.auth.refresh_secs.max(1)),
+        shutdown.clone(),
+    ));
 
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = crate::api::auth::incoming(
+        listener,
+        client_tls,
+        config.server.max_connections,
+        Duration::from_secs(config.server.handshake_timeout_secs.max(1)),
+        shutdown.clone(),
+    );
     let signal = shutdown.clone();
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -412,7 +456,10 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .layer(tower::util::MapResponseLayer::new(
             status::rewrite_too_large::<tonic::body::Body>,
         ))
+        .layer(AuthorizeLayer::new(access.clone()))
         .add_service(health_service)
+        .add_service(access_api)
+        .add_service(enrollment_api)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(events)
@@ -429,8 +476,18 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())
             .await
     });
-    tracing::info!(%addr, "fleet-events serving");
+    if config.server.insecure_plaintext {
+        if addr.ip().is_loopback() {
+            tracing::info!(%addr, "fleet-events serving plaintext (insecure_plaintext)");
+        } else {
+            tracing::warn!(%addr, "fleet-events serving PLAINTEXT on a non-loopback address: \
+                credentials and events cross the network unencrypted (insecure_plaintext)");
+        }
+    } else {
+        tracing::info!(%addr, ca = %config.ca_files().0.display(), "fleet-events serving (TLS)");
+    }
     Ok(RunningServer {
+        access,
         addr,
         hierarchy_addr,
         hierarchy_serve,
@@ -445,6 +502,109 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     })
 }
 
+/// Loads the CA and the credentials, and writes the first admin token when there is no live
+/// admin token (first start).
+async fn start_access(
+    config: &Config,
+    engine: &Arc<Engine>,
+) -> Result<Arc<AccessControl>, ServerError> {
+    let (ca_cert, ca_key) = config.ca_files();
+    let authority = Authority::load_or_create(
+        &ca_cert,
+        &ca_key,
+        system_now(),
+        Duration::from_secs(config.auth.device_certificate_days.max(1) * 86_400),
+    )
+    .map_err(|e| ServerError::ClientTls(e.to_string()))?;
+    let access = Arc::new(
+        AccessControl::load(
+            engine.store().clone(),
+            engine.clock().clone(),
+            authority,
+            &config.server.server_id,
+        )
+        .await
+        .map_err(|e| ServerError::Auth(e.to_string()))?,
+    );
+    if let Some(secret) = access
+        .bootstrap_admin()
+        .await
+        .map_err(|e| ServerError::Auth(e.to_string()))?
+    {
+        let path = config.admin_token_path();
+        write_secret(&path, &secret).map_err(|e| {
+            ServerError::Auth(format!(
+                "cannot write the admin token to {}: {e}",
+                path.display()
+            ))
+        })?;
+        tracing::warn!(file = %path.display(), "wrote a new admin token (mode 0600): keep it safe");
+    }
+    Ok(access)
+}
+
+/// Writes a secret to a new file readable by its owner only.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The client port's TLS settings; `None` with `insecure_plaintext`.
+fn client_port_tls(
+    config: &Config,
+    access: &AccessControl,
+) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
+    if config.server.insecure_plaintext {
+        return Ok(None);
+    }
+    let (cert, key) = config.server_tls_files();
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+        config.server.server_id.clone(),
+    ];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(h.trim().to_owned());
+    }
+    if !config.server.listen.ip().is_unspecified() {
+        names.push(config.server.listen.ip().to_string());
+    }
+    let identity = access
+        .authority()
+        .server_identity(&cert, &key, &names, system_now())
+        .map_err(|e| ServerError::ClientTls(e.to_string()))?;
+    crate::api::auth::tls_config(
+        &identity.cert_pem,
+        &identity.key_pem,
+        access.authority().chain_verifier(),
+    )
+    .map(Some)
+    .map_err(ServerError::ClientTls)
+}
+
+/// The machine's time: the CA's and the server certificate's dates are checked by clients on
+/// theirs, whatever the server's injectable clock says.
+fn system_now() -> crate::clock::Timestamp {
+    crate::clock::Timestamp::from_secs(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    )
+}
+
 impl RunningServer {
     /// The address the server listens on (the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -454,6 +614,11 @@ impl RunningServer {
     /// The address of the hierarchy listener (secondaries connect here), if it has one.
     pub fn hierarchy_addr(&self) -> Option<SocketAddr> {
         self.hierarchy_addr
+    }
+
+    /// The credentials, for in-process tests and embedding.
+    pub fn access(&self) -> &Arc<AccessControl> {
+        &self.access
     }
 
     /// The engine, for in-process tests and embedding.

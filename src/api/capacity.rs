@@ -4,21 +4,25 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::principal;
 use super::convert;
 use super::proto::{
     self, CapacityStatus, CheckCapacityRequest, capacity_service_server::CapacityService,
 };
+use crate::auth::audit::{self, AuditArea};
 use crate::detectors::capacity::{CapacityMonitor, CapacitySettings};
+use crate::engine::Engine;
 
 /// The CapacityService adapter.
 pub struct CapacityApi {
     monitor: Arc<CapacityMonitor>,
+    engine: Arc<Engine>,
 }
 
 impl CapacityApi {
-    /// Serves `monitor`.
-    pub fn new(monitor: Arc<CapacityMonitor>) -> Self {
-        CapacityApi { monitor }
+    /// Serves `monitor`, auditing changes through `engine`.
+    pub fn new(monitor: Arc<CapacityMonitor>, engine: Arc<Engine>) -> Self {
+        CapacityApi { monitor, engine }
     }
 }
 
@@ -53,12 +57,22 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::CapacitySettings>,
     ) -> Result<Response<proto::CapacitySettings>, Status> {
+        let who = principal(&request);
         let r = request.into_inner();
         let s = self.monitor.update_settings(CapacitySettings {
             volume_min_free_percent: r.volume_min_free_percent,
             database_limit_bytes: r.database_limit_bytes,
             database_warn_percent: r.database_warn_percent,
         })?;
+        audit::record(
+            &self.engine,
+            AuditArea::Capacity,
+            &who,
+            "UpdateCapacitySettings",
+            "capacity",
+            format!("{s:?}"),
+        )
+        .await;
         Ok(Response::new(pb_settings(s)))
     }
 }

@@ -1,5 +1,7 @@
 //! `fleetevents.v1.CatalogService`: list, look up, register application types, change settings.
 
+use super::auth::principal;
+use crate::auth::audit::{self, AuditArea};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -75,6 +77,7 @@ impl CatalogService for CatalogApi {
         &self,
         request: Request<RegisterEventTypeRequest>,
     ) -> Result<Response<proto::EventType>, Status> {
+        let who = principal(&request);
         let r = request.into_inner();
         let severity = convert::severity(r.severity, "severity")?
             .ok_or_else(|| bad_field("severity", "required"))?;
@@ -93,6 +96,22 @@ impl CatalogService for CatalogApi {
                 application: r.application,
             })
             .await?;
+        audit::record(
+            &self.engine,
+            AuditArea::Catalog,
+            &who,
+            "RegisterEventType",
+            format!("event-type:{}", t.name),
+            format!(
+                "registered: id {:?}, severity {}, store {}, retention {} days, application {:?}",
+                t.id,
+                t.severity.as_str(),
+                t.settings.store,
+                t.settings.retention_days,
+                t.application
+            ),
+        )
+        .await;
         Ok(Response::new(convert::event_type(&t)))
     }
 
@@ -100,6 +119,7 @@ impl CatalogService for CatalogApi {
         &self,
         request: Request<UpdateEventTypeSettingsRequest>,
     ) -> Result<Response<proto::EventType>, Status> {
+        let who = principal(&request);
         let r = request.into_inner();
         if r.event_type.is_empty() {
             return Err(bad_field("event_type", "required"));
@@ -110,10 +130,20 @@ impl CatalogService for CatalogApi {
             notify: r.notify,
             flood: r.flood.map(convert::flood_change),
         };
+        let asked = format!("{change:?}");
         let t = self
             .engine
             .update_type_settings(&r.event_type, change)
             .await?;
+        audit::record(
+            &self.engine,
+            AuditArea::Catalog,
+            &who,
+            "UpdateEventTypeSettings",
+            format!("event-type:{}", t.name),
+            format!("asked {asked}; now {:?}", t.settings),
+        )
+        .await;
         Ok(Response::new(convert::event_type(&t)))
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::principal;
 use super::convert::{self, pb_timestamp, timestamp};
 use super::proto::{
     self, ApnsCertificateUpload, CertificateCheck, CertificateKey, CheckCertificatesRequest,
@@ -11,17 +12,20 @@ use super::proto::{
     certificate_service_server::CertificateService,
 };
 use super::status::bad_field;
+use crate::auth::audit::{self, AuditArea};
 use crate::detectors::certificates::{CertificateRegistry, MdmCertificate, MdmCertificateKind};
+use crate::engine::Engine;
 
 /// The CertificateService adapter.
 pub struct CertificateApi {
     registry: Arc<CertificateRegistry>,
+    engine: Arc<Engine>,
 }
 
 impl CertificateApi {
-    /// Serves `registry`.
-    pub fn new(registry: Arc<CertificateRegistry>) -> Self {
-        CertificateApi { registry }
+    /// Serves `registry`, auditing changes through `engine`.
+    pub fn new(registry: Arc<CertificateRegistry>, engine: Arc<Engine>) -> Self {
+        CertificateApi { registry, engine }
     }
 }
 
@@ -46,6 +50,7 @@ impl CertificateService for CertificateApi {
         &self,
         request: Request<proto::MdmCertificate>,
     ) -> Result<Response<proto::MdmCertificate>, Status> {
+        let who = principal(&request);
         let r = request.into_inner();
         let kind = match r.kind {
             1 => MdmCertificateKind::General,
@@ -67,6 +72,21 @@ impl CertificateService for CertificateApi {
                 removed: false,
             })
             .await?;
+        audit::record(
+            &self.engine,
+            AuditArea::Certificates,
+            &who,
+            "PutMdmCertificate",
+            format!("mdm-certificate:{}", c.certificate_id),
+            format!(
+                "put: {:?} for device {:?}, valid until {}, auto-reissue {}",
+                c.kind,
+                c.device_id,
+                c.not_after.to_rfc3339(),
+                c.auto_reissue
+            ),
+        )
+        .await;
         Ok(Response::new(pb_mdm(c)))
     }
 
@@ -74,8 +94,18 @@ impl CertificateService for CertificateApi {
         &self,
         request: Request<CertificateKey>,
     ) -> Result<Response<proto::Classification>, Status> {
+        let who = principal(&request);
         let id = request.into_inner().certificate_id;
         let ev = self.registry.remove_mdm(&id).await?;
+        audit::record(
+            &self.engine,
+            AuditArea::Certificates,
+            &who,
+            "RemoveMdmCertificate",
+            format!("mdm-certificate:{id}"),
+            "removed",
+        )
+        .await;
         Ok(Response::new(convert::full(&ev)))
     }
 
@@ -109,7 +139,21 @@ impl CertificateService for CertificateApi {
         &self,
         request: Request<ApnsCertificateUpload>,
     ) -> Result<Response<proto::ApnsCertificate>, Status> {
+        let who = principal(&request);
         let c = self.registry.upload_apns(&request.into_inner().pem).await?;
+        audit::record(
+            &self.engine,
+            AuditArea::Certificates,
+            &who,
+            "UploadApnsCertificate",
+            "apns-certificate",
+            format!(
+                "uploaded: {}, valid until {}",
+                c.subject,
+                c.not_after.to_rfc3339()
+            ),
+        )
+        .await;
         Ok(Response::new(proto::ApnsCertificate {
             subject: c.subject,
             not_before: Some(pb_timestamp(c.not_before)),

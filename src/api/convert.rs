@@ -5,7 +5,7 @@ use tonic::Status;
 
 use super::proto;
 use super::status::bad_field;
-use crate::catalog::{EventType, FloodOverride, Severity, TypeSettings};
+use crate::catalog::{EventType, FloodOverride, RaisedBy, Severity, TypeSettings};
 use crate::classify::{ClassifiedEvent, IncomingEvent, Origin, RelayTag, RelayedIncoming};
 use crate::clock::Timestamp;
 use crate::engine::QueriedEvent;
@@ -224,6 +224,11 @@ pub fn event_type_from_pb(t: proto::EventType) -> Result<EventType, Status> {
             notify: t.notify,
             flood: t.flood.and_then(flood_change),
         },
+        raised_by: if t.raised_by == proto::RaisedBy::Server as i32 || t.builtin {
+            RaisedBy::Server
+        } else {
+            RaisedBy::Clients
+        },
         builtin: t.builtin,
         application: t.application,
         known: true,
@@ -250,6 +255,10 @@ pub fn event_type(t: &EventType) -> proto::EventType {
         }),
         builtin: t.builtin,
         application: t.application.clone(),
+        raised_by: match t.raised_by {
+            RaisedBy::Server => proto::RaisedBy::Server,
+            RaisedBy::Clients => proto::RaisedBy::Clients,
+        } as i32,
     }
 }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::{principal, speak_for};
 use super::convert::{self, pb_timestamp, timestamp};
 use super::proto::{
     self, CheckDevicesRequest, CheckDevicesResponse, DeviceHeartbeat, FrequentEventBlock,
@@ -12,6 +13,7 @@ use super::proto::{
     RemoveFrequentEventBlockResponse, device_service_server::DeviceService,
 };
 use super::status::bad_field;
+use crate::auth::audit::{self, AuditArea};
 use crate::devices::{DeviceRecord, DeviceRegistry, DeviceStatus, Heartbeat, StatusFacts};
 use crate::engine::Engine;
 
@@ -25,6 +27,24 @@ impl DeviceApi {
     /// Serves `registry` and `engine`'s frequent-event blocks.
     pub fn new(engine: Arc<Engine>, registry: Arc<DeviceRegistry>) -> Self {
         DeviceApi { engine, registry }
+    }
+
+    async fn audit(
+        &self,
+        who: &crate::auth::Principal,
+        rpc: &str,
+        k: &FrequentEventBlockKey,
+        change: &str,
+    ) {
+        audit::record(
+            &self.engine,
+            AuditArea::Blocks,
+            who,
+            rpc,
+            format!("block:{}/{}", k.device_id, k.event_type),
+            change,
+        )
+        .await;
     }
 }
 
@@ -80,7 +100,9 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<DeviceHeartbeat>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let r = request.into_inner();
+        let who = principal(&request);
+        let mut r = request.into_inner();
+        speak_for(&who, "device_id", &mut r.device_id)?;
         let (device, raised) = self
             .registry
             .heartbeat(Heartbeat {
@@ -155,8 +177,11 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<FrequentEventBlock>, Status> {
+        let who = principal(&request);
         let k = key(request)?;
         let b = self.engine.unblock(&k.device_id, &k.event_type).await?;
+        self.audit(&who, "UnblockFrequentEvent", &k, "unblocked")
+            .await;
         Ok(Response::new(convert::block(b)))
     }
 
@@ -164,8 +189,11 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<FrequentEventBlock>, Status> {
+        let who = principal(&request);
         let k = key(request)?;
         let b = self.engine.block_again(&k.device_id, &k.event_type).await?;
+        self.audit(&who, "BlockFrequentEventAgain", &k, "blocked again")
+            .await;
         Ok(Response::new(convert::block(b)))
     }
 
@@ -173,10 +201,13 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<RemoveFrequentEventBlockResponse>, Status> {
+        let who = principal(&request);
         let k = key(request)?;
         self.engine
             .remove_block(&k.device_id, &k.event_type)
             .await?;
+        self.audit(&who, "RemoveFrequentEventBlock", &k, "block removed")
+            .await;
         Ok(Response::new(RemoveFrequentEventBlockResponse {}))
     }
 }

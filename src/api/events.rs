@@ -8,12 +8,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::{principal, speak_for};
 use super::convert;
 use super::proto::{
     self, Classification, QueryEventsRequest, QueryEventsResponse, SubscribeRequest,
     event_service_server::EventService,
 };
 use super::status::decode_status;
+use crate::auth::{AccessControl, Principal};
 use crate::classify::ClassifiedEvent;
 use crate::engine::{Engine, EngineError, Pending, QueryRequest, subscriber_filter};
 
@@ -24,14 +26,19 @@ pub const STREAM_IN_FLIGHT: usize = 256;
 /// The EventService adapter.
 pub struct EventApi {
     engine: Arc<Engine>,
+    /// Long-lived calls re-check their caller against it as they go.
+    access: Arc<AccessControl>,
 }
 
 impl EventApi {
-    /// Serves `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        EventApi { engine }
+    /// Serves `engine`; `access` ends streams whose credential is revoked.
+    pub fn new(engine: Arc<Engine>, access: Arc<AccessControl>) -> Self {
+        EventApi { engine, access }
     }
 }
+
+/// How often an idle `Subscribe` call re-checks its caller's credential.
+const RECHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 type ClassificationStream = Pin<Box<dyn Stream<Item = Result<Classification, Status>> + Send>>;
 
@@ -41,7 +48,10 @@ impl EventService for EventApi {
         &self,
         request: Request<proto::Event>,
     ) -> Result<Response<Classification>, Status> {
-        let event = convert::incoming(request.into_inner())?;
+        let who = principal(&request);
+        let mut event = request.into_inner();
+        speak_for(&who, "device_id", &mut event.device_id)?;
+        let event = convert::incoming(event)?;
         let classified = self.engine.ingest(event).await?;
         Ok(Response::new(convert::answer(&classified)))
     }
@@ -53,7 +63,14 @@ impl EventService for EventApi {
         request: Request<Streaming<proto::Event>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
-        tokio::spawn(run_stream(self.engine.clone(), request.into_inner(), tx));
+        let who = principal(&request);
+        tokio::spawn(run_stream(
+            self.engine.clone(),
+            self.access.clone(),
+            who,
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -63,6 +80,8 @@ impl EventService for EventApi {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = principal(&request);
+        let access = self.access.clone();
         let r = request.into_inner();
         let filter = subscriber_filter(
             convert::severity(r.min_severity, "min_severity")?,
@@ -75,8 +94,15 @@ impl EventService for EventApi {
         let shutdown = self.engine.shutdown_signal().clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
+            let mut recheck = tokio::time::interval(RECHECK_EVERY);
             loop {
                 tokio::select! {
+                    _ = recheck.tick() => {
+                        if let Err(e) = access.still_valid(&who) {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            break;
+                        }
+                    }
                     _ = shutdown.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
                         break;
@@ -84,6 +110,10 @@ impl EventService for EventApi {
                     _ = tx.closed() => break,
                     next = subscription.next() => match next {
                         Some((event, missed)) => {
+                            if let Err(e) = access.still_valid(&who) {
+                                let _ = tx.send(Err(Status::from(e))).await;
+                                break;
+                            }
                             let mut c = convert::full(&event);
                             c.missed_before = missed;
                             if tx.send(Ok(c)).await.is_err() {
@@ -132,6 +162,8 @@ fn settle(engine: Arc<Engine>, p: Pending) -> Settling {
 /// shutdown (UNAVAILABLE) once the accepted events are answered.
 async fn run_stream(
     engine: Arc<Engine>,
+    access: Arc<AccessControl>,
+    who: Principal,
     mut inbound: Streaming<proto::Event>,
     out: mpsc::Sender<Result<Classification, Status>>,
 ) {
@@ -162,10 +194,15 @@ async fn run_stream(
             }
             message = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT => {
                 match message {
-                    Ok(Some(event)) => {
+                    Ok(Some(mut event)) => {
                         index += 1;
                         let id = event.event_id.clone();
-                        let accepted = match convert::incoming(event) {
+                        let accepted = match access
+                            .still_valid(&who)
+                            .map_err(Status::from)
+                            .and_then(|()| speak_for(&who, "device_id", &mut event.device_id))
+                            .and_then(|()| convert::incoming(event))
+                        {
                             Ok(ev) => engine.accept(ev).await.map_err(Status::from),
                             Err(s) => Err(s),
                         };

@@ -4,22 +4,26 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::principal;
 use super::convert::{self, pb_timestamp, timestamp};
 use super::proto::{
     self, CheckLicencesRequest, LicenceCheck, ListLicencesRequest, ListLicencesResponse,
     licence_service_server::LicenceService,
 };
+use crate::auth::audit::{self, AuditArea};
 use crate::detectors::licences::{Licence, LicenceChecker};
+use crate::engine::Engine;
 
 /// The LicenceService adapter.
 pub struct LicenceApi {
     checker: Arc<LicenceChecker>,
+    engine: Arc<Engine>,
 }
 
 impl LicenceApi {
-    /// Serves `checker`.
-    pub fn new(checker: Arc<LicenceChecker>) -> Self {
-        LicenceApi { checker }
+    /// Serves `checker`, auditing changes through `engine`.
+    pub fn new(checker: Arc<LicenceChecker>, engine: Arc<Engine>) -> Self {
+        LicenceApi { checker, engine }
     }
 }
 
@@ -37,9 +41,25 @@ impl LicenceService for LicenceApi {
         &self,
         request: Request<proto::Licence>,
     ) -> Result<Response<proto::Licence>, Status> {
+        let who = principal(&request);
         let r = request.into_inner();
         let expires_at = timestamp(r.expires_at, "expires_at")?;
         let l = self.checker.put(r.key, r.units, expires_at).await?;
+        audit::record(
+            &self.engine,
+            AuditArea::Licences,
+            &who,
+            "PutLicence",
+            format!("licence:{}", l.key),
+            format!(
+                "{} units, expires {}",
+                l.units,
+                l.expires_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "never".into())
+            ),
+        )
+        .await;
         Ok(Response::new(pb_licence(l)))
     }
 

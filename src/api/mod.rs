@@ -2,6 +2,8 @@
 //! ([`convert`]), calls the [`crate::engine::Engine`], and converts the answer; every error
 //! becomes a `Status` in [`status`].
 
+pub mod access;
+pub mod auth;
 pub mod capacity;
 pub mod catalog;
 pub mod certificates;

@@ -3,6 +3,7 @@
 
 use tonic::{Code, Status};
 
+use crate::auth::AuthError;
 use crate::catalog::CatalogError;
 use crate::detectors::updates::UpdateError;
 use crate::engine::EngineError;
@@ -13,6 +14,9 @@ impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
         let msg = e.to_string();
         match e {
+            EngineError::Invalid(crate::classify::ClassifyError::ServerOnly { .. }) => {
+                Status::permission_denied(msg)
+            }
             EngineError::Invalid(_) | EngineError::BadArgument { .. } => {
                 Status::invalid_argument(msg)
             }
@@ -41,6 +45,21 @@ impl From<EngineError> for Status {
                 FloodError::NoSuchBlock { .. } => Status::not_found(msg),
                 FloodError::AlreadyBlocked { .. } => Status::failed_precondition(msg),
             },
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Status {
+        let msg = e.to_string();
+        match e {
+            AuthError::Unauthenticated(_) => Status::unauthenticated(msg),
+            AuthError::PermissionDenied(_) => Status::permission_denied(msg),
+            AuthError::BadArgument { .. } => Status::invalid_argument(msg),
+            AuthError::NotFound(_) => Status::not_found(msg),
+            AuthError::Exists(_) => Status::already_exists(msg),
+            AuthError::Store(s) => Status::from(EngineError::Store(s)),
+            AuthError::Internal(_) => Status::internal(msg),
         }
     }
 }

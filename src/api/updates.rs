@@ -4,23 +4,39 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::principal;
 use super::convert::pb_timestamp;
 use super::proto::{
     self, ListUpdatesRequest, ListUpdatesResponse, RegisterUpdateRequest, UpdateDecision,
     update_service_server::UpdateService,
 };
 use super::status::bad_field;
+use crate::auth::audit::{self, AuditArea};
 use crate::detectors::updates::{Update, UpdateRegistry, UpdateState};
+use crate::engine::Engine;
 
 /// The UpdateService adapter.
 pub struct UpdateApi {
     registry: Arc<UpdateRegistry>,
+    engine: Arc<Engine>,
 }
 
 impl UpdateApi {
-    /// Serves `registry`.
-    pub fn new(registry: Arc<UpdateRegistry>) -> Self {
-        UpdateApi { registry }
+    /// Serves `registry`, auditing changes through `engine`.
+    pub fn new(registry: Arc<UpdateRegistry>, engine: Arc<Engine>) -> Self {
+        UpdateApi { registry, engine }
+    }
+
+    async fn audit(&self, who: &crate::auth::Principal, rpc: &str, u: &Update, change: &str) {
+        audit::record(
+            &self.engine,
+            AuditArea::Updates,
+            who,
+            rpc,
+            format!("update:{}", u.update_id),
+            format!("{change} ({} {})", u.application, u.version),
+        )
+        .await;
     }
 }
 
@@ -51,11 +67,14 @@ impl UpdateService for UpdateApi {
         &self,
         request: Request<RegisterUpdateRequest>,
     ) -> Result<Response<proto::Update>, Status> {
+        let who = principal(&request);
         let r = request.into_inner();
         let (u, _) = self
             .registry
             .register(r.update_id, r.application, r.version, r.description)
             .await?;
+        self.audit(&who, "RegisterUpdate", &u, "registered for approval")
+            .await;
         Ok(Response::new(pb_update(u)))
     }
 
@@ -63,20 +82,22 @@ impl UpdateService for UpdateApi {
         &self,
         request: Request<UpdateDecision>,
     ) -> Result<Response<proto::Update>, Status> {
+        let who = principal(&request);
         let id = request.into_inner().update_id;
-        Ok(Response::new(pb_update(
-            self.registry.decide(&id, true).await?,
-        )))
+        let u = self.registry.decide(&id, true).await?;
+        self.audit(&who, "ApproveUpdate", &u, "approved").await;
+        Ok(Response::new(pb_update(u)))
     }
 
     async fn reject_update(
         &self,
         request: Request<UpdateDecision>,
     ) -> Result<Response<proto::Update>, Status> {
+        let who = principal(&request);
         let id = request.into_inner().update_id;
-        Ok(Response::new(pb_update(
-            self.registry.decide(&id, false).await?,
-        )))
+        let u = self.registry.decide(&id, false).await?;
+        self.audit(&who, "RejectUpdate", &u, "rejected").await;
+        Ok(Response::new(pb_update(u)))
     }
 
     async fn list_updates(

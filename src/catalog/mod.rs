@@ -128,6 +128,19 @@ pub struct EventType {
     /// False only for the ad-hoc entries made for event types the catalog does not know.
     #[serde(skip, default = "yes")]
     pub known: bool,
+    /// Who may raise events of this type: clients sending a server type are refused.
+    #[serde(default)]
+    pub raised_by: RaisedBy,
+}
+
+/// Who may raise the events of one type.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaisedBy {
+    /// Only the server's detectors (and secondaries relaying theirs): every built-in type.
+    Server,
+    /// Clients: application types and types the catalog does not know.
+    #[default]
+    Clients,
 }
 
 fn yes() -> bool {
@@ -155,6 +168,7 @@ impl EventType {
             builtin: false,
             application: String::new(),
             known: false,
+            raised_by: RaisedBy::Clients,
         }
     }
 }
@@ -306,6 +320,7 @@ impl Catalog {
                 builtin: true,
                 application: String::new(),
                 known: true,
+                raised_by: RaisedBy::Server,
             });
         }
         Catalog {
@@ -393,6 +408,7 @@ impl Catalog {
             builtin: false,
             application: new.application,
             known: true,
+            raised_by: RaisedBy::Clients,
         })
     }
 

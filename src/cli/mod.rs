@@ -1,6 +1,8 @@
-//! The command line: `serve` runs the server; `send`, `tail`, `types` and `query` are clients
-//! of a running server. `anyhow` is used here, at the binary's edge, and nowhere in the library.
+//! The command line: `serve` runs the server; `send`, `tail`, `types`, `query`, `token`,
+//! `enroll-token`, `device` and `enroll` are clients of a running server (TLS pinned to the
+//! server's CA, a bearer token or a device certificate). `anyhow` is used here, at the binary's edge, and nowhere in the library.
 
+mod access;
 mod query;
 mod send;
 mod serve;
@@ -9,7 +11,10 @@ mod types;
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
+use fleet_events::client::{AuthChannel, ClientOptions};
 
 /// fleet-events: receive, classify, flood-block, store and stream fleet events over gRPC.
 #[derive(Parser, Debug)]
@@ -19,16 +24,74 @@ struct Cli {
     command: Command,
 }
 
-/// Where a client command finds the server.
+/// Where a client command finds the server, and how it authenticates.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArg {
-    /// Server address.
+    /// Server address: `https://HOST:PORT` (TLS, the default), or `http://` for a server
+    /// started with `insecure_plaintext`.
     #[arg(
         long,
         env = "FLEET_EVENTS_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub server: String,
+    /// The server's data directory, where `ca.pem` and `admin.token` are found when `--ca`
+    /// and `--token` are not given (works on the server's own machine).
+    #[arg(
+        long,
+        env = "FLEET_EVENTS_DATA_DIR",
+        default_value = "fleet-events-data"
+    )]
+    pub data_dir: PathBuf,
+    /// The CA certificate (PEM) the server's certificate must chain to. Default
+    /// `<data-dir>/ca.pem`.
+    #[arg(long, env = "FLEET_EVENTS_CA")]
+    pub ca: Option<PathBuf>,
+    /// A bearer token. Default: the contents of `<data-dir>/admin.token`.
+    #[arg(long, env = "FLEET_EVENTS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A device certificate (PEM) for mutual TLS, with `--key`; no token is sent with it.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of `--cert`.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl ServerArg {
+    /// The client options these flags describe.
+    pub fn options(&self) -> anyhow::Result<ClientOptions> {
+        use anyhow::Context;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let from_dir = ClientOptions::from_data_dir(&self.data_dir);
+        let ca_pem = match &self.ca {
+            Some(p) => Some(read(p)?),
+            None => from_dir.ca_pem,
+        };
+        let identity = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        let token = match (&self.token, &identity) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(_)) => None,
+            (None, None) => from_dir.token,
+        };
+        Ok(ClientOptions {
+            ca_pem,
+            identity,
+            token,
+            domain: None,
+        })
+    }
+
+    /// Connects with these flags.
+    pub async fn connect(&self) -> anyhow::Result<AuthChannel> {
+        let options = self.options()?;
+        Ok(fleet_events::client::connect(&self.server, &options).await?)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -43,6 +106,17 @@ enum Command {
     Types(types::TypesArgs),
     /// Query stored events.
     Query(query::QueryArgs),
+    /// Bearer tokens for people and integrations (admin).
+    #[command(subcommand)]
+    Token(access::TokenCommand),
+    /// Enrolment tokens for agents (admin).
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(access::EnrollTokenCommand),
+    /// Devices' certificates (admin).
+    #[command(subcommand)]
+    Device(access::DeviceCommand),
+    /// Enrol this machine as a device: make a key, get a certificate signed by the server.
+    Enroll(access::EnrollArgs),
 }
 
 /// Parses arguments and runs the command; errors are printed with their causes.
@@ -65,6 +139,10 @@ pub fn main() -> ExitCode {
             Command::Tail(a) => tail::run(a).await,
             Command::Types(a) => types::run(a).await,
             Command::Query(a) => query::run(a).await,
+            Command::Token(c) => access::token(c).await,
+            Command::EnrollToken(c) => access::enroll_token(c).await,
+            Command::Device(c) => access::device(c).await,
+            Command::Enroll(a) => access::enroll(a).await,
         }
     });
     match result {
@@ -74,19 +152,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Connects a gRPC channel to `server`.
-pub async fn connect(server: &str) -> anyhow::Result<tonic::transport::Channel> {
-    use anyhow::Context;
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
-        .with_context(|| format!("bad server address {server:?}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true);
-    endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {server}"))
 }
 
 /// Parses a time given as RFC 3339 (`2026-11-25T10:00:00Z`) or as an age (`2h`, `7d`: that long

@@ -35,7 +35,7 @@ pub struct QueryArgs {
 }
 
 pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
-    let mut client = EventServiceClient::new(super::connect(&args.server.server).await?);
+    let mut client = EventServiceClient::new(args.server.connect().await?);
     let mut req = proto::QueryEventsRequest {
         device_id: args.device.unwrap_or_default(),
         event_type: args.event_type.unwrap_or_default(),

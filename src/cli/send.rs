@@ -64,7 +64,7 @@ fn parse_line(line: &str, n: usize) -> anyhow::Result<proto::Event> {
 }
 
 pub async fn run(args: SendArgs) -> anyhow::Result<()> {
-    let mut client = EventServiceClient::new(super::connect(&args.server.server).await?);
+    let mut client = EventServiceClient::new(args.server.connect().await?);
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &args.file {
         Some(p) if p.as_os_str() != "-" => Box::new(
             tokio::fs::File::open(p)

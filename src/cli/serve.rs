@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// Accept secondary servers on this address (mutual TLS; the product's port is 13000).
     #[arg(long)]
     hierarchy_listen: Option<SocketAddr>,
+    /// Serve plaintext HTTP/2 instead of TLS (tokens are still required). Logs a warning at
+    /// every start on an address that is not loopback.
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// TOML configuration file (see README, "Configuration").
     #[arg(long, env = "FLEET_EVENTS_CONFIG")]
     config: Option<PathBuf>,
@@ -57,6 +61,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(u) = args.upstream {
         config.hierarchy.upstream = Some(u);
+    }
+    if args.insecure_plaintext {
+        config.server.insecure_plaintext = true;
     }
     if let Some(l) = args.hierarchy_listen {
         config.hierarchy.listen = Some(l);

@@ -44,7 +44,7 @@ pub fn line(c: &proto::Classification) -> String {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let mut client = EventServiceClient::new(super::connect(&args.server.server).await?);
+    let mut client = EventServiceClient::new(args.server.connect().await?);
     let mut stream = client
         .subscribe(proto::SubscribeRequest {
             min_severity: args.min_severity.map_or(0, |s| s as i32),

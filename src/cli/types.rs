@@ -20,7 +20,7 @@ pub struct TypesArgs {
 }
 
 pub async fn run(args: TypesArgs) -> anyhow::Result<()> {
-    let mut client = CatalogServiceClient::new(super::connect(&args.server.server).await?);
+    let mut client = CatalogServiceClient::new(args.server.connect().await?);
     let list = client
         .list_event_types(proto::ListEventTypesRequest {
             min_severity: args.min_severity.map_or(0, |s| s as i32),

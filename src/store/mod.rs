@@ -279,6 +279,36 @@ pub trait EventStore: Send + Sync + 'static {
     /// All records of one kind, as saved.
     async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError>;
 
+    /// Saves (upserts) a record shared by every server on this store (credentials,
+    /// revocations). On a store only one server uses, the same as [`EventStore::save_record`].
+    async fn save_shared_record(
+        &self,
+        kind: &str,
+        id: &str,
+        json: String,
+    ) -> Result<(), StoreError> {
+        self.save_record(kind, id, json).await
+    }
+
+    /// All shared records of one kind.
+    async fn load_shared_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        self.load_records(kind).await
+    }
+
+    /// Replaces a shared record only if it still holds `expected`; returns whether it did. On a
+    /// store only one server uses, callers serialise their changes in memory, so this saves.
+    async fn swap_shared_record(
+        &self,
+        kind: &str,
+        id: &str,
+        expected: &str,
+        json: String,
+    ) -> Result<bool, StoreError> {
+        let _ = expected;
+        self.save_record(kind, id, json).await?;
+        Ok(true)
+    }
+
     /// How many events are stored.
     async fn event_count(&self) -> Result<u64, StoreError>;
 

@@ -37,6 +37,10 @@ use crate::classify::{ClassifiedEvent, Origin};
 use crate::clock::Timestamp;
 use crate::flood::{Block, BlockState};
 
+/// The owner of the records every server on the database shares (credentials, revocations);
+/// `server.server_id` may not be `*`.
+const SHARED_OWNER: &str = "*";
+
 /// What [`PgStore::open`] needs.
 #[derive(Clone, Debug)]
 pub struct PgOptions {
@@ -733,6 +737,57 @@ impl EventStore for PgStore {
             .await
             .map_err(pg_err)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn save_shared_record(
+        &self,
+        kind: &str,
+        id: &str,
+        json: String,
+    ) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO records (server_id, kind, id, json) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (server_id, kind, id) DO UPDATE SET json = excluded.json",
+                &[&SHARED_OWNER, &kind, &id, &json],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn load_shared_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT json FROM records WHERE server_id = $1 AND kind = $2 ORDER BY id",
+                &[&SHARED_OWNER, &kind],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn swap_shared_record(
+        &self,
+        kind: &str,
+        id: &str,
+        expected: &str,
+        json: String,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE records SET json = $5
+                 WHERE server_id = $1 AND kind = $2 AND id = $3 AND json = $4",
+                &[&SHARED_OWNER, &kind, &id, &expected, &json],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n == 1)
     }
 
     async fn event_count(&self) -> Result<u64, StoreError> {
