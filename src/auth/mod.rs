@@ -529,12 +529,7 @@ impl AccessControl {
         let _g = self.admin.lock().await;
         // Compare-and-swap on the shared record: two servers cannot both take the last use.
         for _ in 0..16 {
-            let old_json = self
-                .store
-                .load_shared_records(ENROLL_KIND)
-                .await?
-                .into_iter()
-                .find(|j| decode::<EnrollmentToken>(j).is_ok_and(|t| t.id == id));
+            let old_json = self.store.load_shared_record(ENROLL_KIND, &id).await?;
             let Some(old_json) = old_json else {
                 return Err(AuthError::Unauthenticated(
                     "token: unknown enrolment token".into(),
@@ -609,13 +604,14 @@ impl AccessControl {
 
     /// A device's current enrolment, if it has one.
     pub async fn enrollment(&self, device_id: &str) -> Result<Option<Enrollment>, AuthError> {
-        for json in self.store.load_shared_records(ENROLLED_KIND).await? {
-            let e: Enrollment = decode(&json)?;
-            if e.device_id == device_id {
-                return Ok(Some(e));
-            }
+        match self
+            .store
+            .load_shared_record(ENROLLED_KIND, device_id)
+            .await?
+        {
+            Some(json) => Ok(Some(decode(&json)?)),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     /// A renewed certificate for `device_id`, whose current certificate authenticated the call.

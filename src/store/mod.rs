@@ -295,6 +295,9 @@ pub trait EventStore: Send + Sync + 'static {
         self.load_records(kind).await
     }
 
+    /// One shared record, by kind and id.
+    async fn load_shared_record(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError>;
+
     /// Replaces a shared record only if it still holds `expected`; returns whether it did. On a
     /// store only one server uses, callers serialise their changes in memory, so this saves.
     async fn swap_shared_record(

@@ -770,6 +770,19 @@ impl EventStore for PgStore {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    async fn load_shared_record(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT json FROM records WHERE server_id = $1 AND kind = $2 AND id = $3",
+                &[&SHARED_OWNER, &kind, &id],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     async fn swap_shared_record(
         &self,
         kind: &str,

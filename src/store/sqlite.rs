@@ -464,6 +464,21 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn load_shared_record(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let (kind, id) = (kind.to_owned(), id.to_owned());
+        self.read(move |conn| {
+            use rusqlite::OptionalExtension;
+            Ok(conn
+                .query_row(
+                    "SELECT json FROM records WHERE kind = ?1 AND id = ?2",
+                    [kind, id],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
+        .await
+    }
+
     async fn event_count(&self) -> Result<u64, StoreError> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Count { done }).await?;
