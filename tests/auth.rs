@@ -260,6 +260,81 @@ fn every_rpc_of_the_contract_is_in_the_table() {
     }
 }
 
+/// The table says what the issue and the README say, written out here by hand (so a wrong
+/// row in the table fails this test, not only the layer's enforcement of it).
+#[test]
+fn the_table_grants_each_role_exactly_its_rpcs() {
+    let viewer = [
+        "Subscribe",
+        "QueryEvents",
+        "ListEventTypes",
+        "GetEventType",
+        "GetDevice",
+        "ListDevices",
+        "ListFrequentEventBlocks",
+        "ListUpdates",
+        "ListMdmCertificates",
+        "ListLicences",
+        "ListSecondaries",
+        "GetUplinkStatus",
+        "WhoAmI",
+    ];
+    let operator_extra = [
+        "CheckDevices",
+        "UnblockFrequentEvent",
+        "BlockFrequentEventAgain",
+        "RemoveFrequentEventBlock",
+        "CheckCapacity",
+        "CheckCertificates",
+        "CheckLicences",
+    ];
+    let ingest = [
+        "Classify",
+        "Stream",
+        "ReportHeartbeat",
+        "ReportPushBatch",
+        "RegisterUpdate",
+        "ReportReissueFailure",
+        "WhoAmI",
+    ];
+    let device = ["Classify", "Stream", "ReportHeartbeat", "Renew", "WhoAmI"];
+    let granted = |role: Option<Role>| -> HashSet<&str> {
+        TABLE
+            .iter()
+            .filter(|(_, _, c)| match (c, role) {
+                (Callers::Allowed { roles, .. }, Some(r)) => roles.contains(&r),
+                (Callers::Allowed { device, .. }, None) => *device,
+                _ => false,
+            })
+            .map(|(_, m, _)| *m)
+            .collect()
+    };
+    let set = |xs: &[&'static str]| xs.iter().copied().collect::<HashSet<&str>>();
+    assert_eq!(granted(Some(Role::Viewer)), set(&viewer));
+    let operator: Vec<&str> = viewer
+        .iter()
+        .chain(operator_extra.iter())
+        .copied()
+        .collect();
+    assert_eq!(granted(Some(Role::Operator)), set(&operator));
+    assert_eq!(granted(Some(Role::Ingest)), set(&ingest));
+    assert_eq!(granted(None), set(&device));
+    let all_but: HashSet<&str> = TABLE
+        .iter()
+        .map(|(_, m, _)| *m)
+        .filter(|m| !["Relay", "Renew", "Enroll"].contains(m))
+        .collect();
+    assert_eq!(granted(Some(Role::Admin)), all_but);
+    assert_eq!(
+        policy::callers("/fleetevents.v1.EnrollmentService/Enroll"),
+        Callers::Open
+    );
+    assert!(matches!(
+        policy::callers("/fleetevents.v1.HierarchyService/Relay"),
+        Callers::Nobody(_)
+    ));
+}
+
 /// What a credential should get from a method: allowed (any code but the two refusals), or
 /// refused with exactly this code.
 #[derive(Clone, Copy, Debug, PartialEq)]
