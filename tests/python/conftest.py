@@ -7,6 +7,13 @@ a temporary directory (never committed) that is put on sys.path, so test modules
 The server fixtures start the real binary (``FLEET_EVENTS_BIN``, default
 ``<repo>/target/release/fleet-events``) on a free port, wait for its ready file, confirm with
 grpc.health.v1 that it is SERVING, and stop it with SIGTERM at the end, asserting exit code 0.
+
+The server serves TLS on its client port and wants a credential on nearly every call. On first
+start it writes its CA (``<data_dir>/ca.pem``) and a bearer token of role admin
+(``<data_dir>/admin.token``); ``FleetServer.channel`` pins that CA and sends that token, so the
+stubs of ``FleetServer`` act as the administrator. ``FleetServer.secure_channel`` /
+``mtls_channel`` / ``plaintext_channel`` make channels with other credentials (another token, a
+device certificate, none at all), and ``Stubs(channel)`` gives every service's stub on one.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from importlib import resources
 from pathlib import Path
 
@@ -100,6 +108,76 @@ def pytest_unconfigure(config):
 
 _ADDR_RE = re.compile(r"^\S+:\d+$")
 
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+CA_FILE = "ca.pem"
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata to every call (for plaintext channels, where grpcio refuses call
+    credentials, and for tokens put in the wrong header on purpose)."""
+
+    def __init__(self, metadata: list[tuple[str, str]]):
+        self._metadata = list(metadata)
+
+    def _details(self, d):
+        md = list(d.metadata or []) + self._metadata
+        return _CallDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready,
+                            d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = wait_for_ready
+        self.compression = compression
+
+
+class Stubs:
+    """The stub of every fleet-events service (and grpc health) on one channel."""
+
+    def __init__(self, channel: grpc.Channel):
+        from fleetevents.v1 import fleetevents_pb2_grpc as g
+        from grpc_health.v1 import health_pb2_grpc
+
+        self.channel = channel
+        self.events = g.EventServiceStub(channel)
+        self.catalog = g.CatalogServiceStub(channel)
+        self.devices = g.DeviceServiceStub(channel)
+        self.access = g.AccessServiceStub(channel)
+        self.enrollment = g.EnrollmentServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+
+def _config_says_plaintext(config_text: str | None) -> bool:
+    if not config_text:
+        return False
+    try:
+        cfg = tomllib.loads(config_text)
+    except tomllib.TOMLDecodeError:
+        return False
+    return bool(cfg.get("server", {}).get("insecure_plaintext", False))
+
 
 def server_binary() -> Path:
     return Path(os.environ.get("FLEET_EVENTS_BIN", str(DEFAULT_BIN)))
@@ -119,9 +197,16 @@ class FleetServer:
         if config_text is not None:
             self.config_path = self.workdir / "config.toml"
             self.config_path.write_text(config_text)
+        # Whether the client port serves plaintext (`[server] insecure_plaintext = true`).
+        self.plaintext = _config_says_plaintext(config_text)
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.channel: grpc.Channel | None = None
+        # The server's CA (PEM) and the bootstrap admin token, read after every start.
+        self.ca_pem: bytes | None = None
+        self.admin_token: str | None = None
+        # Channels made by the helpers below, closed when the server stops.
+        self._extra_channels: list[grpc.Channel] = []
         self._starts = 0
         self._stderr_path: Path | None = None
 
@@ -196,13 +281,20 @@ class FleetServer:
             time.sleep(READY_POLL_SECS)
 
         self.address = address
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", -1),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ],
-        )
+        self._read_credentials()
+        if self.plaintext:
+            self.channel = self._plain(
+                [("authorization", f"Bearer {self.admin_token}")], track=False
+            )
+        else:
+            self.channel = grpc.secure_channel(
+                address,
+                grpc.composite_channel_credentials(
+                    grpc.ssl_channel_credentials(root_certificates=self.ca_pem),
+                    grpc.access_token_call_credentials(self.admin_token),
+                ),
+                options=CHANNEL_OPTIONS,
+            )
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         health = health_pb2_grpc.HealthStub(self.channel)
@@ -227,7 +319,86 @@ class FleetServer:
                 f"stderr:\n{self.stderr_text()}"
             )
 
+    def _read_credentials(self) -> None:
+        """Reads the CA to pin and the admin token the server wrote to its data dir."""
+        ca_path = self.data_dir / CA_FILE
+        token_path = self.data_dir / ADMIN_TOKEN_FILE
+        missing = [str(p) for p in (ca_path, token_path) if not p.is_file()]
+        if missing:
+            self._kill_quietly()
+            pytest.fail(
+                f"fleet-events wrote its ready file but not {', '.join(missing)}\n"
+                f"stderr:\n{self.stderr_text()}"
+            )
+        self.ca_pem = ca_path.read_bytes()
+        token = token_path.read_text().strip()
+        if not token.startswith("fet_") or "\n" in token:
+            self._kill_quietly()
+            pytest.fail(f"{token_path} does not hold one fet_ token: {token[:12]!r}...")
+        self.admin_token = token
+
+    # -- channels with other credentials --------------------------------------------------------
+
+    def _track(self, ch: grpc.Channel) -> grpc.Channel:
+        self._extra_channels.append(ch)
+        return ch
+
+    def _plain(self, metadata: list[tuple[str, str]], track: bool = True) -> grpc.Channel:
+        ch = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        if metadata:
+            ch = grpc.intercept_channel(ch, _MetadataInterceptor(metadata))
+        return self._track(ch) if track else ch
+
+    def secure_channel(self, token: str | None = None,
+                       metadata: list[tuple[str, str]] | None = None) -> grpc.Channel:
+        """A TLS channel pinning the server's CA, sending `token` as `authorization: Bearer`
+        (none when None) and any extra `metadata` on every call."""
+        assert self.address is not None, "server not started"
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
+        if token is not None:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(token)
+            )
+        ch = grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS)
+        if metadata:
+            ch = grpc.intercept_channel(ch, _MetadataInterceptor(metadata))
+        return self._track(ch)
+
+    def mtls_channel(self, certificate_pem: bytes | str, key_pem: bytes | str,
+                     token: str | None = None) -> grpc.Channel:
+        """A TLS channel presenting a client certificate (a device certificate from Enroll),
+        and no token unless one is given."""
+        assert self.address is not None, "server not started"
+        as_bytes = (lambda v: v.encode() if isinstance(v, str) else v)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem,
+            private_key=as_bytes(key_pem),
+            certificate_chain=as_bytes(certificate_pem),
+        )
+        if token is not None:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(token)
+            )
+        return self._track(grpc.secure_channel(self.address, creds, options=CHANNEL_OPTIONS))
+
+    def plaintext_channel(self, token: str | None = None,
+                          metadata: list[tuple[str, str]] | None = None) -> grpc.Channel:
+        """A plaintext channel (no TLS), with `authorization: Bearer <token>` when a token is
+        given and any extra metadata."""
+        assert self.address is not None, "server not started"
+        md = list(metadata or [])
+        if token is not None:
+            md.append(("authorization", f"Bearer {token}"))
+        return self._plain(md)
+
+    def stubs(self, channel: grpc.Channel | None = None) -> Stubs:
+        """Every service's stub on `channel` (default: the admin channel)."""
+        return Stubs(channel if channel is not None else self.channel)
+
     def _close_channel(self) -> None:
+        for ch in self._extra_channels:
+            ch.close()
+        self._extra_channels.clear()
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -297,6 +468,18 @@ class FleetServer:
         from fleetevents.v1 import fleetevents_pb2_grpc
 
         return fleetevents_pb2_grpc.DeviceServiceStub(self.channel)
+
+    @property
+    def access(self):
+        from fleetevents.v1 import fleetevents_pb2_grpc
+
+        return fleetevents_pb2_grpc.AccessServiceStub(self.channel)
+
+    @property
+    def enrollment(self):
+        from fleetevents.v1 import fleetevents_pb2_grpc
+
+        return fleetevents_pb2_grpc.EnrollmentServiceStub(self.channel)
 
 
 # --------------------------------------------------------------------------------------------

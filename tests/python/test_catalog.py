@@ -44,6 +44,8 @@ def test_list_warning_types(server):
     for name in SEED_WARNING_TYPES:
         assert by_name[name].severity == pb.WARNING, name
         assert by_name[name].builtin is True, name
+        # Built-in types are raised by the server only; clients sending them are refused.
+        assert by_name[name].raised_by == pb.RAISED_BY_SERVER, name
     below = [t.event_type for t in resp.event_types if t.severity < pb.WARNING]
     assert below == []
     assert by_name["KLSRV_EVENT_HOSTS_CONFLICT"].event_type_id == 4102
@@ -70,6 +72,7 @@ def test_register_and_update_event_type(server):
     assert reg.severity == pb.CRITICAL
     assert reg.store is True
     assert reg.builtin is False
+    assert reg.raised_by == pb.RAISED_BY_CLIENTS
     assert reg.application == "pytest"
     assert reg.retention_days == 180  # the default for CRITICAL
 

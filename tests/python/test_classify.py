@@ -8,48 +8,107 @@ import datetime as dt
 import grpc
 import pytest
 
-from fleet_helpers import RPC_TIMEOUT, event, now, rpc_error
+from fleet_helpers import RPC_TIMEOUT, event, now, query_all, rpc_error
 from fleetevents.v1 import fleetevents_pb2 as pb
 
 
-def test_classify_by_type_string(server):
+# Application types registered by the administrator for this module. The built-in KLSRV_* types
+# are raised only by the server (a client sending one is refused), so a client's known types
+# are application types.
+CONFLICT_TYPE = "PYCLS_HOSTS_CONFLICT"
+CONFLICT_ID = 74102
+CONFLICT_JA = "デバイスの名前が競合しています"
+NOT_STORED_TYPE = "PYCLS_APN_EXPIRED"
+NOT_STORED_ID = 74135
+
+
+@pytest.fixture(scope="module")
+def app_types(server):
+    """Registers (as admin) a WARNING type with a numeric id and both display names, and a type
+    whose events are never stored."""
+    a = server.catalog.RegisterEventType(
+        pb.RegisterEventTypeRequest(
+            event_type=CONFLICT_TYPE, event_type_id=CONFLICT_ID, severity=pb.WARNING,
+            display_name="Host names conflict", display_name_ja=CONFLICT_JA,
+            application="pytest",
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    assert (a.event_type, a.event_type_id, a.severity) == (CONFLICT_TYPE, CONFLICT_ID, pb.WARNING)
+    assert a.raised_by == pb.RAISED_BY_CLIENTS
+    b = server.catalog.RegisterEventType(
+        pb.RegisterEventTypeRequest(
+            event_type=NOT_STORED_TYPE, event_type_id=NOT_STORED_ID, severity=pb.WARNING,
+            display_name="APN certificate expired (pytest)", do_not_store=True,
+            application="pytest",
+        ),
+        timeout=RPC_TIMEOUT,
+    )
+    assert (b.event_type, b.event_type_id, b.store) == (NOT_STORED_TYPE, NOT_STORED_ID, False)
+
+
+def test_classify_by_type_string(server, app_types):
     """A device reports a host-name conflict by its type string. The server recognises the
-    built-in Administration Server type: numeric id 4102, WARNING, known, stored, not blocked,
-    English and Japanese display names, and the identity fields echoed back."""
+    registered application type: its numeric id, WARNING, known, stored, not blocked, English
+    and Japanese display names, and the identity fields echoed back."""
     occurred = now() - dt.timedelta(minutes=5)
-    req = event("py-classify-1", "KLSRV_EVENT_HOSTS_CONFLICT", event_id="py-cls-evt-1",
+    req = event("py-classify-1", CONFLICT_TYPE, event_id="py-cls-evt-1",
                 occurred_at=occurred)
     c = server.events.Classify(req, timeout=RPC_TIMEOUT)
 
     assert c.event_id == "py-cls-evt-1"
     assert c.device_id == "py-classify-1"
-    assert c.event_type == "KLSRV_EVENT_HOSTS_CONFLICT"
-    assert c.event_type_id == 4102
+    assert c.event_type == CONFLICT_TYPE
+    assert c.event_type_id == CONFLICT_ID
     assert c.severity == pb.WARNING
     assert c.known is True
     assert c.stored is True
     assert c.blocked is False
-    assert c.display_name != ""
-    assert c.display_name_ja == "デバイスの名前が競合しています"
+    assert c.display_name == "Host names conflict"
+    assert c.display_name_ja == CONFLICT_JA
     # The identity fields are echoed, including occurred_at.
     assert c.HasField("occurred_at")
     assert c.occurred_at == req.occurred_at
 
 
-def test_classify_by_numeric_id(server):
-    """A device reports an expired APN certificate by its numeric id 4135 only. The answer names
-    the type string KLSRV_APN_CERTIFICATE_EXPIRED, and the event is not stored because the
-    catalog never stores that type."""
+def test_classify_by_numeric_id(server, app_types):
+    """A device reports an expired APN certificate by the numeric id of a registered type only.
+    The answer names the type string, and the event is not stored because the catalog never
+    stores that type."""
     c = server.events.Classify(
-        event("py-classify-2", event_type_id=4135, event_id="py-cls-evt-2"), timeout=RPC_TIMEOUT
+        event("py-classify-2", event_type_id=NOT_STORED_ID, event_id="py-cls-evt-2"),
+        timeout=RPC_TIMEOUT,
     )
-    assert c.event_type == "KLSRV_APN_CERTIFICATE_EXPIRED"
-    assert c.event_type_id == 4135
+    assert c.event_type == NOT_STORED_TYPE
+    assert c.event_type_id == NOT_STORED_ID
     assert c.known is True
     assert c.stored is False
     assert c.blocked is False
     assert c.event_id == "py-cls-evt-2"
     assert c.device_id == "py-classify-2"
+
+
+@pytest.mark.parametrize(
+    "make, type_name",
+    [
+        (lambda: event("py-classify-4", "KLSRV_EVENT_HOSTS_CONFLICT", event_id="srv-1"),
+         "KLSRV_EVENT_HOSTS_CONFLICT"),
+        (lambda: event("py-classify-4", event_type_id=4135, event_id="srv-2"),
+         "KLSRV_APN_CERTIFICATE_EXPIRED"),
+        (lambda: event("py-classify-4", "FLEET_AUDIT_ACCESS", event_id="srv-3"),
+         "FLEET_AUDIT_ACCESS"),
+    ],
+    ids=["klsrv_by_string", "klsrv_by_numeric_id", "audit_type"],
+)
+def test_classify_refuses_server_raised_types(server, make, type_name):
+    """Built-in types (the KLSRV_* Administration Server events and the FLEET_AUDIT_* types) are
+    raised only by the server: a client sending one, by type string or by numeric id, even as
+    admin, gets PERMISSION_DENIED naming the type, and nothing is stored for the device."""
+    err = rpc_error(server.events.Classify, make())
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, f"{err.code()} {err.details()!r}"
+    assert type_name in (err.details() or ""), err.details()
+    assert "server" in (err.details() or ""), err.details()
+    assert query_all(server.events, device_id="py-classify-4") == []
 
 
 def test_classify_unknown_type(server):

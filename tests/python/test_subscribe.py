@@ -7,6 +7,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from fleet_helpers import RPC_TIMEOUT, event
 from fleetevents.v1 import fleetevents_pb2 as pb
@@ -14,21 +15,32 @@ from fleetevents.v1 import fleetevents_pb2 as pb
 DEVICE = "py-sub-1"
 OTHER = "py-sub-2"
 
-# WARNING types used only for probes, cycled so that no (device, type) pair reaches the shared
-# config's flood threshold of 5 (a blocked probe would never be forwarded).
-PROBE_TYPES = [
-    "KLSRV_HOST_STATUS_WARNING",
-    "KLSRV_EVENT_HOSTS_NOT_VISIBLE",
-    "KLSRV_CERTIFICATE_REQUESTED",
-    "KLSRV_GCM_DEVICE_ERROR",
-    "KLSRV_GCM_HTTP_ERROR",
-    "KLSRV_GCM_GENERAL_ERROR",
-    "KLSRV_APN_CERTIFICATE_EXPIRES_SOON",
-    "KLSRV_NO_SPACE_ON_VOLUMES",
-]
+# WARNING application types (registered by the `warning_types` fixture: the built-in KLSRV_*
+# types are raised only by the server, never by clients). The probe types are cycled so that no
+# (device, type) pair reaches the shared config's flood threshold of 5 (a blocked probe would
+# never be forwarded).
+PROBE_TYPES = [f"PYSUB_PROBE_{i}" for i in range(8)]
 PROBE_WAIT = 0.5
-SENTINEL_TYPE = "KLSRV_CERTIFICATE_REMOVED"
+SENTINEL_TYPE = "PYSUB_SENTINEL"
+CONFLICT_TYPE = "PYSUB_HOSTS_CONFLICT"
+CONFLICT_ID = 75102
 READ_DEADLINE = 10.0
+
+
+@pytest.fixture(scope="module")
+def warning_types(server):
+    """Registers the WARNING application types the test sends (as admin)."""
+    for name, type_id in [(n, 0) for n in PROBE_TYPES + [SENTINEL_TYPE]] + [
+        (CONFLICT_TYPE, CONFLICT_ID)
+    ]:
+        t = server.catalog.RegisterEventType(
+            pb.RegisterEventTypeRequest(
+                event_type=name, event_type_id=type_id, severity=pb.WARNING,
+                application="pytest",
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        assert (t.event_type, t.event_type_id, t.severity) == (name, type_id, pb.WARNING)
 
 
 class Subscriber:
@@ -62,7 +74,7 @@ class Subscriber:
         self.thread.join(timeout=10)
 
 
-def test_subscribe_filters_severity_and_device(server):
+def test_subscribe_filters_severity_and_device(server, warning_types):
     """An operator console subscribes to WARNING-and-above events of device py-sub-1. Once the
     subscription is live, py-sub-1 sends an INFO event and a WARNING event and another device
     sends a WARNING event: the console receives exactly the WARNING event of py-sub-1, with every
@@ -98,12 +110,12 @@ def test_subscribe_filters_severity_and_device(server):
             event(DEVICE, "MYAPP_SUB_INFO", event_id="sub-info"), timeout=RPC_TIMEOUT)
         assert info.severity == pb.INFO
         warn = server.events.Classify(
-            event(DEVICE, "KLSRV_EVENT_HOSTS_CONFLICT", event_id="sub-warn",
+            event(DEVICE, CONFLICT_TYPE, event_id="sub-warn",
                   application="KES 12.6", params={"host": "ws-17"}),
             timeout=RPC_TIMEOUT)
         assert warn.severity == pb.WARNING
         other = server.events.Classify(
-            event(OTHER, "KLSRV_EVENT_HOSTS_CONFLICT", event_id="sub-other"),
+            event(OTHER, CONFLICT_TYPE, event_id="sub-other"),
             timeout=RPC_TIMEOUT)
         assert other.severity == pb.WARNING
         # A last WARNING event of py-sub-1 marks the end: everything published before it has
@@ -128,8 +140,8 @@ def test_subscribe_filters_severity_and_device(server):
         assert [c.event_id for c in received] == ["sub-warn"]
         c = received[0]
         assert c.device_id == DEVICE
-        assert c.event_type == "KLSRV_EVENT_HOSTS_CONFLICT"
-        assert c.event_type_id == 4102
+        assert c.event_type == CONFLICT_TYPE
+        assert c.event_type_id == CONFLICT_ID
         assert c.severity == pb.WARNING
         assert c.known is True
         assert c.blocked is False
