@@ -459,7 +459,7 @@ async fn apns_certificate_expiry_on_the_clock() {
         .into_inner();
     assert_eq!(c.not_after.unwrap().seconds, common::T0 + 20 * 86_400);
     assert!(c.subject.contains("Apple Push Services"));
-    let check = |certs: &mut CertificateServiceClient<tonic::transport::Channel>| {
+    let check = |certs: &mut CertificateServiceClient<common::Channel>| {
         let mut certs = certs.clone();
         async move {
             certs
@@ -564,7 +564,7 @@ async fn mdm_certificates_requested_and_removed() {
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     assert!(st.message().starts_with("kind"));
-    let check = |certs: &CertificateServiceClient<tonic::transport::Channel>| {
+    let check = |certs: &CertificateServiceClient<common::Channel>| {
         let mut certs = certs.clone();
         async move {
             certs

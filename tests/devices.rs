@@ -6,13 +6,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::Channel;
 use common::{TestServer, assert_live, query_all, subscribe_types, test_config};
 use fleet_events::api::proto::device_service_client::DeviceServiceClient;
 use fleet_events::api::proto::{
     self, CheckDevicesRequest, DeviceHeartbeat, DeviceStatusFacts, Severity,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 fn hb(device: &str, fingerprint: &str) -> DeviceHeartbeat {
     DeviceHeartbeat {

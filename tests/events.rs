@@ -4,35 +4,56 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{TestServer, event, query_all, test_config};
+use common::{
+    APP_WARN, APP_WARN_ID, APP_WARN_JA, APP_WARN_LIVE, APP_WARN_LIVE_ID, APP_WARN_OTHER,
+    APP_WARN_OTHER_ID, TestServer, event, query_all, register_test_types, test_config,
+};
 use fleet_events::api::proto::{self, Classification, Severity};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-/// A warning sent by type string and one sent by numeric ID are both resolved from the
-/// catalog; an unknown type is accepted, flagged unknown, INFO, stored.
+/// A registered warning sent by type string and one sent by numeric ID are both resolved from
+/// the catalog; an unknown type is accepted, flagged unknown, INFO, stored. Built-in types, by
+/// string or by ID, are the server's own: a client sending one is refused.
 #[tokio::test]
 async fn classifies_by_string_by_id_and_unknown() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
 
     let a = c
-        .classify(event("pc-1", "KLSRV_EVENT_HOSTS_CONFLICT", "a"))
+        .classify(event("pc-1", APP_WARN, "a"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(a.event_type_id, 4102);
+    assert_eq!(a.event_type_id, APP_WARN_ID);
     assert_eq!(a.severity, Severity::Warning as i32);
-    assert_eq!(a.display_name_ja, "デバイスの名前が競合しています");
+    assert_eq!(a.display_name_ja, APP_WARN_JA);
     assert!(a.known && a.stored && !a.blocked);
     assert_eq!((a.event_id.as_str(), a.device_id.as_str()), ("a", "pc-1"));
 
     let mut by_id = event("pc-1", "", "b");
-    by_id.event_type_id = 4136;
+    by_id.event_type_id = APP_WARN_LIVE_ID;
     let b = c.classify(by_id).await.unwrap().into_inner();
-    assert_eq!(b.event_type, "KLSRV_APN_CERTIFICATE_EXPIRES_SOON");
-    assert!(!b.stored, "4136 is never stored");
+    assert_eq!(b.event_type, APP_WARN_LIVE);
+    assert!(!b.stored, "registered as never stored");
+
+    let st = c
+        .classify(event("pc-1", "KLSRV_EVENT_HOSTS_CONFLICT", "builtin"))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    assert!(
+        st.message()
+            .starts_with("event_type: KLSRV_EVENT_HOSTS_CONFLICT is raised only by the server"),
+        "{}",
+        st.message()
+    );
+    let mut builtin_id = event("pc-1", "", "builtin-id");
+    builtin_id.event_type_id = 4136;
+    let st = c.classify(builtin_id).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
 
     let u = c
         .classify(event("pc-1", "MYAPP_SOMETHING", "c"))
@@ -50,11 +71,12 @@ async fn classifies_by_string_by_id_and_unknown() {
 async fn bad_input_gets_a_precise_status_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     let now = s.clock.now_secs();
 
-    let mut both = event("d", "KLSRV_EVENT_HOSTS_CONFLICT", "x");
-    both.event_type_id = 4102;
+    let mut both = event("d", APP_WARN, "x");
+    both.event_type_id = APP_WARN_ID;
     let mut unknown_id = event("d", "", "x");
     unknown_id.event_type_id = 999_999;
     let mut future = event("d", "T", "x");
@@ -154,14 +176,15 @@ impl NowSecs for fleet_events::clock::ManualClock {
 async fn stream_answers_every_event_in_order_after_commit() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     let n = 2000;
     let events: Vec<_> = (0..n)
         .map(|i| {
             let ty = if i % 10 == 0 {
-                "KLSRV_APN_CERTIFICATE_EXPIRED" // not stored
+                APP_WARN_LIVE // not stored
             } else {
-                "KLSRV_GCM_HTTP_ERROR"
+                APP_WARN
             };
             event(&format!("dev-{}", i % 50), ty, &format!("ev-{i}"))
         })
@@ -182,7 +205,7 @@ async fn stream_answers_every_event_in_order_after_commit() {
     let stored = query_all(
         &mut c,
         proto::QueryEventsRequest {
-            event_type: "KLSRV_GCM_HTTP_ERROR".into(),
+            event_type: APP_WARN.into(),
             page_size: 1000,
             ..Default::default()
         },
@@ -225,6 +248,7 @@ async fn stream_stops_at_a_bad_event_after_answering_the_earlier_ones() {
 async fn subscribe_filters_by_severity_type_and_device() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     // Headers arrive once the subscription is registered.
     let mut sub = c
@@ -239,10 +263,10 @@ async fn subscribe_filters_by_severity_type_and_device() {
     c.classify(event("watched", "APP_INFO_THING", "1"))
         .await
         .unwrap();
-    c.classify(event("other", "KLSRV_GCM_GENERAL_ERROR", "2"))
+    c.classify(event("other", APP_WARN_OTHER, "2"))
         .await
         .unwrap();
-    let mut warn = event("watched", "KLSRV_GCM_GENERAL_ERROR", "3");
+    let mut warn = event("watched", APP_WARN_OTHER, "3");
     warn.params = HashMap::from([("reason".into(), "timeout".into())]);
     warn.application = "mdm".into();
     c.classify(warn).await.unwrap();
@@ -252,7 +276,7 @@ async fn subscribe_filters_by_severity_type_and_device() {
         .unwrap()
         .unwrap();
     assert_eq!(got.event_id, "3");
-    assert_eq!(got.event_type_id, 4140);
+    assert_eq!(got.event_type_id, APP_WARN_OTHER_ID);
     assert_eq!(
         got.params.get("reason").map(String::as_str),
         Some("timeout")
@@ -267,9 +291,10 @@ async fn subscribe_filters_by_severity_type_and_device() {
 async fn query_pages_and_filters() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     for i in 0..25 {
-        let mut e = event("pager", "KLSRV_GCM_DEVICE_ERROR", &format!("p{i:02}"));
+        let mut e = event("pager", APP_WARN, &format!("p{i:02}"));
         // Sent newest first, so arrival order differs from occurred_at order.
         e.occurred_at = Some(prost_types::Timestamp {
             seconds: common::T0 - 1000 + (25 - i),
@@ -277,9 +302,7 @@ async fn query_pages_and_filters() {
         });
         c.classify(e).await.unwrap();
     }
-    c.classify(event("other", "KLSRV_GCM_DEVICE_ERROR", "o"))
-        .await
-        .unwrap();
+    c.classify(event("other", APP_WARN, "o")).await.unwrap();
     let mut req = proto::QueryEventsRequest {
         device_id: "pager".into(),
         page_size: 10,
@@ -334,23 +357,22 @@ async fn query_pages_and_filters() {
 async fn duplicate_event_ids_are_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     for _ in 0..3 {
         let a = c
-            .classify(event("dup", "KLSRV_CERTIFICATE_REMOVED", "same"))
+            .classify(event("dup", APP_WARN, "same"))
             .await
             .unwrap()
             .into_inner();
         assert!(a.stored);
     }
     // The same id from another device is another event.
-    c.classify(event("dup2", "KLSRV_CERTIFICATE_REMOVED", "same"))
-        .await
-        .unwrap();
+    c.classify(event("dup2", APP_WARN, "same")).await.unwrap();
     let all = query_all(
         &mut c,
         proto::QueryEventsRequest {
-            event_type: "KLSRV_CERTIFICATE_REMOVED".into(),
+            event_type: APP_WARN.into(),
             ..Default::default()
         },
     )

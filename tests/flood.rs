@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, event, query_all, test_config};
+use common::{APP_WARN, TestServer, event, query_all, register_test_types, test_config};
 use fleet_events::api::proto::{self, BlockState, FrequentEventBlockKey};
 use tonic::Code;
 
@@ -229,9 +229,10 @@ async fn blocks_expire_on_the_clock() {
 async fn per_type_thresholds_override_the_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(flood_config(dir.path())).await;
+    register_test_types(&s).await;
     s.catalog()
         .update_event_type_settings(proto::UpdateEventTypeSettingsRequest {
-            event_type: "KLSRV_GCM_DEVICE_ERROR".into(),
+            event_type: APP_WARN.into(),
             flood: Some(proto::FloodSettings {
                 threshold: 2,
                 window_secs: 60,
@@ -248,7 +249,7 @@ async fn per_type_thresholds_override_the_defaults() {
         let mut v = Vec::new();
         for i in 0..3 {
             v.push(
-                c.classify(event("d", "KLSRV_GCM_DEVICE_ERROR", &format!("{i}")))
+                c.classify(event("d", APP_WARN, &format!("{i}")))
                     .await
                     .unwrap()
                     .into_inner()
@@ -261,7 +262,7 @@ async fn per_type_thresholds_override_the_defaults() {
     let st = s
         .catalog()
         .update_event_type_settings(proto::UpdateEventTypeSettingsRequest {
-            event_type: "KLSRV_GCM_DEVICE_ERROR".into(),
+            event_type: APP_WARN.into(),
             flood: Some(proto::FloodSettings {
                 threshold: 2,
                 window_secs: 0,

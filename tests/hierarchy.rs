@@ -18,11 +18,21 @@ use fleet_events::api::proto::{
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-const WARN_TYPE: &str = "KLSRV_EVENT_HOSTS_CONFLICT";
+/// What clients send: an application warning, registered on the server it is sent to (only
+/// the server's detectors raise built-in types).
+const WARN_TYPE: &str = APP_WARN;
+/// A built-in warning: what a secondary's detectors raise and relay, and whose settings the
+/// primary pushes down.
+const BUILTIN_WARN: &str = "KLSRV_EVENT_HOSTS_CONFLICT";
 const MASTER_DOWN: &str = "KLSRV_EV_MASTER_SRV_DISCONNECTED";
 const SLAVE_DOWN: &str = "KLSRV_EV_SLAVE_SRV_DISCONNECTED";
 
-fn hierarchy(ch: &Channel) -> HierarchyServiceClient<Channel> {
+fn hierarchy(ch: &common::Channel) -> HierarchyServiceClient<common::Channel> {
+    HierarchyServiceClient::new(ch.clone())
+}
+
+/// A hierarchy client on a raw (mutual-TLS) channel to a hierarchy listener.
+fn hierarchy_link(ch: &Channel) -> HierarchyServiceClient<Channel> {
     HierarchyServiceClient::new(ch.clone())
 }
 
@@ -87,6 +97,7 @@ async fn secondary_forwards_warnings_to_its_primary_which_lists_it() {
     let primary = start_node(dir.path(), &pki, "primary", Some(port), None, |_| {}).await;
     let secondary = start_node(dir.path(), &pki, "secondary", None, Some(port), |_| {}).await;
     wait_linked(&secondary).await;
+    register_test_types(&secondary).await;
     secondary
         .catalog()
         .register_event_type(RegisterEventTypeRequest {
@@ -115,7 +126,7 @@ async fn secondary_forwards_warnings_to_its_primary_which_lists_it() {
         assert_eq!(e.origin_server_id, "secondary");
         assert_eq!(e.server_chain, vec!["secondary".to_owned()]);
         assert_eq!(e.severity, Severity::Warning as i32);
-        assert_eq!(e.event_type_id, 4102);
+        assert_eq!(e.event_type_id, APP_WARN_ID);
         assert!(e.event_id.starts_with("w-"), "{i}: {}", e.event_id);
     }
     // INFO is below the forwarding severity: never relayed.
@@ -172,6 +183,8 @@ async fn three_levels_deliver_to_the_top_with_the_chain() {
     let leaf = start_node(dir.path(), &pki, "leaf", None, Some(mid_port), |_| {}).await;
     wait_linked(&mid).await;
     wait_linked(&leaf).await;
+    register_test_types(&leaf).await;
+    register_test_types(&mid).await;
     let mut events = leaf.events();
     for i in 0..20 {
         events
@@ -211,6 +224,7 @@ async fn an_outage_raises_4118_and_4116_once_each_and_the_backlog_drains_in_orde
     let primary = start_node(dir.path(), &pki, "primary", Some(port), None, |_| {}).await;
     let secondary = start_node(dir.path(), &pki, "secondary", None, Some(port), |_| {}).await;
     wait_linked(&secondary).await;
+    register_test_types(&secondary).await;
 
     // The primary goes away: the secondary reports it once, however long the outage.
     let (pdir, pclock) = primary.stop().await;
@@ -288,7 +302,7 @@ async fn settings_changed_on_the_primary_flow_down_to_secondaries_that_accept_th
     primary
         .catalog()
         .update_event_type_settings(UpdateEventTypeSettingsRequest {
-            event_type: WARN_TYPE.into(),
+            event_type: BUILTIN_WARN.into(),
             retention_days: Some(7),
             ..Default::default()
         })
@@ -324,7 +338,7 @@ async fn settings_changed_on_the_primary_flow_down_to_secondaries_that_accept_th
         }
     };
     eventually(20, "the taker runs the primary's settings", || async {
-        let t = get(&taker, WARN_TYPE).await.ok()?.into_inner();
+        let t = get(&taker, BUILTIN_WARN).await.ok()?.into_inner();
         let a = get(&taker, "APP_FROM_PRIMARY").await.ok()?.into_inner();
         (t.retention_days == 7 && a.retention_days == 30).then_some(())
     })
@@ -350,7 +364,7 @@ async fn settings_changed_on_the_primary_flow_down_to_secondaries_that_accept_th
     assert_eq!(keeper_row.settings_version, 0);
     // The keeper did not opt in: its settings are its own.
     assert_eq!(
-        get(&keeper, WARN_TYPE)
+        get(&keeper, BUILTIN_WARN)
             .await
             .unwrap()
             .into_inner()
@@ -403,7 +417,10 @@ async fn open_relay(
     // Keep the sender alive inside the stream so the request does not end early.
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     std::mem::forget(tx);
-    hierarchy(&ch).relay(stream).await.map(|r| r.into_inner())
+    hierarchy_link(&ch)
+        .relay(stream)
+        .await
+        .map(|r| r.into_inner())
 }
 
 fn hello(id: &str) -> RelayUp {
@@ -454,7 +471,7 @@ async fn peers_without_a_valid_certificate_and_bad_relay_messages_are_refused() 
                 event: Some(proto::Classification {
                     event_id: "x-1".into(),
                     device_id: device.into(),
-                    event_type: WARN_TYPE.into(),
+                    event_type: BUILTIN_WARN.into(),
                     severity: Severity::Warning as i32,
                     occurred_at: Some(prost_types::Timestamp {
                         seconds: T0,
@@ -478,13 +495,23 @@ async fn peers_without_a_valid_certificate_and_bad_relay_messages_are_refused() 
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
-    // Relay on the plaintext API port: PERMISSION_DENIED.
-    let e = open_relay(primary.channel.clone(), vec![hello("sec-a")])
+    // Relay on the client API port: PERMISSION_DENIED for everyone, without a credential and
+    // with the administrator's token alike.
+    let e = open_relay(primary.channel.channel().clone(), vec![hello("sec-a")])
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(hello("sec-a")).await.unwrap();
+    let e = hierarchy(&primary.channel)
+        .relay(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    drop(tx);
 
-    // Inside a session, bad events are refused one by one in the acknowledgement (a poison
+    // Inside a session (a secondary relaying what its detectors raised), bad events are refused
+    // one by one in the acknowledgement (a poison
     // event must not stall the link): no device, a loop through the primary, a chain that does
     // not end with the sender, an origin that is not the chain's first server. The good events
     // around them are stored.
@@ -496,7 +523,7 @@ async fn peers_without_a_valid_certificate_and_bad_relay_messages_are_refused() 
             event: Some(proto::Classification {
                 event_id: id.into(),
                 device_id: device.into(),
-                event_type: WARN_TYPE.into(),
+                event_type: BUILTIN_WARN.into(),
                 severity: Severity::Warning as i32,
                 occurred_at: Some(prost_types::Timestamp {
                     seconds: T0,
@@ -549,7 +576,7 @@ async fn peers_without_a_valid_certificate_and_bad_relay_messages_are_refused() 
         "{:?}",
         ack.rejected[0]
     );
-    let got = wait_stored(&primary, WARN_TYPE, 2).await;
+    let got = wait_stored(&primary, BUILTIN_WARN, 2).await;
     let ids: Vec<_> = got.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(ids, vec!["good-1", "good-2"]);
     assert!(got.iter().all(|e| e.origin_server_id == "sec-a"));
@@ -562,8 +589,9 @@ async fn a_resent_event_of_a_type_not_stored_is_delivered_once() {
     let pki = Pki::new(&dir.path().join("pki"), "test CA");
     let port = free_port();
     let primary = start_node(dir.path(), &pki, "primary", Some(port), None, |_| {}).await;
-    // 4136 is never stored: live only.
-    let live_type = "KLSRV_APN_CERTIFICATE_EXPIRES_SOON";
+    // Registered on the primary as never stored: live only.
+    register_test_types(&primary).await;
+    let live_type = APP_WARN_LIVE;
     let mut sub = subscribe_types(&primary, &[live_type]).await;
     let good = pki.server("sec-a");
     let batch = RelayUp {
@@ -625,6 +653,7 @@ async fn a_full_outbox_drops_its_oldest_and_keeps_ingesting() {
         c.hierarchy.keepalive_timeout_secs = 600;
     })
     .await;
+    register_test_types(&secondary).await;
     let mut events = secondary.events();
     for i in 0..15 {
         let a = events

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 
 const TOTAL: usize = 100_000;
 const CHUNK: usize = 1_000;
-const WARN_TYPE: &str = "KLSRV_EVENT_HOSTS_CONFLICT";
+/// An application warning (only the server's detectors raise built-in types), registered on
+/// the secondary, which forwards it; the primary stores it as relayed, with its severity.
+const WARN_TYPE: &str = APP_WARN;
 
 fn node_toml(id: &str, cert: &ServerCert, listen: Option<u16>, upstream: Option<u16>) -> String {
     let mut t = format!(
@@ -139,6 +141,7 @@ async fn every_event_arrives_at_the_primary_exactly_once_through_kills_of_both_s
 
     let primary = start(&pdir, &primary_toml);
     let secondary = start(&sdir, &secondary_toml);
+    register_test_types_at(&secondary.addr).await;
     let (addr_tx, addr_rx) = watch::channel(secondary.addr.clone());
     let (gate_tx, gate_rx) = watch::channel(20_000usize);
     let progress = Arc::new(AtomicUsize::new(0));

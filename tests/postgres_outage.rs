@@ -10,7 +10,8 @@ use common::*;
 use fleet_events::api::proto::QueryEventsRequest;
 use tonic::Code;
 
-const TYPE: &str = "KLSRV_EVENT_HOSTS_CONFLICT";
+/// A stored application warning (only the server's detectors raise built-in types).
+const TYPE: &str = APP_WARN;
 
 fn cluster(cmd_var: &str) {
     let cmd = std::env::var(cmd_var).unwrap_or_else(|_| panic!("{cmd_var} not set"));
@@ -32,6 +33,7 @@ async fn losing_postgres_mid_stream_gives_unavailable_and_the_server_recovers() 
     let mut c = test_config(dir.path());
     c.flood.threshold = 1_000_000;
     let server = TestServer::start(c).await;
+    register_test_types(&server).await;
     let mut events = server.events();
 
     // A stream that keeps sending until the store fails under it.
@@ -80,11 +82,7 @@ async fn losing_postgres_mid_stream_gives_unavailable_and_the_server_recovers() 
     // The server still serves what does not need the store.
     assert!(
         events
-            .classify(event(
-                "dev-x",
-                "KLSRV_APN_CERTIFICATE_EXPIRES_SOON",
-                "live-only"
-            ))
+            .classify(event("dev-x", APP_WARN_LIVE, "live-only"))
             .await
             .is_ok()
     );

@@ -1,14 +1,16 @@
 //! The real `fleet-events` binary: crash safety under SIGKILL, a clean exit on SIGTERM, the CLI
-//! flows of the README, and the standard tools (grpcurl through reflection, grpc-health-probe).
-//! The tools are installed by the README's test command (`scripts/test.sh`).
+//! flows of the README (events, tokens, enrolment of a device), and the standard tools (grpcurl
+//! through reflection, grpc-health-probe), all over TLS pinned to the server's CA, with a token
+//! or a device certificate. The tools are installed by the README's test command
+//! (`scripts/test.sh`).
 
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{ServerProcess, connect, event, query_all};
+use common::{APP_WARN, ServerProcess, connect, event, query_all, register_test_types_at};
 use fleet_events::api::proto::{self, event_service_client::EventServiceClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fleet-events");
@@ -60,6 +62,7 @@ fn go_tool(name: &str) -> PathBuf {
 async fn sigkill_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), "");
+    register_test_types_at(&server.addr).await;
     let mut client = EventServiceClient::new(connect(&server.addr).await);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut answers = client
@@ -69,11 +72,7 @@ async fn sigkill_loses_no_acknowledged_event() {
         .into_inner();
     tokio::spawn(async move {
         for i in 0..1_000_000u64 {
-            let ev = event(
-                &format!("k{}", i % 100),
-                "KLSRV_GCM_HTTP_ERROR",
-                &format!("k{i}"),
-            );
+            let ev = event(&format!("k{}", i % 100), APP_WARN, &format!("k{i}"));
             if tx.send(ev).await.is_err() {
                 break;
             }
@@ -98,7 +97,7 @@ async fn sigkill_loses_no_acknowledged_event() {
     let stored: HashSet<String> = query_all(
         &mut client,
         proto::QueryEventsRequest {
-            event_type: "KLSRV_GCM_HTTP_ERROR".into(),
+            event_type: APP_WARN.into(),
             page_size: 1000,
             ..Default::default()
         },
@@ -117,26 +116,99 @@ async fn sigkill_loses_no_acknowledged_event() {
     assert_eq!(server.terminate().code(), Some(0), "SIGTERM exits cleanly");
 }
 
+/// Text of a command's stdout.
+fn stdout_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Text of a command's stderr.
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that a command succeeded, showing its output when it did not.
+#[track_caller]
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout_of(out),
+        stderr_of(out)
+    );
+}
+
+/// Asserts that a command failed with `text` in what it printed.
+#[track_caller]
+fn assert_failure(out: &Output, what: &str, text: &str) {
+    let said = format!("{}{}", stdout_of(out), stderr_of(out));
+    assert!(!out.status.success(), "{what} succeeded: {said}");
+    assert!(said.contains(text), "{what}: {text:?} not in {said}");
+}
+
+/// The server's data directory, holding its CA (`ca.pem`) and admin token (`admin.token`).
+fn data_dir(server: &ServerProcess) -> PathBuf {
+    server.dir.join("data")
+}
+
+/// A path as a command-line argument.
+fn arg(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+/// The CLI's flags for the administrator on the server's own machine: `--server URL
+/// --data-dir DIR` (the CA and the admin token are found there).
+fn admin(server: &ServerProcess) -> Vec<String> {
+    vec![
+        "--server".into(),
+        server.addr.clone(),
+        "--data-dir".into(),
+        arg(&data_dir(server)).into(),
+    ]
+}
+
+/// `fleet-events COMMAND... <flags>` with the flags after the subcommand words.
+fn cli_with(words: &[&str], flags: &[String], rest: &[&str], stdin: Option<&str>) -> Output {
+    let mut args: Vec<&str> = words.to_vec();
+    args.extend(flags.iter().map(String::as_str));
+    args.extend_from_slice(rest);
+    cli(&args, stdin)
+}
+
+/// The `HOST:PORT` grpcurl and grpc-health-probe take.
+fn host_port(server: &ServerProcess) -> String {
+    server.addr.trim_start_matches("https://").to_owned()
+}
+
+/// grpcurl over TLS pinned to `ca`, with `args` (credentials, data, address, method).
+fn grpcurl(ca: &Path, args: &[&str]) -> Output {
+    Command::new(go_tool("grpcurl"))
+        .arg("-cacert")
+        .arg(ca)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// The README's walk-through: `types` lists the 19 warnings, a flood sent with `send` shows one
-/// KLSRV_EVENT_SPAM_EVENTS_DETECTED in `query`, grpcurl classifies through reflection,
-/// grpc-health-probe says SERVING, and bad JSON input is refused with the line number.
+/// KLSRV_EVENT_SPAM_EVENTS_DETECTED in `query`, grpcurl registers an application type and
+/// classifies through reflection (and is refused a built-in type, or any call without the
+/// token), grpc-health-probe says SERVING over TLS, and bad JSON input is refused with the line
+/// number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_and_standard_tools_work_against_the_binary() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), "[flood]\nthreshold = 10\n");
-    let url = server.addr.clone();
-    let addr = url.trim_start_matches("http://").to_owned();
+    let admin = admin(&server);
+    let addr = host_port(&server);
+    let data = data_dir(&server);
+    let ca = data.join("ca.pem");
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let bearer = format!("authorization: Bearer {}", token.trim());
 
-    let out = cli(
-        &["types", "--server", &url, "--min-severity", "warning"],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8_lossy(&out.stdout);
+    let out = cli_with(&["types"], &admin, &["--min-severity", "warning"], None);
+    assert_success(&out, "types");
+    let table = stdout_of(&out);
     let warnings = table.lines().filter(|l| l.contains(" WARNING ")).count();
     assert_eq!(warnings, 19, "{table}");
     assert!(table.contains("KLSRV_EVENT_HOSTS_CONFLICT"));
@@ -148,27 +220,22 @@ async fn cli_and_standard_tools_work_against_the_binary() {
             )
         })
         .collect();
-    let out = cli(&["send", "--server", &url], Some(&lines));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let out = cli_with(&["send"], &admin, &[], Some(&lines));
+    let err = stderr_of(&out);
+    assert_success(&out, "send");
     assert!(
         err.contains("50 acknowledged: 10 stored, 40 blocked"),
         "{err}"
     );
 
-    let out = cli(
-        &[
-            "query",
-            "--server",
-            &url,
-            "--type",
-            "KLSRV_EVENT_SPAM_EVENTS_DETECTED",
-            "--json",
-        ],
+    let out = cli_with(
+        &["query"],
+        &admin,
+        &["--type", "KLSRV_EVENT_SPAM_EVENTS_DETECTED", "--json"],
         None,
     );
-    assert!(out.status.success());
-    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    assert_success(&out, "query");
+    let reports: Vec<serde_json::Value> = stdout_of(&out)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -177,57 +244,348 @@ async fn cli_and_standard_tools_work_against_the_binary() {
     assert_eq!(reports[0]["params"]["event_type"], "APP_CHATTY");
     assert_eq!(reports[0]["params"]["count"], "11");
 
-    let out = cli(
-        &["send", "--server", &url],
+    let out = cli_with(
+        &["send"],
+        &admin,
+        &[],
         Some("{\"device_id\":\"x\",\"event_type\":\"T\"}\nnot json\n"),
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+    assert!(stderr_of(&out).contains("line 2"));
 
-    let out = Command::new(go_tool("grpcurl"))
-        .args([
-            "-plaintext",
+    // Reflection needs no token.
+    let out = grpcurl(&ca, &[&addr, "list"]);
+    assert_success(&out, "grpcurl list");
+    assert!(
+        stdout_of(&out).contains("fleetevents.v1.EventService"),
+        "{}",
+        stdout_of(&out)
+    );
+
+    // The administrator registers an application warning, then a client classifies it by ID.
+    let out = grpcurl(
+        &ca,
+        &[
+            "-H",
+            &bearer,
+            "-d",
+            r#"{"event_type":"APP_DISK_FULL","event_type_id":72102,"severity":"WARNING","display_name":"Disk full"}"#,
+            &addr,
+            "fleetevents.v1.CatalogService/RegisterEventType",
+        ],
+    );
+    assert_success(&out, "grpcurl RegisterEventType");
+    let out = grpcurl(
+        &ca,
+        &[
+            "-H",
+            &bearer,
+            "-d",
+            r#"{"device_id":"pc-7","event_type_id":72102}"#,
+            &addr,
+            "fleetevents.v1.EventService/Classify",
+        ],
+    );
+    assert_success(&out, "grpcurl Classify");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["eventType"], "APP_DISK_FULL");
+    assert_eq!(v["severity"], "WARNING");
+    assert_eq!(v["stored"], true);
+
+    // A built-in type is the server's own: refused, by ID as by name.
+    let out = grpcurl(
+        &ca,
+        &[
+            "-H",
+            &bearer,
             "-d",
             r#"{"device_id":"pc-7","event_type_id":4102}"#,
             &addr,
             "fleetevents.v1.EventService/Classify",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["eventType"], "KLSRV_EVENT_HOSTS_CONFLICT");
-    assert_eq!(v["severity"], "WARNING");
-    assert_eq!(v["stored"], true);
+    assert_failure(&out, "Classify of 4102", "Code: PermissionDenied");
 
-    let out = Command::new(go_tool("grpcurl"))
-        .args([
-            "-plaintext",
+    let out = grpcurl(
+        &ca,
+        &[
+            "-H",
+            &bearer,
             "-d",
             r#"{"device_id":""}"#,
             &addr,
             "fleetevents.v1.EventService/Classify",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
+        ],
+    );
+    assert_failure(&out, "Classify without a device", "InvalidArgument");
+
+    // Without the token: refused before the request is looked at.
+    let out = grpcurl(
+        &ca,
+        &[
+            "-d",
+            r#"{"device_id":"pc-7","event_type":"APP_DISK_FULL"}"#,
+            &addr,
+            "fleetevents.v1.EventService/Classify",
+        ],
+    );
+    assert_failure(&out, "Classify without a token", "Code: Unauthenticated");
 
     let out = Command::new(go_tool("grpc-health-probe"))
-        .args(["-addr", &addr])
+        .args(["-addr", &addr, "-tls", "-tls-ca-cert", arg(&ca)])
         .output()
         .unwrap();
-    assert!(out.status.success());
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "grpc-health-probe");
+    let said = format!("{}{}", stdout_of(&out), stderr_of(&out));
     assert!(said.contains("status: SERVING"), "{said}");
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// Tokens and enrolment with the real binary: `token create` prints a `fet_` token that works
+/// with `--token` for its role and no further (an ingest token sends but does not read, a
+/// viewer token reads but does not send), `token list` shows them, a revoked token stops
+/// working; `enroll-token create` prints a secret that `enroll` trades for a device certificate,
+/// with which `send --cert --key --ca` sends for that device, and grpcurl with the same
+/// certificate may classify for its own device but gets PermissionDenied for another; after
+/// `device revoke` the certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_device_enrolment_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), "");
+    let admin = admin(&server);
+    let url = server.addr.clone();
+    let addr = host_port(&server);
+    let ca = data_dir(&server).join("ca.pem");
+
+    // Bearer tokens.
+    let out = cli_with(
+        &["token", "create"],
+        &admin,
+        &["--name", "ci-ingest", "--role", "ingest"],
+        None,
+    );
+    assert_success(&out, "token create ingest");
+    let ingest = stdout_of(&out).trim().to_owned();
+    assert!(ingest.starts_with("fet_"), "{ingest}");
+    let out = cli_with(
+        &["token", "create"],
+        &admin,
+        &["--name", "ci-viewer", "--role", "viewer"],
+        None,
+    );
+    assert_success(&out, "token create viewer");
+    let viewer = stdout_of(&out).trim().to_owned();
+    assert!(viewer.starts_with("fet_"), "{viewer}");
+    assert_ne!(ingest, viewer);
+    let with_token = |t: &str| -> Vec<String> {
+        vec![
+            "--server".into(),
+            url.clone(),
+            "--ca".into(),
+            arg(&ca).into(),
+            "--token".into(),
+            t.into(),
+        ]
+    };
+
+    let out = cli_with(
+        &["send"],
+        &with_token(&ingest),
+        &[],
+        Some("{\"event_id\":\"t1\",\"device_id\":\"pc-t\",\"event_type\":\"APP_FROM_TOKEN\"}\n"),
+    );
+    assert_success(&out, "send --token (ingest)");
+    assert!(
+        stderr_of(&out).contains("1 acknowledged"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = cli_with(
+        &["query"],
+        &with_token(&ingest),
+        &["--type", "APP_FROM_TOKEN", "--json"],
+        None,
+    );
+    assert_failure(&out, "query with an ingest token", "permission");
+
+    let out = cli_with(
+        &["query"],
+        &with_token(&viewer),
+        &["--type", "APP_FROM_TOKEN", "--json"],
+        None,
+    );
+    assert_success(&out, "query --token (viewer)");
+    let got: Vec<serde_json::Value> = stdout_of(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["device_id"], "pc-t");
+    let out = cli_with(
+        &["send"],
+        &with_token(&viewer),
+        &[],
+        Some("{\"device_id\":\"pc-t\",\"event_type\":\"APP_FROM_TOKEN\"}\n"),
+    );
+    assert_failure(&out, "send with a viewer token", "permission");
+
+    let out = cli_with(&["token", "list"], &admin, &[], None);
+    assert_success(&out, "token list");
+    let list = stdout_of(&out);
+    assert!(
+        list.contains("ci-ingest") && list.contains("ci-viewer"),
+        "{list}"
+    );
+    assert!(!list.contains(&viewer), "secrets are never listed: {list}");
+
+    let out = cli_with(&["token", "revoke"], &admin, &["ci-viewer"], None);
+    assert_success(&out, "token revoke");
+    let out = cli_with(
+        &["query"],
+        &with_token(&viewer),
+        &["--type", "APP_FROM_TOKEN"],
+        None,
+    );
+    assert!(!out.status.success(), "a revoked token still reads");
+
+    // A device enrols with a one-time enrolment token.
+    let out = cli_with(
+        &["enroll-token", "create"],
+        &admin,
+        &["--uses", "1", "--valid-for", "1h", "--label", "ci"],
+        None,
+    );
+    assert_success(&out, "enroll-token create");
+    let secret = stdout_of(&out).trim().to_owned();
+    assert!(!secret.is_empty() && !secret.contains('\n'), "{secret:?}");
+    let agent = dir.path().join("agent");
+    let out = cli(
+        &[
+            "enroll",
+            "--server",
+            &url,
+            "--ca",
+            arg(&ca),
+            "--enroll-token",
+            &secret,
+            "--device-id",
+            "agent-1",
+            "--out",
+            arg(&agent),
+        ],
+        None,
+    );
+    assert_success(&out, "enroll");
+    let (cert, key, agent_ca) = (
+        agent.join("device.pem"),
+        agent.join("device.key"),
+        agent.join("ca.pem"),
+    );
+    for f in [&cert, &key, &agent_ca] {
+        let text = std::fs::read_to_string(f).unwrap();
+        assert!(text.contains("-----BEGIN "), "{}: {text}", f.display());
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
+    }
+    // The enrolment token was for one use.
+    let out = cli(
+        &[
+            "enroll",
+            "--server",
+            &url,
+            "--ca",
+            arg(&ca),
+            "--enroll-token",
+            &secret,
+            "--device-id",
+            "agent-2",
+            "--out",
+            arg(&dir.path().join("agent-2")),
+        ],
+        None,
+    );
+    assert!(
+        !out.status.success(),
+        "a used-up enrolment token enrolled again"
+    );
+
+    let device_flags: Vec<String> = vec![
+        "--server".into(),
+        url.clone(),
+        "--cert".into(),
+        arg(&cert).into(),
+        "--key".into(),
+        arg(&key).into(),
+        "--ca".into(),
+        arg(&agent_ca).into(),
+    ];
+    let out = cli_with(
+        &["send"],
+        &device_flags,
+        &[],
+        Some(
+            "{\"event_id\":\"a1\",\"device_id\":\"agent-1\",\"event_type\":\"APP_AGENT_STARTED\"}\n",
+        ),
+    );
+    assert_success(&out, "send --cert");
+    assert!(
+        stderr_of(&out).contains("1 acknowledged: 1 stored"),
+        "{}",
+        stderr_of(&out)
+    );
+    let mut client = EventServiceClient::new(connect(&server.addr).await);
+    let stored = query_all(
+        &mut client,
+        proto::QueryEventsRequest {
+            device_id: "agent-1".into(),
+            event_type: "APP_AGENT_STARTED".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].event_id, "a1");
+
+    // grpcurl with the device's certificate: its own device yes, another device no.
+    let mtls = |body: &str| {
+        grpcurl(
+            &agent_ca,
+            &[
+                "-cert",
+                arg(&cert),
+                "-key",
+                arg(&key),
+                "-d",
+                body,
+                &addr,
+                "fleetevents.v1.EventService/Classify",
+            ],
+        )
+    };
+    let out = mtls(r#"{"device_id":"agent-1","event_type":"APP_AGENT_STARTED","event_id":"a2"}"#);
+    assert_success(&out, "grpcurl Classify for its own device");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["deviceId"], "agent-1");
+    assert_eq!(v["stored"], true);
+    let out = mtls(r#"{"device_id":"agent-9","event_type":"APP_AGENT_STARTED","event_id":"a3"}"#);
+    assert_failure(
+        &out,
+        "grpcurl Classify for another device",
+        "Code: PermissionDenied",
+    );
+
+    // Revoked: the certificate no longer works.
+    let out = cli_with(&["device", "revoke"], &admin, &["agent-1"], None);
+    assert_success(&out, "device revoke");
+    let out = mtls(r#"{"device_id":"agent-1","event_type":"APP_AGENT_STARTED","event_id":"a4"}"#);
+    assert!(
+        !out.status.success(),
+        "a revoked device's certificate still works: {}",
+        stdout_of(&out)
+    );
     assert_eq!(server.terminate().code(), Some(0));
 }
 

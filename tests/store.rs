@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, event, query_all, test_config};
+use common::{
+    APP_CRITICAL, APP_WARN, TestServer, event, query_all, register_test_types, test_config,
+};
 use fleet_events::api::proto::{self, Severity};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -18,6 +20,7 @@ async fn the_cap_deletes_the_oldest_and_raises_both_truncation_events() {
     let mut cfg = test_config(dir.path());
     cfg.store.max_events = 100;
     let s = TestServer::start(cfg).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     let mut live = c
         .subscribe(proto::SubscribeRequest {
@@ -32,7 +35,7 @@ async fn the_cap_deletes_the_oldest_and_raises_both_truncation_events() {
         .into_inner();
     for i in 0..250 {
         let a = c
-            .classify(event("d", "KLSRV_GCM_HTTP_ERROR", &format!("{i:04}")))
+            .classify(event("d", APP_WARN, &format!("{i:04}")))
             .await
             .unwrap()
             .into_inner();
@@ -50,7 +53,7 @@ async fn the_cap_deletes_the_oldest_and_raises_both_truncation_events() {
         !all.iter().any(|e| e.event_id == "0000"),
         "the oldest is gone"
     );
-    assert!(all.iter().all(|e| e.event_type == "KLSRV_GCM_HTTP_ERROR"));
+    assert!(all.iter().all(|e| e.event_type == APP_WARN));
 
     let first = tokio::time::timeout(Duration::from_secs(10), live.message())
         .await
@@ -77,13 +80,10 @@ async fn the_cap_deletes_the_oldest_and_raises_both_truncation_events() {
 async fn retention_deletes_per_type_on_the_clock() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
+    register_test_types(&s).await;
     let mut c = s.events();
-    c.classify(event("d", "KLSRV_GCM_HTTP_ERROR", "warn"))
-        .await
-        .unwrap();
-    c.classify(event("d", "KLSRV_EV_LICENSE_CHECK_MORE_110", "crit"))
-        .await
-        .unwrap();
+    c.classify(event("d", APP_WARN, "warn")).await.unwrap();
+    c.classify(event("d", APP_CRITICAL, "crit")).await.unwrap();
     c.classify(event("d", "APP_UNKNOWN", "info")).await.unwrap();
     s.clock.advance(Duration::from_secs(31 * 86_400));
     assert_eq!(
@@ -93,13 +93,21 @@ async fn retention_deletes_per_type_on_the_clock() {
     );
     s.clock.advance(Duration::from_secs(60 * 86_400));
     assert_eq!(s.server.engine().sweep_retention().await.unwrap(), 1);
-    let left = query_all(&mut c, proto::QueryEventsRequest::default()).await;
+    // The registrations' audit events (the server's, kept 180 days) are not the test's.
+    let left = query_all(
+        &mut c,
+        proto::QueryEventsRequest {
+            device_id: "d".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].event_id, "crit");
     assert_eq!(left[0].severity, Severity::Critical as i32);
     s.catalog()
         .update_event_type_settings(proto::UpdateEventTypeSettingsRequest {
-            event_type: "KLSRV_EV_LICENSE_CHECK_MORE_110".into(),
+            event_type: APP_CRITICAL.into(),
             retention_days: Some(30),
             ..Default::default()
         })
@@ -109,7 +117,7 @@ async fn retention_deletes_per_type_on_the_clock() {
     s.stop().await;
 }
 
-/// Registered types and changed settings of built-in types survive a restart.
+/// Registered types and changed settings of registered and built-in types survive a restart.
 #[tokio::test]
 async fn catalog_changes_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,6 +170,13 @@ async fn catalog_changes_survive_a_restart() {
     })
     .await
     .unwrap();
+    cat.update_event_type_settings(proto::UpdateEventTypeSettingsRequest {
+        event_type: "APP_DISK_ALERT".into(),
+        store: Some(false),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let st = cat
         .update_event_type_settings(proto::UpdateEventTypeSettingsRequest {
             event_type: "NOPE".into(),
@@ -182,11 +197,12 @@ async fn catalog_changes_survive_a_restart() {
     assert_eq!(a.severity, Severity::Critical as i32);
     assert!(a.known);
     let b = c
-        .classify(event("d", "KLSRV_EVENT_HOSTS_CONFLICT", "2"))
+        .classify(event("d", "APP_DISK_ALERT", "2"))
         .await
         .unwrap()
         .into_inner();
-    assert!(!b.stored);
+    assert!(!b.stored, "the changed setting of a registered type");
+    // Only the server raises built-in types: their changed settings show in the catalog.
     let got = s
         .catalog()
         .get_event_type(proto::GetEventTypeRequest {
@@ -209,6 +225,7 @@ async fn graceful_shutdown_keeps_every_acknowledged_event() {
     // One device sends everything: keep flood blocking out of a durability test.
     cfg.flood.threshold = 100_000_000;
     let s = TestServer::start(cfg).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut answers = c
@@ -220,7 +237,7 @@ async fn graceful_shutdown_keeps_every_acknowledged_event() {
     let producer = tokio::spawn(async move {
         let mut i = 0u64;
         while tx
-            .send(event("g", "KLSRV_GCM_HTTP_ERROR", &format!("g{i}")))
+            .send(event("g", APP_WARN, &format!("g{i}")))
             .await
             .is_ok()
         {
@@ -289,23 +306,20 @@ async fn idempotency_survives_restarts_and_follows_deletes() {
     let mut cfg = test_config(dir.path());
     cfg.store.max_events = 10;
     let s = TestServer::start(cfg.clone()).await;
+    register_test_types(&s).await;
     let mut c = s.events();
     for i in 0..10 {
-        c.classify(event("idem", "KLSRV_GCM_HTTP_ERROR", &format!("i{i}")))
+        c.classify(event("idem", APP_WARN, &format!("i{i}")))
             .await
             .unwrap();
     }
     let (d, clock) = s.stop().await;
     let s = TestServer::start_with_clock(cfg.clone(), clock).await;
     let mut c = s.events();
-    c.classify(event("idem", "KLSRV_GCM_HTTP_ERROR", "i5"))
-        .await
-        .unwrap();
+    c.classify(event("idem", APP_WARN, "i5")).await.unwrap();
     assert_eq!(s.server.engine().store().event_count().await.unwrap(), 10);
     // One more pushes the count over the cap of 10: the oldest (i0) goes.
-    c.classify(event("idem", "KLSRV_GCM_HTTP_ERROR", "i10"))
-        .await
-        .unwrap();
+    c.classify(event("idem", APP_WARN, "i10")).await.unwrap();
     let ids: Vec<String> = query_all(&mut c, proto::QueryEventsRequest::default())
         .await
         .into_iter()
@@ -313,9 +327,7 @@ async fn idempotency_survives_restarts_and_follows_deletes() {
         .collect();
     assert!(!ids.contains(&"i0".to_owned()), "{ids:?}");
     let before = ids.len();
-    c.classify(event("idem", "KLSRV_GCM_HTTP_ERROR", "i0"))
-        .await
-        .unwrap();
+    c.classify(event("idem", APP_WARN, "i0")).await.unwrap();
     let again = query_all(&mut c, proto::QueryEventsRequest::default()).await;
     assert!(again.iter().any(|e| e.event_id == "i0"), "i0 stored again");
     assert_eq!((before, again.len()), (10, 10));

@@ -12,10 +12,36 @@ use fleet_events::api::proto::catalog_service_client::CatalogServiceClient;
 use fleet_events::api::proto::device_service_client::DeviceServiceClient;
 use fleet_events::api::proto::event_service_client::EventServiceClient;
 use fleet_events::api::proto::{self, Event};
+use fleet_events::client::{ClientOptions, connect as client_connect};
 use fleet_events::clock::{ManualClock, Timestamp};
 use fleet_events::config::Config;
 use fleet_events::server::{RunningServer, start};
-use tonic::transport::Channel;
+
+/// The channel tests talk through: TLS pinned to the server's CA, with its admin token.
+pub type Channel = fleet_events::client::AuthChannel;
+
+/// The credentials of every server a test started, by URL, so [`connect`] finds them.
+static CREDENTIALS: std::sync::Mutex<Vec<(String, ClientOptions)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Notes that `url` is served with the CA and admin token in `data_dir`.
+pub fn register_server(url: &str, data_dir: &Path) {
+    let options = ClientOptions::from_data_dir(data_dir);
+    let mut all = CREDENTIALS.lock().unwrap();
+    all.retain(|(u, _)| u != url);
+    all.push((url.to_owned(), options));
+}
+
+/// The admin credentials of the server at `url`.
+pub fn options_for(url: &str) -> ClientOptions {
+    CREDENTIALS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(u, _)| u == url)
+        .map(|(_, o)| o.clone())
+        .unwrap_or_default()
+}
 
 /// The manual clock's start: 2026-11-25T00:00:00Z.
 pub const T0: i64 = 1_795_564_800;
@@ -107,7 +133,9 @@ impl TestServer {
     pub async fn start_with_clock(config: Config, clock: Arc<ManualClock>) -> TestServer {
         let dir = config.server.data_dir.clone();
         let server = start(config, clock.clone()).await.expect("server starts");
-        let channel = connect(&format!("http://{}", server.local_addr())).await;
+        let url = format!("https://{}", server.local_addr());
+        register_server(&url, &dir);
+        let channel = connect(&url).await;
         TestServer {
             server,
             clock,
@@ -135,15 +163,17 @@ impl TestServer {
     }
 }
 
-/// Connects to `url`, retrying until the health service says SERVING (deadline 20 s).
+/// Connects to `url` with the admin credentials of the server there, retrying until the
+/// health service says SERVING (deadline 20 s).
 pub async fn connect(url: &str) -> Channel {
+    connect_with(url, &options_for(url)).await
+}
+
+/// Connects to `url` with `options`, retrying until the health service says SERVING.
+pub async fn connect_with(url: &str, options: &ClientOptions) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .unwrap()
-            .connect()
-            .await
-        {
+        if let Ok(ch) = client_connect(url, options).await {
             let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
             if let Ok(r) = health
                 .check(tonic_health::pb::HealthCheckRequest {
@@ -237,9 +267,11 @@ impl ServerProcess {
             assert!(Instant::now() < deadline, "no ready file within 30 s");
             std::thread::sleep(Duration::from_millis(10));
         };
+        let addr = format!("https://{addr}");
+        register_server(&addr, &dir.join("data"));
         ServerProcess {
             child,
-            addr: format!("http://{addr}"),
+            addr,
             dir: dir.to_path_buf(),
         }
     }
@@ -329,6 +361,11 @@ pub struct ServerCert {
 }
 
 impl Pki {
+    /// The CA's private key (PEM), for tests that sign certificates of other shapes.
+    pub fn ca_key_pem(&self) -> String {
+        self.ca_key.serialize_pem()
+    }
+
     /// A new CA named `name`, written under `dir`.
     pub fn new(dir: &Path, name: &str) -> Pki {
         std::fs::create_dir_all(dir).unwrap();
@@ -450,4 +487,97 @@ pub fn require_postgres(test: &str) -> Option<String> {
             None
         }
     }
+}
+
+/// Application event types the tests send where they once sent built-in types (which only the
+/// server's detectors raise now): a stored warning, kept 90 days.
+pub const APP_WARN: &str = "APP_TEST_WARNING";
+/// The numeric ID of [`APP_WARN`].
+pub const APP_WARN_ID: u32 = 71_102;
+/// The Japanese display name of [`APP_WARN`].
+pub const APP_WARN_JA: &str = "テスト用の警告";
+/// A warning that is classified and delivered live but never stored.
+pub const APP_WARN_LIVE: &str = "APP_TEST_WARNING_LIVE";
+/// The numeric ID of [`APP_WARN_LIVE`].
+pub const APP_WARN_LIVE_ID: u32 = 71_136;
+/// A second stored warning, for tests that tell two warning types apart.
+pub const APP_WARN_OTHER: &str = "APP_TEST_WARNING_OTHER";
+/// The numeric ID of [`APP_WARN_OTHER`].
+pub const APP_WARN_OTHER_ID: u32 = 71_140;
+/// A stored critical type, kept 180 days.
+pub const APP_CRITICAL: &str = "APP_TEST_CRITICAL";
+/// The numeric ID of [`APP_CRITICAL`].
+pub const APP_CRITICAL_ID: u32 = 71_099;
+
+/// The requests that register the test types ([`APP_WARN`], [`APP_WARN_LIVE`],
+/// [`APP_WARN_OTHER`], [`APP_CRITICAL`]).
+pub fn test_type_requests() -> Vec<proto::RegisterEventTypeRequest> {
+    let req = |name: &str, id: u32, severity: proto::Severity, do_not_store: bool| {
+        proto::RegisterEventTypeRequest {
+            event_type: name.into(),
+            event_type_id: id,
+            severity: severity as i32,
+            display_name: format!("Test type {name}"),
+            do_not_store,
+            application: "fleet-events-tests".into(),
+            ..Default::default()
+        }
+    };
+    let mut warn = req(APP_WARN, APP_WARN_ID, proto::Severity::Warning, false);
+    warn.display_name_ja = APP_WARN_JA.into();
+    vec![
+        warn,
+        req(
+            APP_WARN_LIVE,
+            APP_WARN_LIVE_ID,
+            proto::Severity::Warning,
+            true,
+        ),
+        req(
+            APP_WARN_OTHER,
+            APP_WARN_OTHER_ID,
+            proto::Severity::Warning,
+            false,
+        ),
+        req(
+            APP_CRITICAL,
+            APP_CRITICAL_ID,
+            proto::Severity::Critical,
+            false,
+        ),
+    ]
+}
+
+/// Registers the test types through `channel` (an admin's), as an administrator would with
+/// `CatalogService/RegisterEventType`. A type already there (a restarted server, a shared
+/// database) is fine.
+pub async fn register_test_types_on(channel: &Channel) {
+    let mut catalog = CatalogServiceClient::new(channel.clone());
+    for r in test_type_requests() {
+        let name = r.event_type.clone();
+        match catalog.register_event_type(r).await {
+            Ok(_) => {}
+            Err(st) if st.code() == tonic::Code::AlreadyExists => {}
+            Err(st) => panic!("registering {name}: {st:?}"),
+        }
+    }
+}
+
+/// Registers the test types on `s`.
+pub async fn register_test_types(s: &TestServer) {
+    register_test_types_on(&s.channel).await;
+}
+
+/// Registers the test types on the server at `url` (connecting with its admin credentials).
+pub async fn register_test_types_at(url: &str) {
+    register_test_types_on(&connect(url).await).await;
+}
+
+/// Notes that `url` is reached with `options`: for a server whose credentials are not all in
+/// its own data dir (one sharing another's database shares its tokens too, and writes no admin
+/// token of its own).
+pub fn register_options(url: &str, options: ClientOptions) {
+    let mut all = CREDENTIALS.lock().unwrap();
+    all.retain(|(u, _)| u != url);
+    all.push((url.to_owned(), options));
 }
