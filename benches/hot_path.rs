@@ -27,11 +27,28 @@ fn catalog(c: &mut Criterion) {
 
 fn classification(c: &mut Criterion) {
     let cat = Catalog::with_builtins(Severity::Info);
+    // Clients send application types (built-in types are the server's own): a registered
+    // Warning type with an ID, as an agent's would be.
+    let app = cat
+        .prepare_register(fleet_events::catalog::NewEventType {
+            name: "APP_DISK_CLONED".into(),
+            id: Some(70_001),
+            severity: Severity::Warning,
+            display_name: "Disk cloned".into(),
+            display_name_ja: String::new(),
+            description: String::new(),
+            recommended_response: String::new(),
+            retention_days: None,
+            store: true,
+            application: "agent".into(),
+        })
+        .unwrap();
+    cat.put(app);
     let limits = Limits::default();
     let ev = IncomingEvent {
         event_id: "0f6c1a52-evt".into(),
         device_id: "device-000123".into(),
-        event_type: "KLSRV_EVENT_HOSTS_CONFLICT".into(),
+        event_type: "APP_DISK_CLONED".into(),
         application: "agent".into(),
         params: [("fingerprint".to_owned(), "abc".to_owned())].into(),
         ..Default::default()
