@@ -8,6 +8,13 @@
 #
 #   benches/backends.sh                 # 10 s per run
 #   DURATION=30s benches/backends.sh
+#   APPEND=0 benches/backends.sh        # print only, do not append to RESULTS.md
+#   BUILD=0 benches/backends.sh         # use the binaries in target/release as they are
+#
+# All three servers serve TLS; ghz pins the CA of the server's data directory and sends its
+# admin token (benches/common.sh); the echo server serves a certificate made by fleet-events
+# and ignores the token. The events are of BENCH_APP_EVENT, an application type (clients may
+# not send KLSRV_* types), which is stored (unknown types are stored with Info retention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -15,49 +22,37 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-4}
 STREAMS=${STREAMS:-4}
 STREAM_MESSAGES=${STREAM_MESSAGES:-1000}
+APPEND=${APPEND:-1}
 
-export PATH="$(go env GOPATH)/bin:$PATH"
-command -v ghz >/dev/null || go install github.com/bojand/ghz/cmd/ghz@latest
-cargo build --release --locked --bin fleet-events --example echo_server
-fleet="$root/target/release/fleet-events"
-echo_bin="$root/target/release/examples/echo_server"
-
+source benches/common.sh
 source scripts/pg.sh
 work=$(mktemp -d)
 pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; pg_stop; rm -rf "$work"; }
 trap cleanup EXIT
+bench_build
 pg_start
 psql -q "$FLEET_TEST_POSTGRES/postgres" -c "CREATE DATABASE bench"
 
-start_server() { # kind -> sets pid, addr
-  local ready="$work/ready"
-  rm -f "$ready"
-  rm -rf "$work/data"
+start_server() { # kind -> sets pid, addr, ghz_conn
   printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
   case "$1" in
-    sqlite) "$fleet" serve --listen 127.0.0.1:0 --data-dir "$work/data" --config "$work/config.toml" \
-        --ready-file "$ready" --log warn & ;;
-    postgres) "$fleet" serve --listen 127.0.0.1:0 --data-dir "$work/data" --config "$work/config.toml" \
-        --store "$FLEET_TEST_POSTGRES/bench" --ready-file "$ready" --log warn & ;;
-    echo) "$echo_bin" 127.0.0.1:0 "$ready" 2>/dev/null & ;;
+    sqlite) start_fleet tls "$work/data" "$work/config.toml" ;;
+    postgres) start_fleet tls "$work/data" "$work/config.toml" --store "$FLEET_TEST_POSTGRES/bench" ;;
+    echo) start_echo tls ;;
   esac
-  pid=$!
-  for _ in $(seq 300); do [ -s "$ready" ] && break; sleep 0.05; done
-  [ -s "$ready" ] || { echo "server $1 did not start" >&2; exit 1; }
-  addr=$(cat "$ready")
 }
 
-event='{"event_id":"{{newUUID}}","device_id":"dev-{{randomInt 0 5000}}","event_type":"KLSRV_GCM_HTTP_ERROR","application":"mdm-push","params":{"code":"503","endpoint":"fcm.googleapis.com/v1/projects/fleet/messages:send"}}'
+event=$(bench_event "$STORED_TYPE")
 results="$work/results.tsv"
 : > "$results"
 for server in echo sqlite postgres; do
   start_server "$server"
-  ghz --insecure -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" \
+  ghz "${ghz_conn[@]}" -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" \
     --call fleetevents.v1.EventService/Stream -c "$STREAMS" --stream-call-count "$STREAM_MESSAGES" \
     --stream-dynamic-messages -d "$event" "$addr" || { echo "ghz failed against $server" >&2; exit 1; }
-  ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+  ticks=$(cpu_ticks)
+  stop_server
   python3 - "$work/out.json" "$server" "$ticks" "$(getconf CLK_TCK)" "$STREAM_MESSAGES" >> "$results" <<'PY'
 import json, sys
 path, server, ticks, hz, per_call = sys.argv[1:]
@@ -83,7 +78,7 @@ for r in rows:
 print(f"\nEvents in the PostgreSQL store after its run: {sys.argv[2]}.")
 PY
 )
-header="## Backends: $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(nproc) cores"
+header=$(results_header "Backends: ")
 cmd="DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/backends.sh"
 printf '%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table"
-printf '\n%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table" >> benches/RESULTS.md
+[ "$APPEND" = 0 ] || printf '\n%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table" >> benches/RESULTS.md

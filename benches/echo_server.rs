@@ -2,7 +2,11 @@
 //! `fleetevents.v1.EventService` with no work behind it. `Classify` answers a `Classification`
 //! of the same size as fleet-events' (identity echoed, fixed classification), `Stream` answers
 //! each event the same way, with reflection so `ghz` drives both servers with identical
-//! commands. Run by `benches/load.sh`; usage: `echo_server ADDR READY_FILE`.
+//! commands. Run by `benches/load.sh` and `benches/tls_cost.sh`; usage:
+//! `echo_server ADDR READY_FILE [CERT_PEM KEY_PEM]`. With a certificate and key it serves TLS
+//! (tonic's rustls with the ring provider, ALPN h2, as fleet-events' client port does), so
+//! the ceiling pays for the same encryption; without them, plaintext. It checks no credential
+//! (a bearer token sent to it is ignored).
 
 use std::pin::Pin;
 
@@ -79,6 +83,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:0".into());
     let ready = args.next();
+    let tls = match (args.next(), args.next()) {
+        (Some(cert), Some(key)) => Some(tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?),
+        )),
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     let bound = listener.local_addr()?;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -91,14 +101,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(path) = ready {
         std::fs::write(&path, bound.to_string())?;
     }
-    eprintln!("echo server on {bound}");
+    eprintln!(
+        "echo server on {bound} ({})",
+        if tls.is_some() { "TLS" } else { "plaintext" }
+    );
     let incoming = TcpListenerStream::new(listener).map(|s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);
         }
         s
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(EventServiceServer::new(Echo))

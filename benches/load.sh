@@ -3,8 +3,19 @@
 # server (benches/echo_server.rs) with identical calls, message sizes, concurrency and
 # connections. Prints a table and appends it to benches/RESULTS.md with the command.
 #
-#   benches/load.sh                 # 10 s per scenario
-#   DURATION=30s benches/load.sh    # longer
+#   benches/load.sh                    # 10 s per scenario
+#   DURATION=30s benches/load.sh       # longer
+#   TRANSPORT=plain benches/load.sh    # both servers in plaintext (fleet-events with
+#                                      # insecure_plaintext; the token is still sent)
+#   APPEND=0 benches/load.sh           # print only, do not append to RESULTS.md
+#   BUILD=0 benches/load.sh            # use the binaries in target/release as they are
+#
+# Both servers serve TLS by default (fleet-events' default; the echo server with a certificate
+# made by fleet-events), and ghz pins the server's CA and sends fleet-events' admin token as
+# `authorization: Bearer ...` (see benches/common.sh), so the echo ceiling pays for the same
+# encryption but checks no credential. The events are of application types (clients may not
+# send KLSRV_* types): BENCH_APP_EVENT, unknown and so stored with Info retention, and
+# BENCH_APP_NOT_STORED, registered with do_not_store before the run.
 #
 # Each (scenario, server) pair gets a fresh server process, so its CPU seconds (utime+stime
 # from /proc) and peak RSS (VmHWM) are its own. fleet-events runs on its embedded default
@@ -19,58 +30,50 @@ UNARY_CONCURRENCY=${UNARY_CONCURRENCY:-64}
 CONNECTIONS=${CONNECTIONS:-4}
 STREAMS=${STREAMS:-4}
 STREAM_MESSAGES=${STREAM_MESSAGES:-1000}
+TRANSPORT=${TRANSPORT:-tls}
+APPEND=${APPEND:-1}
 
-export PATH="$(go env GOPATH)/bin:$PATH"
-command -v ghz >/dev/null || go install github.com/bojand/ghz/cmd/ghz@latest
-
-cargo build --release --locked --bin fleet-events --example echo_server --example open_streams
-fleet="$root/target/release/fleet-events"
-echo_bin="$root/target/release/examples/echo_server"
-
+source benches/common.sh
 work=$(mktemp -d)
 pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
+bench_build
 
-start_server() { # kind -> sets pid, addr
-  local ready="$work/ready"
-  rm -f "$ready"
+start_server() { # kind -> sets pid, addr, ghz_conn, data
   case "$1" in
     fleet-events|fleet-events-normal)
-      rm -rf "$work/data"
+      data="$work/data"
       printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
       # The same server, committing without an fsync per group commit: shows what fsync costs.
       [ "$1" = fleet-events-normal ] && printf '[store]\ndurability = "normal"\n' >> "$work/config.toml"
-      "$fleet" serve --listen 127.0.0.1:0 --data-dir "$work/data" --config "$work/config.toml" \
-        --ready-file "$ready" --log warn &
+      start_fleet "$TRANSPORT" "$data" "$work/config.toml"
+      register_not_stored
       ;;
-    echo) "$echo_bin" 127.0.0.1:0 "$ready" 2>/dev/null & ;;
+    echo) data="$work/echo-certs"; start_echo "$TRANSPORT" ;;
   esac
-  pid=$!
-  for _ in $(seq 300); do [ -s "$ready" ] && break; sleep 0.05; done
-  [ -s "$ready" ] || { echo "server $1 did not start" >&2; exit 1; }
-  addr=$(cat "$ready")
 }
 
-stop_server() { # -> prints "cpu_seconds peak_rss_kib"
+stop_server_stats() { # -> prints "cpu_seconds peak_rss_kib"
   local ticks hwm
-  ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  ticks=$(cpu_ticks)
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+  stop_server
   echo "$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t/hz}') $hwm"
 }
 
-event='{"event_id":"{{newUUID}}","device_id":"dev-{{randomInt 0 5000}}","event_type":"KLSRV_GCM_HTTP_ERROR","application":"mdm-push","params":{"code":"503","endpoint":"fcm.googleapis.com/v1/projects/fleet/messages:send"}}'
-notstored='{"event_id":"{{newUUID}}","device_id":"dev-{{randomInt 0 5000}}","event_type":"KLSRV_APN_CERTIFICATE_EXPIRES_SOON","application":"mdm-push","params":{"code":"503","endpoint":"fcm.googleapis.com/v1/projects/fleet/messages:send"}}'
+event=$(bench_event "$STORED_TYPE")
+notstored=$(bench_event "$NOT_STORED_TYPE")
 
 results="$work/results.tsv"
 : > "$results"
 run() { # scenario server messages_per_call ghz-args...
   local scenario=$1 server=$2 per_call=$3; shift 3
   start_server "$server"
-  ghz --insecure -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" "$@" "$addr" \
+  ghz "${ghz_conn[@]}" -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" "$@" "$addr" \
     || { echo "ghz failed against $server" >&2; exit 1; }
-  read -r cpu rss < <(stop_server)
+  stop_server_stats > "$work/stats"
+  read -r cpu rss < "$work/stats"
   python3 - "$work/out.json" "$scenario" "$server" "$per_call" "$cpu" "$rss" >> "$results" <<'PY'
 import json, sys
 path, scenario, server, per_call, cpu, rss = sys.argv[1:]
@@ -101,8 +104,12 @@ OPEN_STREAMS=${OPEN_STREAMS:-10000}
 streams_note=""
 for server in echo fleet-events; do
   start_server "$server"
-  line=$("$root/target/release/examples/open_streams" "$addr" "$OPEN_STREAMS" "$pid" 100)
-  stop_server > /dev/null
+  if [ "$TRANSPORT" = tls ]; then
+    line=$("$open_streams_bin" "$addr" "$OPEN_STREAMS" "$pid" 100 "$data")
+  else
+    line=$("$open_streams_bin" "$addr" "$OPEN_STREAMS" "$pid" 100)
+  fi
+  stop_server
   streams_note+="- $server: $line"$'\n'
 done
 
@@ -121,8 +128,9 @@ for r in rows:
     print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {ratio} | {p99} |")
 PY
 )
-header="## $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), $(nproc) cores"
-cmd="DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENCY CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/load.sh"
+header=$(results_header "")
+cmd="TRANSPORT=$TRANSPORT DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENCY CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/load.sh"
 cmd="OPEN_STREAMS=$OPEN_STREAMS $cmd"
 printf '%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note"
-printf '\n%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note" >> benches/RESULTS.md
+[ "$APPEND" = 0 ] ||
+  printf '\n%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note" >> benches/RESULTS.md

@@ -1,9 +1,12 @@
 //! Holds N concurrent `Stream` calls open against a server and reports the server's RSS growth
 //! per stream: each stream sends one event and waits for its answer (so the call is fully
 //! established on both sides), then all stay open while the server's VmRSS is read.
-//! Usage: `open_streams ADDR N SERVER_PID [CONNECTIONS]`; run by `benches/load.sh`.
+//! Usage: `open_streams ADDR N SERVER_PID [CONNECTIONS [DATA_DIR]]`; run by `benches/load.sh`.
+//! With DATA_DIR it connects over TLS pinned to `DATA_DIR/ca.pem` and sends the bearer token
+//! in `DATA_DIR/admin.token` (as fleet-events' client port requires); without it, plaintext.
 
 use fleet_events::api::proto::{Event, event_service_client::EventServiceClient};
+use fleet_events::client::{ClientOptions, connect};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -23,13 +26,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let (addr, n, pid) = (&args[1], args[2].parse::<usize>()?, &args[3]);
     let connections: usize = args.get(4).map_or(Ok(100), |c| c.parse())?;
+    let (url, options) = match args.get(5) {
+        Some(dir) => (
+            format!("https://{addr}"),
+            ClientOptions::from_data_dir(std::path::Path::new(dir)),
+        ),
+        None => (format!("http://{addr}"), ClientOptions::default()),
+    };
     let mut channels = Vec::new();
     for _ in 0..connections {
-        channels.push(
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?,
-        );
+        channels.push(connect(&url, &options).await?);
     }
     let before = rss_kib(pid);
     let mut held = Vec::with_capacity(n);
@@ -42,7 +48,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tx.send(Event {
                 event_id: format!("open-{i}"),
                 device_id: format!("open-dev-{i}"),
-                event_type: "KLSRV_GCM_HTTP_ERROR".into(),
+                // An application type: clients may not send the built-in KLSRV_* types.
+                event_type: "BENCH_APP_EVENT".into(),
                 ..Default::default()
             })
             .await
