@@ -10,10 +10,12 @@
 #   DURATION=30s benches/backends.sh
 #   APPEND=0 benches/backends.sh        # print only, do not append to RESULTS.md
 #   BUILD=0 benches/backends.sh         # use the binaries in target/release as they are
+#   TRANSPORT=plain benches/backends.sh # all three in plaintext (fleet-events with
+#                                       # insecure_plaintext; the token is still sent)
 #
-# All three servers serve TLS; ghz pins the CA of the server's data directory and sends its
-# admin token (benches/common.sh); the echo server serves a certificate made by fleet-events
-# and ignores the token. The events are of BENCH_APP_EVENT, an application type (clients may
+# All three servers serve TLS by default; ghz pins the CA of the server's data directory and
+# sends its admin token (benches/common.sh); the echo server serves a certificate made by
+# fleet-events and ignores the token. The events are of BENCH_APP_EVENT, an application type (clients may
 # not send KLSRV_* types), which is stored (unknown types are stored with Info retention).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ CONNECTIONS=${CONNECTIONS:-4}
 STREAMS=${STREAMS:-4}
 STREAM_MESSAGES=${STREAM_MESSAGES:-1000}
 APPEND=${APPEND:-1}
+TRANSPORT=${TRANSPORT:-tls}
 
 source benches/common.sh
 source scripts/pg.sh
@@ -37,9 +40,9 @@ psql -q "$FLEET_TEST_POSTGRES/postgres" -c "CREATE DATABASE bench"
 start_server() { # kind -> sets pid, addr, ghz_conn
   printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
   case "$1" in
-    sqlite) start_fleet tls "$work/data" "$work/config.toml" ;;
-    postgres) start_fleet tls "$work/data" "$work/config.toml" --store "$FLEET_TEST_POSTGRES/bench" ;;
-    echo) start_echo tls ;;
+    sqlite) start_fleet "$TRANSPORT" "$work/data" "$work/config.toml" ;;
+    postgres) start_fleet "$TRANSPORT" "$work/data" "$work/config.toml" --store "$FLEET_TEST_POSTGRES/bench" ;;
+    echo) start_echo "$TRANSPORT" ;;
   esac
 }
 
@@ -79,6 +82,6 @@ print(f"\nEvents in the PostgreSQL store after its run: {sys.argv[2]}.")
 PY
 )
 header=$(results_header "Backends: ")
-cmd="DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/backends.sh"
+cmd="TRANSPORT=$TRANSPORT DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/backends.sh"
 printf '%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table"
 [ "$APPEND" = 0 ] || printf '\n%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table" >> benches/RESULTS.md
