@@ -53,3 +53,6 @@ trap - EXIT
 
 step "python grpcio suite"
 FLEET_EVENTS_BIN="$root/target/release/fleet-events" "$venv/bin/python" -m pytest -q tests/python
+
+step "client tests in Node and Go (grpc-js, grpc-go)"
+FLEET_EVENTS_BIN="$root/target/release/fleet-events" scripts/clients.sh

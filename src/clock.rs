@@ -51,9 +51,20 @@ impl Timestamp {
         )
     }
 
-    /// Builds a timestamp from protobuf-style seconds and nanoseconds; `None` when out of range.
+    /// The earliest timestamp the server takes: 0001-01-01T00:00:00Z, the first instant a
+    /// `google.protobuf.Timestamp` may hold.
+    pub const MIN: Timestamp = Timestamp::from_secs(-62_135_596_800);
+    /// The latest timestamp the server takes: 9999-12-31T23:59:59.999999Z, the last instant a
+    /// `google.protobuf.Timestamp` may hold (at microsecond precision).
+    pub const MAX: Timestamp = Timestamp(253_402_300_799 * 1_000_000 + 999_999);
+
+    /// Builds a timestamp from protobuf-style seconds and nanoseconds; `None` when the nanos
+    /// are not within 0..1e9 or the instant is outside [`Timestamp::MIN`]..=[`Timestamp::MAX`]
+    /// (years 1 to 9999, as the protobuf type defines).
     pub fn from_parts(seconds: i64, nanos: i32) -> Option<Self> {
-        if !(0..1_000_000_000).contains(&nanos) {
+        if !(0..1_000_000_000).contains(&nanos)
+            || !(Self::MIN.as_secs()..=Self::MAX.as_secs()).contains(&seconds)
+        {
             return None;
         }
         seconds
@@ -70,10 +81,11 @@ impl Timestamp {
         )
     }
 
-    /// RFC 3339 text, for logs and the CLI.
+    /// RFC 3339 text, for logs and the CLI (seconds since the epoch outside 1970..=9999,
+    /// which RFC 3339 formatting here does not cover).
     pub fn to_rfc3339(self) -> String {
         let (s, n) = self.to_parts();
-        if s < 0 {
+        if !(0..=Self::MAX.as_secs()).contains(&s) {
             return format!("{s}s");
         }
         let t = UNIX_EPOCH + Duration::new(s as u64, n as u32);
@@ -146,6 +158,23 @@ mod tests {
         assert_eq!(t.as_secs(), 1_700_000_000);
         assert!(Timestamp::from_parts(1, -1).is_none());
         assert!(Timestamp::from_parts(i64::MAX, 0).is_none());
+        // The protobuf range, years 1 to 9999, and nothing beyond it.
+        assert_eq!(
+            Timestamp::from_parts(253_402_300_799, 999_999_999),
+            Some(Timestamp::MAX)
+        );
+        assert!(Timestamp::from_parts(253_402_300_800, 0).is_none());
+        assert_eq!(
+            Timestamp::from_parts(-62_135_596_800, 0),
+            Some(Timestamp::MIN)
+        );
+        assert!(Timestamp::from_parts(-62_135_596_801, 999_999_999).is_none());
+        assert!(Timestamp::from_parts(i64::MIN, 0).is_none());
+        // Every timestamp of the range formats without panicking.
+        for t in [Timestamp::MIN, Timestamp(-1), Timestamp(0), Timestamp::MAX] {
+            assert!(!t.to_rfc3339().is_empty());
+        }
+        assert_eq!(Timestamp(i64::MAX).to_rfc3339(), "9223372036854s");
     }
 
     #[test]

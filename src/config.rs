@@ -20,6 +20,18 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 /// The first admin token (mode 0600), in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// Smallest HTTP/2 flow-control window accepted (the protocol's default).
+pub const MIN_WINDOW: u32 = 65_535;
+/// Largest HTTP/2 flow-control window (the protocol's maximum).
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+/// How many times a call's window the connection's window must be at least. h2 closes a
+/// connection (GOAWAY ENHANCE_YOUR_CALM) when the DATA frames of under 256 bytes it holds
+/// unread cost more than half the connection window, each costing 256 bytes less its
+/// length. With a ratio of 64 that budget is 32 call windows. A call's window full of 8-byte
+/// frames (about the smallest valid event) costs 31 windows, so one such stalled call fits;
+/// one full of typical 60-byte events costs 3.3 windows, so about 10 stalled calls fit.
+pub const WINDOW_RATIO: u64 = 64;
+
 /// Everything the server can be configured with.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -266,6 +278,29 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Seconds a new connection has to finish its TLS handshake. Default 10.
     pub handshake_timeout_secs: u64,
+    /// Seconds a connection may stay open without sending its first request; then it is
+    /// closed. Default 30.
+    pub first_request_timeout_secs: u64,
+    /// Seconds between HTTP/2 keepalive pings on a quiet connection. Default 30.
+    pub keepalive_interval_secs: u64,
+    /// A connection that does not answer a keepalive ping within this many seconds is closed.
+    /// Default 10.
+    pub keepalive_timeout_secs: u64,
+    /// Most calls open at once on one connection (HTTP/2 `MAX_CONCURRENT_STREAMS`); a client
+    /// waits for a free one. Default 256.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of one call, bytes: how much of a call's request a client
+    /// may send before the server reads it. Default 64 KiB. With `connection_window_bytes`
+    /// it keeps h2's budget for small DATA frames out of reach of well-behaved clients under
+    /// backpressure (see README, "Backpressure").
+    pub stream_window_bytes: u32,
+    /// HTTP/2 flow-control window of one connection, bytes. Default 4 MiB; must be at least
+    /// 64 times `stream_window_bytes`.
+    pub connection_window_bytes: u32,
+    /// Compress the responses of `EventService` with gzip when the client accepts it. Default false: some clients
+    /// (grpc-js) lost answers that preceded an error status in compressed streams, and small
+    /// answers gain nothing. Compressed requests are always accepted.
+    pub compress_responses: bool,
 }
 
 /// `[auth]`: credentials.
@@ -303,6 +338,13 @@ impl Default for ServerConfig {
             insecure_plaintext: false,
             max_connections: 10_000,
             handshake_timeout_secs: 10,
+            first_request_timeout_secs: 30,
+            keepalive_interval_secs: 30,
+            keepalive_timeout_secs: 10,
+            max_concurrent_streams: 256,
+            stream_window_bytes: 64 * 1024,
+            connection_window_bytes: 4 * 1024 * 1024,
+            compress_responses: false,
         }
     }
 }
@@ -414,11 +456,21 @@ impl Default for StoreConfig {
 pub struct SubscribeConfig {
     /// Events buffered per subscriber; beyond it events are counted as missed. Default 4096.
     pub buffer: usize,
+    /// Most `Subscribe` calls open at once on the server; more get RESOURCE_EXHAUSTED.
+    /// Default 10 000.
+    pub max_subscribers: usize,
+    /// Most `Subscribe` calls open at once on one connection; more get RESOURCE_EXHAUSTED.
+    /// Default 64.
+    pub max_per_connection: usize,
 }
 
 impl Default for SubscribeConfig {
     fn default() -> Self {
-        SubscribeConfig { buffer: 4096 }
+        SubscribeConfig {
+            buffer: 4096,
+            max_subscribers: 10_000,
+            max_per_connection: 64,
+        }
     }
 }
 
@@ -475,6 +527,40 @@ impl Config {
         if self.server.max_connections == 0 {
             return Err(ConfigError(
                 "server.max_connections must be at least 1".into(),
+            ));
+        }
+        let srv = &self.server;
+        if srv.max_concurrent_streams == 0
+            || srv.keepalive_interval_secs == 0
+            || srv.keepalive_timeout_secs == 0
+            || srv.first_request_timeout_secs == 0
+        {
+            return Err(ConfigError(
+                "server.max_concurrent_streams, keepalive_interval_secs, keepalive_timeout_secs \
+                 and first_request_timeout_secs must be at least 1"
+                    .into(),
+            ));
+        }
+        if !(MIN_WINDOW..=MAX_WINDOW).contains(&srv.stream_window_bytes)
+            || !(MIN_WINDOW..=MAX_WINDOW).contains(&srv.connection_window_bytes)
+        {
+            return Err(ConfigError(format!(
+                "server.stream_window_bytes and connection_window_bytes must be within \
+                 {MIN_WINDOW}..={MAX_WINDOW}"
+            )));
+        }
+        if u64::from(srv.connection_window_bytes)
+            < u64::from(srv.stream_window_bytes) * WINDOW_RATIO
+        {
+            return Err(ConfigError(format!(
+                "server.connection_window_bytes must be at least {WINDOW_RATIO} times \
+                 stream_window_bytes (a call's small frames must stay within the connection's \
+                 budget for them; see README, \"Backpressure\")"
+            )));
+        }
+        if self.subscribe.max_subscribers == 0 || self.subscribe.max_per_connection == 0 {
+            return Err(ConfigError(
+                "subscribe.max_subscribers and max_per_connection must be at least 1".into(),
             ));
         }
         if let Some(u) = &self.store.url

@@ -145,6 +145,15 @@ pub fn compute_status(
     }
 }
 
+/// How long the server remembers when a device it does not know (no heartbeat) last sent an
+/// event; only registered devices need that time, so the memory of a million devices that
+/// each sent one event goes back once they are quiet.
+pub const FORGET_UNREGISTERED_AFTER: Duration = Duration::from_secs(60);
+
+/// Most fingerprint pairs a device record remembers as reported (see
+/// [`DeviceRecord::conflicts`]).
+pub const MAX_CONFLICTS: usize = 16;
+
 /// One device as the registry knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
@@ -170,8 +179,10 @@ pub struct DeviceRecord {
     pub inactive: bool,
     /// KLSRV_HOST_OUT_CONTROL was raised for the current episode.
     pub unmanaged: bool,
-    /// Fingerprint pairs already reported as conflicting (each pair sorted).
-    pub conflicts: BTreeSet<(String, String)>,
+    /// Fingerprint pairs already reported as conflicting (each pair sorted), oldest first; at
+    /// most [`MAX_CONFLICTS`], so a record stays small however often a device's identity
+    /// flips (a pair forgotten is reported again if it comes back).
+    pub conflicts: Vec<(String, String)>,
 }
 
 /// A heartbeat as the registry takes it.
@@ -332,7 +343,7 @@ impl DeviceRegistry {
                 status_reasons: Vec::new(),
                 inactive: false,
                 unmanaged: false,
-                conflicts: BTreeSet::new(),
+                conflicts: Vec::new(),
             });
         let mut decisive = false;
         if d.fingerprint != hb.fingerprint {
@@ -341,7 +352,11 @@ impl DeviceRegistry {
             } else {
                 (hb.fingerprint.clone(), d.fingerprint.clone())
             };
-            if d.conflicts.insert(pair.clone()) {
+            if !d.conflicts.contains(&pair) {
+                if d.conflicts.len() >= MAX_CONFLICTS {
+                    d.conflicts.remove(0);
+                }
+                d.conflicts.push(pair.clone());
                 decisive = true;
                 let params = HashMap::from([
                     ("fingerprint_a".to_owned(), pair.0),
@@ -474,12 +489,16 @@ impl DeviceRegistry {
         Ok(raised)
     }
 
-    /// `d` with `last_seen` moved to its latest event, if that is later than its heartbeat.
+    /// `d` with `last_seen` moved to its latest event, if that is later than its heartbeat; a
+    /// device that was inactive (or out of control) and has sent an event since shows as
+    /// active at once (the next check saves that and ends the episode).
     fn freshest(&self, mut d: DeviceRecord) -> DeviceRecord {
         if let Some(t) = self.engine.last_event_from(&d.device_id)
             && t > d.last_seen
         {
             d.last_seen = t;
+            d.inactive = false;
+            d.unmanaged = false;
         }
         d
     }
@@ -520,6 +539,15 @@ impl DeviceRegistry {
             .collect()
     }
 
+    /// Forgets the last event time of devices that are not registered and sent nothing for
+    /// [`FORGET_UNREGISTERED_AFTER`]; returns how many.
+    pub async fn forget_quiet(&self) -> usize {
+        let cutoff = self.engine.clock().now().minus(FORGET_UNREGISTERED_AFTER);
+        let state = self.state.lock().await;
+        self.engine
+            .forget_quiet_devices(cutoff, |id| state.devices.contains_key(id))
+    }
+
     /// Checks every `check_every` and flushes every `flush_every`, until shutdown.
     pub fn spawn(
         self: &Arc<Self>,
@@ -532,6 +560,8 @@ impl DeviceRegistry {
             let f = flush_every.max(Duration::from_millis(10));
             let mut check = tokio::time::interval_at(tokio::time::Instant::now() + c, c);
             let mut flush = tokio::time::interval_at(tokio::time::Instant::now() + f, f);
+            let mut forget = tokio::time::interval(FORGET_UNREGISTERED_AFTER);
+            forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let shutdown = me.engine.shutdown_signal().clone();
             loop {
                 tokio::select! {
@@ -544,6 +574,12 @@ impl DeviceRegistry {
                     _ = flush.tick() => {
                         if let Err(e) = me.flush().await {
                             tracing::error!(error = %e, "saving devices failed");
+                        }
+                    }
+                    _ = forget.tick() => {
+                        let n = me.forget_quiet().await;
+                        if n > 0 {
+                            tracing::debug!(forgotten = n, "quiet unregistered devices forgotten");
                         }
                     }
                 }

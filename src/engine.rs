@@ -38,6 +38,59 @@ const SETTINGS_VERSION_RECORD: &str = "settings_version";
 pub const SPAM_EVENTS_DETECTED: &str = "KLSRV_EVENT_SPAM_EVENTS_DETECTED";
 /// Type string raised when the cap forces deletion to begin.
 pub const DB_TRUNCATING: &str = "KLSRV_EVP_DB_TRUNCATING";
+/// How many of the most recent live-only client events (types that are not stored) are
+/// remembered by identity: a repeat of one of them is answered but not delivered to
+/// subscribers again. About 40 bytes each.
+pub const LIVE_REPEAT_WINDOW: usize = 100_000;
+
+/// The identities (device id, event id) of the most recent live-only client events, up to a
+/// bound; the oldest are forgotten first. Events without a client-chosen id are never
+/// repeats (the server assigned a fresh one).
+struct LiveRepeats {
+    keys: (u64, u64),
+    recent: std::sync::Mutex<(
+        std::collections::HashSet<u128, rustc_hash::FxBuildHasher>,
+        std::collections::VecDeque<u128>,
+    )>,
+    cap: usize,
+}
+
+impl LiveRepeats {
+    fn new(cap: usize) -> Self {
+        LiveRepeats {
+            keys: (fastrand::u64(..), fastrand::u64(..)),
+            recent: Default::default(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Remembers the event's identity; false when it was remembered already.
+    fn first_time(&self, e: &ClassifiedEvent) -> bool {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.keys.0, self.keys.1);
+        h.write(e.device_id.as_bytes());
+        h.write_u8(0xff);
+        h.write(e.event_id.as_bytes());
+        let k = siphasher::sip128::Hasher128::finish128(&h).as_u128();
+        let mut guard = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, order) = &mut *guard;
+        if !set.insert(k) {
+            return false;
+        }
+        order.push_back(k);
+        if order.len() > self.cap
+            && let Some(old) = order.pop_front()
+        {
+            set.remove(&old);
+        }
+        true
+    }
+}
+
+/// Most server events waiting to be stored after the store could not take them.
+pub const MAX_DEFERRED: usize = 256;
+/// Raised when the hierarchy outbox dropped events (stored, with how many).
+pub const OUTBOX_OVERFLOW: &str = "FLEET_OUTBOX_OVERFLOW";
 /// Type string raised when the cap forced old events out.
 pub const DB_TRUNCATED: &str = "KLSRV_EVP_DB_TRUNCATED";
 
@@ -120,6 +173,16 @@ pub struct QueriedEvent {
     pub event_type: Option<Arc<EventType>>,
 }
 
+/// Hands memory freed by a large eviction back to the operating system, so the process's
+/// resident size follows what is active (glibc keeps freed heap otherwise).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The engine. Cheap to share: everything inside is behind `Arc`s or lock-free structures.
 pub struct Engine {
     catalog: Arc<Catalog>,
@@ -134,7 +197,8 @@ pub struct Engine {
     /// Cancelled when shutdown begins: new work is refused with `ShuttingDown`.
     shutdown: CancellationToken,
     /// When each device last sent an event (any event counts as a sign of life for the device
-    /// registry's inactivity checks). One entry per device that ever sent one.
+    /// registry's inactivity checks). Entries of devices the registry does not know are
+    /// forgotten once quiet (see [`Engine::forget_quiet_devices`]).
     last_event: dashmap::DashMap<String, crate::clock::Timestamp, rustc_hash::FxBuildHasher>,
     /// Woken when a flood is detected, so the block table is saved promptly.
     blocks_changed: tokio::sync::Notify,
@@ -146,6 +210,12 @@ pub struct Engine {
     forward_min: Option<Severity>,
     /// Woken when events entered the outbox, so the uplink sends them promptly.
     outbox_written: tokio::sync::Notify,
+    /// Identities of recent live-only client events, so a resent one is not delivered twice.
+    live_repeats: LiveRepeats,
+    /// Whether the store commits; see [`Engine::store_health`].
+    store_healthy: tokio::sync::watch::Sender<bool>,
+    /// Server events delivered live while the store could not take them, to be stored.
+    deferred: std::sync::Mutex<Vec<Arc<ClassifiedEvent>>>,
     /// The catalog settings version: bumped by every persisted catalog change, so a primary
     /// knows when to push settings down and a secondary can say which it runs.
     settings_version: tokio::sync::watch::Sender<u64>,
@@ -192,6 +262,9 @@ impl Engine {
             forward_min: p.forward_min,
             outbox_written: tokio::sync::Notify::new(),
             settings_version: tokio::sync::watch::Sender::new(0),
+            store_healthy: tokio::sync::watch::Sender::new(true),
+            live_repeats: LiveRepeats::new(LIVE_REPEAT_WINDOW),
+            deferred: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -384,8 +457,18 @@ impl Engine {
             }
         }
         let publish = match pending.ticket {
-            Some(t) => t.committed().await? == AppendOutcome::Inserted,
-            None => !pending.event.blocked,
+            Some(t) => {
+                let outcome = t.committed().await;
+                self.note_commit(&outcome);
+                outcome? == AppendOutcome::Inserted
+            }
+            // A live-only event: its repeat (same device and event id) within the window is
+            // answered but not delivered again.
+            None => {
+                !pending.event.blocked
+                    && (pending.event.origin != Origin::Client
+                        || self.live_repeats.first_time(&pending.event))
+            }
         };
         if publish && pending.forwarded {
             self.outbox_written.notify_one();
@@ -394,6 +477,103 @@ impl Engine {
             self.bus.publish(&pending.event);
         }
         Ok(pending.event)
+    }
+
+    /// Notes whether the store could commit: a full store or a lost database marks the
+    /// event path unhealthy (see [`Engine::store_health`]) until a commit succeeds again.
+    fn note_commit<T>(&self, outcome: &Result<T, StoreError>) {
+        let healthy = match outcome {
+            Ok(_) => true,
+            Err(StoreError::Full(_) | StoreError::Unavailable(_)) => false,
+            Err(_) => return,
+        };
+        self.store_healthy.send_if_modified(|h| {
+            let changed = *h != healthy;
+            *h = healthy;
+            changed
+        });
+    }
+
+    /// Whether the store commits (`true`) or cannot (full, unreachable); watched by the
+    /// health service.
+    pub fn store_health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.store_healthy.subscribe()
+    }
+
+    /// Tries one small write now, and notes the outcome as [`Engine::settle`] does: how an
+    /// unhealthy store is found healthy again when no event arrives.
+    pub async fn probe_store(&self) -> bool {
+        let now = self.clock.now();
+        let outcome = self
+            .store
+            .save_record(
+                "health-probe",
+                &self.server_id,
+                format!("{{\"at\":{}}}", now.0),
+            )
+            .await;
+        self.note_commit(&outcome);
+        outcome.is_ok()
+    }
+
+    /// Raises a server event that must reach subscribers even when the store cannot take it
+    /// (a full disk): when storing fails, the event is published live at once and kept, to be
+    /// stored by [`Engine::store_deferred`] once the store can (at most [`MAX_DEFERRED`]
+    /// wait; beyond, the oldest is dropped with an error in the log).
+    pub async fn raise_live_first(
+        &self,
+        event_type: &str,
+        device_id: &str,
+        params: HashMap<String, String>,
+    ) -> Result<Arc<ClassifiedEvent>, EngineError> {
+        let p = self.raise(event_type, device_id, params).await?;
+        let event = p.event.clone();
+        match self.settle(p).await {
+            Err(EngineError::Store(e @ (StoreError::Full(_) | StoreError::Unavailable(_)))) => {
+                tracing::warn!(event_type, error = %e,
+                    "the store cannot take this event now: delivered live, stored later");
+                self.bus.publish(&event);
+                let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+                if deferred.len() >= MAX_DEFERRED {
+                    let lost = deferred.remove(0);
+                    tracing::error!(event_type = %lost.event_type.name, event_id = %lost.event_id,
+                        "too many server events wait for the store: the oldest was dropped");
+                }
+                deferred.push(event.clone());
+                Ok(event)
+            }
+            other => other,
+        }
+    }
+
+    /// Stores the events [`Engine::raise_live_first`] delivered while the store could not take
+    /// them (without publishing them again); returns how many still wait.
+    pub async fn store_deferred(&self) -> usize {
+        let waiting = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut still = Vec::new();
+        for event in waiting {
+            let stored = match self.queue(event.clone()).await {
+                Ok(Pending {
+                    ticket: Some(t), ..
+                }) => {
+                    let outcome = t.committed().await;
+                    self.note_commit(&outcome);
+                    outcome.is_ok()
+                }
+                Ok(_) => true,
+                Err(_) => false,
+            };
+            if !stored {
+                still.push(event);
+            }
+        }
+        let n = still.len();
+        if n > 0 {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            still.append(&mut deferred);
+            *deferred = still;
+        }
+        n
     }
 
     /// Both stages for one event.
@@ -573,6 +753,34 @@ impl Engine {
     pub fn sweep_flood(&self) {
         let now = self.clock.now().as_secs().clamp(0, i64::from(u32::MAX)) as u32;
         self.flood.sweep(now);
+        if self.flood.shrink() {
+            release_freed_memory();
+        }
+    }
+
+    /// Forgets when devices last sent an event, for those whose last event is older than
+    /// `quiet_before` and that `keep` (the device registry) does not know: only registered
+    /// devices need it. Gives the memory back when the table shrank a lot. Returns how many
+    /// were forgotten.
+    pub fn forget_quiet_devices(
+        &self,
+        quiet_before: crate::clock::Timestamp,
+        keep: impl Fn(&str) -> bool,
+    ) -> usize {
+        let before = self.last_event.len();
+        self.last_event
+            .retain(|id, t| *t >= quiet_before || keep(id.as_str()));
+        let forgotten = before - self.last_event.len();
+        if forgotten > 0 && self.last_event.capacity() > 4 * self.last_event.len().max(1024) {
+            self.last_event.shrink_to_fit();
+            release_freed_memory();
+        }
+        forgotten
+    }
+
+    /// Devices whose last event time is held (see [`Engine::forget_quiet_devices`]).
+    pub fn devices_tracked(&self) -> usize {
+        self.last_event.len()
     }
 
     /// Deletes stored events past their type's retention now; returns how many.
@@ -589,11 +797,19 @@ impl Engine {
         Ok(self.store.sweep_retention(self.clock.now(), rules).await?)
     }
 
-    /// Turns the store's notices into the truncation events (delivered live, not stored).
+    /// Turns the store's notices into events: the truncation events (delivered live, not
+    /// stored) and FLEET_OUTBOX_OVERFLOW (stored, with how many events were dropped).
     pub async fn report_store_notice(&self, notice: StoreNotice) {
         let (ty, params) = match notice {
-            // The writer logged these; the uplink status shows the backlog.
-            StoreNotice::OutboxLevel { .. } | StoreNotice::OutboxOverflow { .. } => return,
+            // The writer logged it; the uplink status shows the backlog.
+            StoreNotice::OutboxLevel { .. } => return,
+            StoreNotice::OutboxOverflow { dropped, max } => (
+                OUTBOX_OVERFLOW,
+                HashMap::from([
+                    ("dropped".to_owned(), dropped.to_string()),
+                    ("outbox_max_events".to_owned(), max.to_string()),
+                ]),
+            ),
             StoreNotice::TruncationStarted {
                 count,
                 cap,

@@ -361,6 +361,16 @@ impl FloodDetector {
         ended
     }
 
+    /// Shrinks the counter table when it holds far fewer pairs than it has room for (after a
+    /// burst of devices went quiet); returns whether it did.
+    pub fn shrink(&self) -> bool {
+        if self.counters.capacity() > 4 * self.counters.len().max(1024) {
+            self.counters.shrink_to_fit();
+            return true;
+        }
+        false
+    }
+
     /// Puts blocks saved before a restart back in place. Blocks whose period ended by `now` are
     /// skipped; the returned number is how many were restored.
     pub fn restore(&self, blocks: Vec<Block>, window_secs: u32, now: u32) -> usize {

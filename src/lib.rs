@@ -38,6 +38,7 @@ pub mod config;
 pub mod detectors;
 pub mod devices;
 pub mod engine;
+pub mod fields;
 pub mod flood;
 pub mod hierarchy;
 pub mod server;

@@ -215,9 +215,11 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     let client_tls = client_port_tls(&config, &access)?;
     let tls = HierarchyTls::load(&config.hierarchy)?;
     // Events that expired while the server was down go before it serves.
-    let expired = engine.sweep_retention().await?;
-    if expired > 0 {
-        tracing::info!(deleted = expired, "expired events deleted at start-up");
+    // A full disk must not keep the server from starting: the sweep is retried periodically.
+    match engine.sweep_retention().await {
+        Ok(0) => {}
+        Ok(expired) => tracing::info!(deleted = expired, "expired events deleted at start-up"),
+        Err(e) => tracing::error!(error = %e, "start-up retention sweep failed; retried later"),
     }
     let restored = engine.restore_blocks().await?;
     if restored > 0 {
@@ -229,14 +231,19 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         config.database_path(),
         config.capacity.thresholds(),
     ));
-    // One check before serving, so a full disk is reported at once, then periodically.
+    capacity.restore_marks().await?;
+    // One check before serving, so a full disk is reported at once, then periodically. It
+    // cannot fail because the disk is full: its events are then delivered live and stored
+    // once space allows.
     capacity.check().await?;
     let push = Arc::new(PushResults::new(engine.clone()));
     let updates = Arc::new(UpdateRegistry::load(engine.clone()).await?);
     let certificates = Arc::new(
         CertificateRegistry::load(engine.clone(), config.certificates.reissue_before_days).await?,
     );
-    certificates.check().await?;
+    if let Err(e) = certificates.check().await {
+        tracing::error!(error = %e, "start-up certificate check failed; retried at the next check");
+    }
     let devices = Arc::new(
         DeviceRegistry::load(
             engine.clone(),
@@ -387,6 +394,14 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     health
         .set_serving::<EnrollmentServiceServer<AccessApi>>()
         .await;
+    health
+        .set_serving::<HierarchyServiceServer<HierarchyApi>>()
+        .await;
+    background.push(spawn_store_health(
+        engine.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -399,10 +414,17 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let max = config.server.max_message_bytes;
-    let events = EventServiceServer::new(EventApi::new(engine.clone(), access.clone()))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Gzip);
+    let mut events = EventServiceServer::new(EventApi::new(
+        engine.clone(),
+        access.clone(),
+        config.subscribe.max_subscribers,
+        config.subscribe.max_per_connection,
+    ))
+    .max_decoding_message_size(max)
+    .accept_compressed(CompressionEncoding::Gzip);
+    if config.server.compress_responses {
+        events = events.send_compressed(CompressionEncoding::Gzip);
+    }
     let catalog_api = CatalogServiceServer::new(CatalogApi::new(engine.clone()))
         .max_decoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip);
@@ -445,18 +467,26 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     let incoming = crate::api::auth::incoming(
         listener,
         client_tls,
-        config.server.max_connections,
-        Duration::from_secs(config.server.handshake_timeout_secs.max(1)),
+        crate::api::auth::ConnectionLimits {
+            max_connections: config.server.max_connections,
+            handshake_timeout: Duration::from_secs(config.server.handshake_timeout_secs.max(1)),
+            first_request_timeout: Duration::from_secs(config.server.first_request_timeout_secs),
+        },
         shutdown.clone(),
     );
     let signal = shutdown.clone();
+    let srv = &config.server;
     let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(Duration::from_secs(srv.keepalive_interval_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(srv.keepalive_timeout_secs)))
+        .max_concurrent_streams(Some(srv.max_concurrent_streams))
+        .initial_stream_window_size(Some(srv.stream_window_bytes))
+        .initial_connection_window_size(Some(srv.connection_window_bytes))
         .layer(tower::util::MapResponseLayer::new(
             status::rewrite_too_large::<tonic::body::Body>,
         ))
         .layer(AuthorizeLayer::new(access.clone()))
+        .layer(crate::api::guard::CatchPanicLayer)
         .add_service(health_service)
         .add_service(access_api)
         .add_service(enrollment_api)
@@ -499,6 +529,48 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         serve,
         background,
         grace: Duration::from_secs(config.server.shutdown_grace_secs),
+    })
+}
+
+/// How often an unhealthy store is probed with a small write.
+pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps the health of `fleetevents.v1.EventService` true to the store: NOT_SERVING while it
+/// cannot commit (a full disk, PostgreSQL unreachable), probed every [`STORE_PROBE_EVERY`]
+/// until a write succeeds, then SERVING again.
+fn spawn_store_health(
+    engine: Arc<Engine>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let mut store = engine.store_health();
+    tokio::spawn(async move {
+        loop {
+            let healthy = *store.borrow_and_update();
+            if healthy {
+                health.set_serving::<EventServiceServer<EventApi>>().await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = store.changed() => if changed.is_err() { break },
+                }
+            } else {
+                tracing::warn!("the event store cannot commit: EventService reports NOT_SERVING");
+                health
+                    .set_not_serving::<EventServiceServer<EventApi>>()
+                    .await;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(STORE_PROBE_EVERY) => {
+                            if engine.probe_store().await {
+                                tracing::info!("the event store commits again: EventService reports SERVING");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     })
 }
 

@@ -782,7 +782,7 @@ async fn enrolment_refuses_bad_tokens_and_bad_requests() {
     let expiring = r.token;
     let t2 = enrollment_token(&s, 5).await;
     let listed = access(&s)
-        .list_enrollment_tokens(proto::ListEnrollmentTokensRequest {})
+        .list_enrollment_tokens(proto::ListEnrollmentTokensRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -378,6 +378,7 @@ async fn update_registry_raises_once_per_update_and_survives_a_restart() {
     let pending = up
         .list_updates(ListUpdatesRequest {
             state: UpdateState::Pending as i32,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -135,7 +135,7 @@ async fn secondary_forwards_warnings_to_its_primary_which_lists_it() {
     // The secondary's outbox drains; the primary lists it connected with its backlog.
     let list = eventually(20, "backlog reported as 0", || async {
         let l = hierarchy(&primary.channel)
-            .list_secondaries(ListSecondariesRequest {})
+            .list_secondaries(ListSecondariesRequest::default())
             .await
             .unwrap()
             .into_inner();
@@ -277,7 +277,7 @@ async fn an_outage_raises_4118_and_4116_once_each_and_the_backlog_drains_in_orde
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(stored_of_type(&primary, SLAVE_DOWN).await.len(), 1);
     let list = hierarchy(&primary.channel)
-        .list_secondaries(ListSecondariesRequest {})
+        .list_secondaries(ListSecondariesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -319,7 +319,7 @@ async fn settings_changed_on_the_primary_flow_down_to_secondaries_that_accept_th
         .await
         .unwrap();
     let version = hierarchy(&primary.channel)
-        .list_secondaries(ListSecondariesRequest {})
+        .list_secondaries(ListSecondariesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -345,7 +345,7 @@ async fn settings_changed_on_the_primary_flow_down_to_secondaries_that_accept_th
     .await;
     let list = eventually(20, "the primary sees the taker's version", || async {
         let l = hierarchy(&primary.channel)
-            .list_secondaries(ListSecondariesRequest {})
+            .list_secondaries(ListSecondariesRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -8,9 +8,11 @@ use tonic::{Request, Response, Status};
 
 use super::auth::principal;
 use super::convert::pb_timestamp;
+use super::paging;
 use super::proto::{
     self, access_service_server::AccessService, enrollment_service_server::EnrollmentService,
 };
+use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::auth::{AccessControl, ApiToken, EnrollmentToken, Principal, Role};
 use crate::engine::Engine;
@@ -83,6 +85,7 @@ impl AccessService for AccessApi {
         &self,
         request: Request<proto::CreateTokenRequest>,
     ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         let role = role(r.role)?;
@@ -102,11 +105,25 @@ impl AccessService for AccessApi {
 
     async fn list_tokens(
         &self,
-        _request: Request<proto::ListTokensRequest>,
+        request: Request<proto::ListTokensRequest>,
     ) -> Result<Response<proto::ListTokensResponse>, Status> {
-        let tokens = self.access.tokens().await?;
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let page = paging::page(
+            self.access
+                .tokens()
+                .await?
+                .into_iter()
+                .map(|t| (t.name.clone(), t)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            |t| token_info(&t),
+        )?;
         Ok(Response::new(proto::ListTokensResponse {
-            tokens: tokens.iter().map(token_info).collect(),
+            tokens: page.items,
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -114,6 +131,7 @@ impl AccessService for AccessApi {
         &self,
         request: Request<proto::RevokeTokenRequest>,
     ) -> Result<Response<proto::TokenInfo>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let name = request.into_inner().name;
         let t = self.access.revoke_token(&name).await?;
@@ -131,6 +149,7 @@ impl AccessService for AccessApi {
         &self,
         request: Request<proto::CreateEnrollmentTokenRequest>,
     ) -> Result<Response<proto::CreateEnrollmentTokenResponse>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         let (t, secret) = self
@@ -162,11 +181,25 @@ impl AccessService for AccessApi {
 
     async fn list_enrollment_tokens(
         &self,
-        _request: Request<proto::ListEnrollmentTokensRequest>,
+        request: Request<proto::ListEnrollmentTokensRequest>,
     ) -> Result<Response<proto::ListEnrollmentTokensResponse>, Status> {
-        let tokens = self.access.enrollment_tokens().await?;
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let page = paging::page(
+            self.access
+                .enrollment_tokens()
+                .await?
+                .into_iter()
+                .map(|t| (t.id.clone(), t)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            |t| enrollment_info(&t),
+        )?;
         Ok(Response::new(proto::ListEnrollmentTokensResponse {
-            tokens: tokens.iter().map(enrollment_info).collect(),
+            tokens: page.items,
+            next_page_token: page.next_page_token,
         }))
     }
 
@@ -174,6 +207,7 @@ impl AccessService for AccessApi {
         &self,
         request: Request<proto::RevokeEnrollmentTokenRequest>,
     ) -> Result<Response<proto::EnrollmentTokenInfo>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let id = request.into_inner().id;
         let t = self.access.revoke_enrollment_token(&id).await?;
@@ -191,6 +225,7 @@ impl AccessService for AccessApi {
         &self,
         request: Request<proto::RevokeDeviceRequest>,
     ) -> Result<Response<proto::RevokeDeviceResponse>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let device_id = request.into_inner().device_id;
         let r = self
@@ -240,6 +275,7 @@ impl EnrollmentService for AccessApi {
         &self,
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::DeviceCertificate>, Status> {
+        request.get_ref().check()?;
         let r = request.into_inner();
         let (pem, not_after, e) = self
             .access
@@ -276,6 +312,7 @@ impl EnrollmentService for AccessApi {
         &self,
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::DeviceCertificate>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let Some(device_id) = who.own_device().map(str::to_owned) else {
             return Err(Status::permission_denied(

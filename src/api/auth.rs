@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -48,10 +49,27 @@ pub struct PeerCertificate {
 /// What the authorisation layer knows of a connection.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
+    /// A number unique to this connection for the life of the process.
+    pub connection: u64,
     /// The client's address.
     pub remote: Option<SocketAddr>,
     /// The client certificate, when the client sent one.
     pub certificate: Option<Arc<PeerCertificate>>,
+    /// Set by [`AuthorizeLayer`] at the connection's first request; until then the
+    /// connection is closed after `first_request_timeout`.
+    pub requested: Arc<AtomicBool>,
+}
+
+impl PeerInfo {
+    fn new(remote: SocketAddr, certificate: Option<Arc<PeerCertificate>>) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        PeerInfo {
+            connection: NEXT.fetch_add(1, Ordering::Relaxed),
+            remote: Some(remote),
+            certificate,
+            requested: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 enum Io {
@@ -60,10 +78,28 @@ enum Io {
 }
 
 /// One accepted client connection: plaintext or TLS, holding its slot of `max_connections`.
+/// It reads as closed once `first_request` passes without a request.
 pub struct ClientConn {
     io: Io,
     info: PeerInfo,
+    first_request: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ClientConn {
+    fn new(
+        io: Io,
+        info: PeerInfo,
+        first_request_timeout: Duration,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
+        ClientConn {
+            io,
+            info,
+            first_request: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+            _slot: slot,
+        }
+    }
 }
 
 impl Connected for ClientConn {
@@ -79,6 +115,15 @@ impl AsyncRead for ClientConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(deadline) = this.first_request.as_mut() {
+            if this.info.requested.load(Ordering::Relaxed) {
+                this.first_request = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!(remote = ?this.info.remote, "no request in time: connection closed");
+                return Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+            }
+        }
         match &mut self.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -205,18 +250,33 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
+/// The bounds of the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Most connections open at once; the rest wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Time a connection may stay open before its first request.
+    pub first_request_timeout: Duration,
+}
+
 /// Accepts client connections on `listener` until `stop`: at most `max_connections` open at
 /// once (the rest wait in the kernel's backlog), each TLS handshake (when `tls` is set) done
-/// within `handshake_timeout` on a task of its own.
+/// within `handshake_timeout` on a task of its own. When accepting fails (out of file
+/// descriptors), the loop waits [`ACCEPT_RETRY`] and tries again, logging at most once per
+/// [`ACCEPT_ERROR_LOG_EVERY`].
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    max_connections: usize,
-    handshake_timeout: Duration,
+    limits: ConnectionLimits,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<ClientConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshake_timeout = limits.handshake_timeout;
+    let mut failures: u64 = 0;
+    let mut last_logged: Option<std::time::Instant> = None;
     let acceptor = tls.map(TlsAcceptor::from);
     tokio::spawn(async move {
         loop {
@@ -229,9 +289,14 @@ pub fn incoming(
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        // Out of file descriptors and the like: wait a little, then go on.
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors and the like: the pending connection stays
+                        // in the backlog; wait a little (no busy loop), then try again.
+                        failures += 1;
+                        if last_logged.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                            tracing::warn!(error = %e, failures, "accepting a connection failed; retrying");
+                            last_logged = Some(std::time::Instant::now());
+                        }
+                        tokio::time::sleep(ACCEPT_RETRY).await;
                         continue;
                     }
                 },
@@ -240,14 +305,12 @@ pub fn incoming(
             let tx = tx.clone();
             match &acceptor {
                 None => {
-                    let conn = ClientConn {
-                        io: Io::Plain(tcp),
-                        info: PeerInfo {
-                            remote: Some(remote),
-                            certificate: None,
-                        },
-                        _slot: slot,
-                    };
+                    let conn = ClientConn::new(
+                        Io::Plain(tcp),
+                        PeerInfo::new(remote, None),
+                        limits.first_request_timeout,
+                        slot,
+                    );
                     if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
@@ -280,14 +343,12 @@ pub fn incoming(
                                 verified: OnceLock::new(),
                             }))
                         });
-                        let conn = ClientConn {
-                            io: Io::Tls(Box::new(tls)),
-                            info: PeerInfo {
-                                remote: Some(remote),
-                                certificate,
-                            },
-                            _slot: slot,
-                        };
+                        let conn = ClientConn::new(
+                            Io::Tls(Box::new(tls)),
+                            PeerInfo::new(remote, certificate),
+                            limits.first_request_timeout,
+                            slot,
+                        );
                         let _ = tx.send(Ok(conn)).await;
                     });
                 }
@@ -296,6 +357,11 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+/// How long the accept loop waits after a failed accept (e.g. EMFILE) before trying again.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// At most one log line per this period about failing accepts.
+pub const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The caller of the current request, put there by [`AuthorizeLayer`].
 pub fn principal<T>(request: &tonic::Request<T>) -> Principal {
@@ -427,6 +493,9 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        if let Some(peer) = req.extensions().get::<PeerInfo>() {
+            peer.requested.store(true, Ordering::Relaxed);
+        }
         match self.check(&req) {
             Ok(principal) => {
                 req.extensions_mut().insert(principal);

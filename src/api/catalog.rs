@@ -1,12 +1,14 @@
 //! `fleetevents.v1.CatalogService`: list, look up, register application types, change settings.
 
 use super::auth::principal;
+use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::paging;
 use super::proto::{
     self, GetEventTypeRequest, ListEventTypesRequest, ListEventTypesResponse,
     RegisterEventTypeRequest, UpdateEventTypeSettingsRequest,
@@ -34,22 +36,32 @@ impl CatalogService for CatalogApi {
         &self,
         request: Request<ListEventTypesRequest>,
     ) -> Result<Response<ListEventTypesResponse>, Status> {
-        let min = convert::severity(request.into_inner().min_severity, "min_severity")?;
-        let event_types = self
-            .engine
-            .catalog()
-            .list()
-            .iter()
-            .filter(|t| min.is_none_or(|m| t.severity >= m))
-            .map(|t| convert::event_type(t))
-            .collect();
-        Ok(Response::new(ListEventTypesResponse { event_types }))
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let min = convert::severity(r.min_severity, "min_severity")?;
+        let types = self.engine.catalog().list();
+        let page = paging::page(
+            types
+                .into_iter()
+                .filter(|t| min.is_none_or(|m| t.severity >= m))
+                .map(|t| (t.name.clone(), t)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            |t| convert::event_type(&t),
+        )?;
+        Ok(Response::new(ListEventTypesResponse {
+            event_types: page.items,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     async fn get_event_type(
         &self,
         request: Request<GetEventTypeRequest>,
     ) -> Result<Response<proto::EventType>, Status> {
+        request.get_ref().check()?;
         let r = request.into_inner();
         let catalog = self.engine.catalog();
         let found = match (r.event_type.is_empty(), r.event_type_id) {
@@ -77,6 +89,7 @@ impl CatalogService for CatalogApi {
         &self,
         request: Request<RegisterEventTypeRequest>,
     ) -> Result<Response<proto::EventType>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         let severity = convert::severity(r.severity, "severity")?
@@ -119,6 +132,7 @@ impl CatalogService for CatalogApi {
         &self,
         request: Request<UpdateEventTypeSettingsRequest>,
     ) -> Result<Response<proto::EventType>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         if r.event_type.is_empty() {

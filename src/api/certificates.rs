@@ -6,12 +6,14 @@ use tonic::{Request, Response, Status};
 
 use super::auth::principal;
 use super::convert::{self, pb_timestamp, timestamp};
+use super::paging;
 use super::proto::{
     self, ApnsCertificateUpload, CertificateCheck, CertificateKey, CheckCertificatesRequest,
     ListMdmCertificatesRequest, ListMdmCertificatesResponse, ReissueFailure,
     certificate_service_server::CertificateService,
 };
 use super::status::bad_field;
+use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::detectors::certificates::{CertificateRegistry, MdmCertificate, MdmCertificateKind};
 use crate::engine::Engine;
@@ -50,6 +52,7 @@ impl CertificateService for CertificateApi {
         &self,
         request: Request<proto::MdmCertificate>,
     ) -> Result<Response<proto::MdmCertificate>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         let kind = match r.kind {
@@ -94,6 +97,7 @@ impl CertificateService for CertificateApi {
         &self,
         request: Request<CertificateKey>,
     ) -> Result<Response<proto::Classification>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let id = request.into_inner().certificate_id;
         let ev = self.registry.remove_mdm(&id).await?;
@@ -113,6 +117,7 @@ impl CertificateService for CertificateApi {
         &self,
         request: Request<ReissueFailure>,
     ) -> Result<Response<proto::Classification>, Status> {
+        request.get_ref().check()?;
         let r = request.into_inner();
         let ev = self
             .registry
@@ -123,22 +128,33 @@ impl CertificateService for CertificateApi {
 
     async fn list_mdm_certificates(
         &self,
-        _: Request<ListMdmCertificatesRequest>,
+        request: Request<ListMdmCertificatesRequest>,
     ) -> Result<Response<ListMdmCertificatesResponse>, Status> {
-        let certificates = self
-            .registry
-            .list_mdm()
-            .await
-            .into_iter()
-            .map(pb_mdm)
-            .collect();
-        Ok(Response::new(ListMdmCertificatesResponse { certificates }))
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let page = paging::page(
+            self.registry
+                .list_mdm()
+                .await
+                .into_iter()
+                .map(|c| (c.certificate_id.clone(), c)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            pb_mdm,
+        )?;
+        Ok(Response::new(ListMdmCertificatesResponse {
+            certificates: page.items,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     async fn upload_apns_certificate(
         &self,
         request: Request<ApnsCertificateUpload>,
     ) -> Result<Response<proto::ApnsCertificate>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let c = self.registry.upload_apns(&request.into_inner().pem).await?;
         audit::record(

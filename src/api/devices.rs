@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{principal, speak_for};
 use super::convert::{self, pb_timestamp, timestamp};
+use super::paging;
 use super::proto::{
     self, CheckDevicesRequest, CheckDevicesResponse, DeviceHeartbeat, FrequentEventBlock,
     FrequentEventBlockKey, GetDeviceRequest, HeartbeatResponse, ListDevicesRequest,
@@ -13,6 +14,7 @@ use super::proto::{
     RemoveFrequentEventBlockResponse, device_service_server::DeviceService,
 };
 use super::status::bad_field;
+use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::devices::{DeviceRecord, DeviceRegistry, DeviceStatus, Heartbeat, StatusFacts};
 use crate::engine::Engine;
@@ -100,6 +102,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<DeviceHeartbeat>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let mut r = request.into_inner();
         speak_for(&who, "device_id", &mut r.device_id)?;
@@ -124,6 +127,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<GetDeviceRequest>,
     ) -> Result<Response<proto::Device>, Status> {
+        request.get_ref().check()?;
         let id = request.into_inner().device_id;
         Ok(Response::new(pb_device(self.registry.get(&id).await?)))
     }
@@ -132,21 +136,31 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
-        let status = match request.into_inner().status {
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let status = match r.status {
             0 => None,
             1 => Some(DeviceStatus::Ok),
             2 => Some(DeviceStatus::Warning),
             3 => Some(DeviceStatus::Critical),
             n => return Err(bad_field("status", format!("{n} is not a device status"))),
         };
-        let devices = self
-            .registry
-            .list(status)
-            .await
-            .into_iter()
-            .map(pb_device)
-            .collect();
-        Ok(Response::new(ListDevicesResponse { devices }))
+        let page = paging::page(
+            self.registry
+                .list(status)
+                .await
+                .into_iter()
+                .map(|d| (d.device_id.clone(), d)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            pb_device,
+        )?;
+        Ok(Response::new(ListDevicesResponse {
+            devices: page.items,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     async fn check_devices(
@@ -163,20 +177,30 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<ListFrequentEventBlocksRequest>,
     ) -> Result<Response<ListFrequentEventBlocksResponse>, Status> {
-        let device = request.into_inner().device_id;
-        let blocks = self
-            .engine
-            .blocks(Some(device.as_str()).filter(|d| !d.is_empty()))
-            .into_iter()
-            .map(convert::block)
-            .collect();
-        Ok(Response::new(ListFrequentEventBlocksResponse { blocks }))
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let page = paging::page(
+            self.engine
+                .blocks(Some(r.device_id.as_str()).filter(|d| !d.is_empty()))
+                .into_iter()
+                .map(|b| (format!("{}\u{0}{}", b.device_id, b.event_type), b)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            convert::block,
+        )?;
+        Ok(Response::new(ListFrequentEventBlocksResponse {
+            blocks: page.items,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     async fn unblock_frequent_event(
         &self,
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<FrequentEventBlock>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let k = key(request)?;
         let b = self.engine.unblock(&k.device_id, &k.event_type).await?;
@@ -189,6 +213,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<FrequentEventBlock>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let k = key(request)?;
         let b = self.engine.block_again(&k.device_id, &k.event_type).await?;
@@ -201,6 +226,7 @@ impl DeviceService for DeviceApi {
         &self,
         request: Request<FrequentEventBlockKey>,
     ) -> Result<Response<RemoveFrequentEventBlockResponse>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let k = key(request)?;
         self.engine

@@ -2,6 +2,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dashmap::DashMap;
 
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -15,6 +18,7 @@ use super::proto::{
     event_service_server::EventService,
 };
 use super::status::decode_status;
+use super::validate::Checked;
 use crate::auth::{AccessControl, Principal};
 use crate::classify::ClassifiedEvent;
 use crate::engine::{Engine, EngineError, Pending, QueryRequest, subscriber_filter};
@@ -28,12 +32,92 @@ pub struct EventApi {
     engine: Arc<Engine>,
     /// Long-lived calls re-check their caller against it as they go.
     access: Arc<AccessControl>,
+    /// Bounds on open `Subscribe` calls.
+    subscribers: Arc<SubscriberSlots>,
 }
 
 impl EventApi {
-    /// Serves `engine`; `access` ends streams whose credential is revoked.
-    pub fn new(engine: Arc<Engine>, access: Arc<AccessControl>) -> Self {
-        EventApi { engine, access }
+    /// Serves `engine`; `access` ends streams whose credential is revoked; at most
+    /// `max_subscribers` Subscribe calls are open at once, `max_per_connection` per connection.
+    pub fn new(
+        engine: Arc<Engine>,
+        access: Arc<AccessControl>,
+        max_subscribers: usize,
+        max_per_connection: usize,
+    ) -> Self {
+        EventApi {
+            engine,
+            access,
+            subscribers: Arc::new(SubscriberSlots {
+                total: AtomicUsize::new(0),
+                max_total: max_subscribers,
+                per_connection: DashMap::new(),
+                max_per_connection,
+            }),
+        }
+    }
+
+    /// `Subscribe` calls open now.
+    pub fn open_subscribers(&self) -> usize {
+        self.subscribers.total.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts of open `Subscribe` calls, in total and per connection.
+struct SubscriberSlots {
+    total: AtomicUsize,
+    max_total: usize,
+    per_connection: DashMap<u64, usize>,
+    max_per_connection: usize,
+}
+
+/// One open `Subscribe` call's place in [`SubscriberSlots`], given back on drop.
+struct SubscriberSlot {
+    slots: Arc<SubscriberSlots>,
+    connection: Option<u64>,
+}
+
+impl SubscriberSlots {
+    fn take(self: &Arc<Self>, connection: Option<u64>) -> Result<SubscriberSlot, Status> {
+        let total = self.total.fetch_add(1, Ordering::AcqRel);
+        let mut slot = SubscriberSlot {
+            slots: self.clone(),
+            connection: None,
+        };
+        if total >= self.max_total {
+            return Err(Status::resource_exhausted(format!(
+                "{} subscriptions are open on this server, its limit \
+                 (subscribe.max_subscribers); try again later",
+                self.max_total
+            )));
+        }
+        let Some(id) = connection else {
+            return Ok(slot);
+        };
+        let mut n = self.per_connection.entry(id).or_insert(0);
+        if *n >= self.max_per_connection {
+            return Err(Status::resource_exhausted(format!(
+                "{} subscriptions are open on this connection, its limit \
+                 (subscribe.max_per_connection); open another connection or close one",
+                self.max_per_connection
+            )));
+        }
+        *n += 1;
+        drop(n);
+        slot.connection = Some(id);
+        Ok(slot)
+    }
+}
+
+impl Drop for SubscriberSlot {
+    fn drop(&mut self) {
+        self.slots.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(id) = self.connection {
+            self.slots.per_connection.remove_if_mut(&id, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
     }
 }
 
@@ -64,14 +148,14 @@ impl EventService for EventApi {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let who = principal(&request);
-        tokio::spawn(run_stream(
+        let task = tokio::spawn(run_stream(
             self.engine.clone(),
             self.access.clone(),
             who,
             request.into_inner(),
             tx,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(guarded(rx, task, "Stream")))
     }
 
     type SubscribeStream = ClassificationStream;
@@ -80,7 +164,13 @@ impl EventService for EventApi {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
+        let connection = request
+            .extensions()
+            .get::<super::auth::PeerInfo>()
+            .map(|p| p.connection);
+        let slot = self.subscribers.take(connection)?;
         let access = self.access.clone();
         let r = request.into_inner();
         let filter = subscriber_filter(
@@ -93,7 +183,8 @@ impl EventService for EventApi {
         let mut subscription = self.engine.subscribe(filter);
         let shutdown = self.engine.shutdown_signal().clone();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            let _slot = slot;
             let mut recheck = tokio::time::interval(RECHECK_EVERY);
             loop {
                 tokio::select! {
@@ -125,13 +216,14 @@ impl EventService for EventApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(guarded(rx, task, "Subscribe")))
     }
 
     async fn query_events(
         &self,
         request: Request<QueryEventsRequest>,
     ) -> Result<Response<QueryEventsResponse>, Status> {
+        request.get_ref().check()?;
         let r = request.into_inner();
         let q = QueryRequest {
             min_severity: convert::severity(r.min_severity, "min_severity")?,
@@ -148,6 +240,31 @@ impl EventService for EventApi {
             next_page_token: next.unwrap_or_default(),
         }))
     }
+}
+
+/// The response stream of a call served by `task`: what the task sends, and then, if the task
+/// ended by panicking, an INTERNAL status. Without it a panic would drop the sender and end
+/// the call with OK, answers missing; with it the client knows to resend from its first
+/// unanswered event.
+fn guarded(
+    rx: mpsc::Receiver<Result<Classification, Status>>,
+    task: tokio::task::JoinHandle<()>,
+    call: &'static str,
+) -> ClassificationStream {
+    let ending = futures::stream::once(async move {
+        match task.await {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!(call, error = %e, "a call's task failed");
+                Some(Err(Status::internal(format!(
+                    "{call}: the server failed while serving this call; the events answered \
+                     before this status are settled, resend the others"
+                ))))
+            }
+        }
+    })
+    .filter_map(futures::future::ready);
+    Box::pin(ReceiverStream::new(rx).chain(ending))
 }
 
 type Settling = Pin<Box<dyn Future<Output = Result<Arc<ClassifiedEvent>, EngineError>> + Send>>;
@@ -171,6 +288,7 @@ async fn run_stream(
     let mut reading = true;
     let mut ending: Option<Status> = None;
     let mut index: u64 = 0;
+    let mut answered: u64 = 0;
     let shutdown = engine.shutdown_signal().clone();
     loop {
         tokio::select! {
@@ -180,6 +298,7 @@ async fn run_stream(
                     if out.send(Ok(convert::answer(event.as_ref()))).await.is_err() {
                         return; // the client went away
                     }
+                    answered += 1;
                 }
                 Err(e) => {
                     // A failed commit: answer nothing after it; the client resends from here
@@ -229,6 +348,12 @@ async fn run_stream(
     }
     if let Some(status) = ending {
         let closing = status.code() == tonic::Code::Unavailable;
+        if answered > 0 {
+            // grpc-js hands a call's error status to the application as soon as it reads the
+            // trailers, dropping answers it read in the same go but has not yet delivered
+            // (grpc/grpc-node#2764). Letting the answers go out first keeps them all.
+            tokio::time::sleep(ERROR_STATUS_DELAY).await;
+        }
         let _ = out.send(Err(status)).await;
         if closing {
             // Shutdown closes the connection once this call is over. A client that is still
@@ -242,6 +367,10 @@ async fn run_stream(
         }
     }
 }
+
+/// How long a `Stream` call that answered events waits before its error status, so the
+/// answers reach the client's application first (see `run_stream`).
+pub const ERROR_STATUS_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long a `Stream` call ended by shutdown waits for its client to stop sending.
 const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_secs(1);

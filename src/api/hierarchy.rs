@@ -12,12 +12,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use super::paging;
 use super::proto::{
     self, GetUplinkStatusRequest, LinkState, ListSecondariesRequest, ListSecondariesResponse,
     RelayDown, RelayUp, UplinkStatus, hierarchy_service_server::HierarchyService, relay_down,
     relay_up,
 };
 use super::status::decode_status;
+use super::validate::Checked;
 use crate::engine::Engine;
 use crate::hierarchy::secondaries::{LinkError, LinkHello, Secondaries, Session};
 use crate::hierarchy::uplink::Uplink;
@@ -33,6 +35,9 @@ pub const RELAY_MAX_CHAIN: usize = 32;
 /// Longest server id in a relayed event.
 const RELAY_MAX_SERVER_ID_BYTES: usize = 256;
 
+/// At most one log line per this period about a refused link (the rest are counted).
+pub const LINK_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// The HierarchyService adapter.
 pub struct HierarchyApi {
     engine: Arc<Engine>,
@@ -43,6 +48,8 @@ pub struct HierarchyApi {
     keepalive_timeout: Duration,
     outbox_max_events: u64,
     sessions: TaskTracker,
+    /// Rate limit of the log lines about refused links.
+    refusals: crate::hierarchy::LogLimiter,
 }
 
 /// What [`HierarchyApi::new`] needs.
@@ -74,6 +81,7 @@ impl HierarchyApi {
             keepalive_timeout: p.keepalive_timeout,
             outbox_max_events: p.outbox_max_events,
             sessions: p.sessions,
+            refusals: crate::hierarchy::LogLimiter::new(LINK_LOG_EVERY),
         }
     }
 }
@@ -104,14 +112,12 @@ fn certificate_names(der: &[u8]) -> Vec<String> {
     names
 }
 
-#[tonic::async_trait]
-impl HierarchyService for HierarchyApi {
-    type RelayStream = RelayStream;
-
-    async fn relay(
+impl HierarchyApi {
+    /// Checks a secondary's relay call (certificate, hello) and starts its session.
+    async fn open_relay(
         &self,
         request: Request<Streaming<RelayUp>>,
-    ) -> Result<Response<Self::RelayStream>, Status> {
+    ) -> Result<Response<RelayStream>, Status> {
         if !self.relay_allowed {
             return Err(Status::permission_denied(
                 "Relay is served only on the hierarchy listener (mutual TLS, [hierarchy] listen)",
@@ -196,16 +202,43 @@ impl HierarchyService for HierarchyApi {
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+#[tonic::async_trait]
+impl HierarchyService for HierarchyApi {
+    type RelayStream = RelayStream;
+
+    async fn relay(
+        &self,
+        request: Request<Streaming<RelayUp>>,
+    ) -> Result<Response<Self::RelayStream>, Status> {
+        let address = request.remote_addr();
+        let opened = self.open_relay(request).await;
+        if let Err(status) = &opened
+            && let Some(held_back) = self.refusals.allow()
+        {
+            tracing::warn!(?address, code = ?status.code(), reason = %status.message(), held_back,
+                "a secondary's link was refused");
+        }
+        opened
+    }
 
     async fn list_secondaries(
         &self,
-        _request: Request<ListSecondariesRequest>,
+        request: Request<ListSecondariesRequest>,
     ) -> Result<Response<ListSecondariesResponse>, Status> {
-        let secondaries = self
-            .secondaries
-            .list()
-            .into_iter()
-            .map(|s| proto::Secondary {
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let page = paging::page(
+            self.secondaries
+                .list()
+                .into_iter()
+                .map(|s| (s.server_id.clone(), s)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            |s| proto::Secondary {
                 server_id: s.server_id,
                 state: if s.connected {
                     LinkState::Connected
@@ -218,10 +251,11 @@ impl HierarchyService for HierarchyApi {
                 settings_version: s.settings_version,
                 address: s.address,
                 events_received: s.events_received,
-            })
-            .collect();
+            },
+        )?;
         Ok(Response::new(ListSecondariesResponse {
-            secondaries,
+            secondaries: page.items,
+            next_page_token: page.next_page_token,
             settings_version: self.engine.settings_version(),
         }))
     }

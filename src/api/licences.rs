@@ -6,10 +6,12 @@ use tonic::{Request, Response, Status};
 
 use super::auth::principal;
 use super::convert::{self, pb_timestamp, timestamp};
+use super::paging;
 use super::proto::{
     self, CheckLicencesRequest, LicenceCheck, ListLicencesRequest, ListLicencesResponse,
     licence_service_server::LicenceService,
 };
+use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::detectors::licences::{Licence, LicenceChecker};
 use crate::engine::Engine;
@@ -41,6 +43,7 @@ impl LicenceService for LicenceApi {
         &self,
         request: Request<proto::Licence>,
     ) -> Result<Response<proto::Licence>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         let expires_at = timestamp(r.expires_at, "expires_at")?;
@@ -65,16 +68,26 @@ impl LicenceService for LicenceApi {
 
     async fn list_licences(
         &self,
-        _: Request<ListLicencesRequest>,
+        request: Request<ListLicencesRequest>,
     ) -> Result<Response<ListLicencesResponse>, Status> {
-        let licences = self
-            .checker
-            .list()
-            .await
-            .into_iter()
-            .map(pb_licence)
-            .collect();
-        Ok(Response::new(ListLicencesResponse { licences }))
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let page = paging::page(
+            self.checker
+                .list()
+                .await
+                .into_iter()
+                .map(|l| (l.key.clone(), l)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            pb_licence,
+        )?;
+        Ok(Response::new(ListLicencesResponse {
+            licences: page.items,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     async fn check_licences(

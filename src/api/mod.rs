@@ -10,12 +10,15 @@ pub mod certificates;
 pub mod convert;
 pub mod devices;
 pub mod events;
+pub mod guard;
 pub mod hierarchy;
 pub mod licences;
+pub mod paging;
 pub mod push;
 pub mod status;
 pub mod updates;
 pub mod uplink;
+pub mod validate;
 
 /// The generated protobuf and tonic code of `proto/fleetevents/v1/fleetevents.proto`.
 pub mod proto {

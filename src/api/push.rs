@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::proto::{PushBatchReport, PushBatchResult, push_service_server::PushService};
+use super::validate::Checked;
 use crate::detectors::push::{PushBatch, PushResults};
 
 /// The PushService adapter.
@@ -26,6 +27,7 @@ impl PushService for PushApi {
         &self,
         request: Request<PushBatchResult>,
     ) -> Result<Response<PushBatchReport>, Status> {
+        request.get_ref().check()?;
         let r = request.into_inner();
         let raised = self
             .detector

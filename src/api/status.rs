@@ -97,3 +97,9 @@ pub fn rewrite_too_large<B>(mut resp: http::Response<B>) -> http::Response<B> {
     }
     resp
 }
+
+impl From<crate::fields::FieldError> for Status {
+    fn from(e: crate::fields::FieldError) -> Status {
+        Status::invalid_argument(e.to_string())
+    }
+}

@@ -6,11 +6,13 @@ use tonic::{Request, Response, Status};
 
 use super::auth::principal;
 use super::convert::pb_timestamp;
+use super::paging;
 use super::proto::{
     self, ListUpdatesRequest, ListUpdatesResponse, RegisterUpdateRequest, UpdateDecision,
     update_service_server::UpdateService,
 };
 use super::status::bad_field;
+use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::detectors::updates::{Update, UpdateRegistry, UpdateState};
 use crate::engine::Engine;
@@ -67,6 +69,7 @@ impl UpdateService for UpdateApi {
         &self,
         request: Request<RegisterUpdateRequest>,
     ) -> Result<Response<proto::Update>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let r = request.into_inner();
         let (u, _) = self
@@ -82,6 +85,7 @@ impl UpdateService for UpdateApi {
         &self,
         request: Request<UpdateDecision>,
     ) -> Result<Response<proto::Update>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let id = request.into_inner().update_id;
         let u = self.registry.decide(&id, true).await?;
@@ -93,6 +97,7 @@ impl UpdateService for UpdateApi {
         &self,
         request: Request<UpdateDecision>,
     ) -> Result<Response<proto::Update>, Status> {
+        request.get_ref().check()?;
         let who = principal(&request);
         let id = request.into_inner().update_id;
         let u = self.registry.decide(&id, false).await?;
@@ -104,16 +109,30 @@ impl UpdateService for UpdateApi {
         &self,
         request: Request<ListUpdatesRequest>,
     ) -> Result<Response<ListUpdatesResponse>, Status> {
-        let state = match request.into_inner().state {
+        request.get_ref().check()?;
+        let r = request.into_inner();
+        let state = match r.state {
             0 => None,
             1 => Some(UpdateState::Pending),
             2 => Some(UpdateState::Approved),
             3 => Some(UpdateState::Rejected),
             n => return Err(bad_field("state", format!("{n} is not an update state"))),
         };
-        let updates = self.registry.list(state).await;
+        let page = paging::page(
+            self.registry
+                .list(state)
+                .await
+                .into_iter()
+                .map(|u| (u.update_id.clone(), u)),
+            paging::PageRequest {
+                page_size: r.page_size,
+                page_token: &r.page_token,
+            },
+            pb_update,
+        )?;
         Ok(Response::new(ListUpdatesResponse {
-            updates: updates.into_iter().map(pb_update).collect(),
+            updates: page.items,
+            next_page_token: page.next_page_token,
         }))
     }
 }

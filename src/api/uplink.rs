@@ -56,6 +56,7 @@ pub fn spawn(
     tracker.spawn(async move {
         let shutdown = engine.shutdown_signal().clone();
         let mut backoff = settings.backoff_initial;
+        let failures = crate::hierarchy::LogLimiter::new(super::hierarchy::LINK_LOG_EVERY);
         loop {
             let mut up_since = None;
             let end = tokio::select! {
@@ -75,7 +76,10 @@ pub fn spawn(
                 backoff = settings.backoff_initial;
             }
             let wait = jitter(backoff);
-            tracing::debug!(?wait, %reason, "reconnecting to the primary after a pause");
+            if let Some(held_back) = failures.allow() {
+                tracing::warn!(?wait, %reason, held_back,
+                    "the link to the primary failed; reconnecting after a pause");
+            }
             backoff = (backoff * 2).min(settings.backoff_max);
             tokio::select! {
                 _ = shutdown.cancelled() => break,

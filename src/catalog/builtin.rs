@@ -323,4 +323,14 @@ pub(crate) const BUILTIN_TYPES: &[BuiltinType] = &[
         description: "A bearer token or enrolment token was created or revoked, a device enrolled or renewed its certificate, or a device was revoked. The event names the credential, the RPC, the target and what changed.",
         recommended_response: "Review that the change was intended; revoke the credential named in it if it was not.",
     },
+    BuiltinType {
+        name: "FLEET_OUTBOX_OVERFLOW",
+        id: None,
+        severity: FunctionalFailure,
+        display_name: "Events for the primary server were dropped",
+        display_name_ja: "",
+        retention_days: Some(180),
+        description: "This secondary server's outbox reached hierarchy.outbox_max_events while its link to the primary was down or slow, and its oldest waiting events were dropped: they will never reach the primary. The event says how many were dropped and the limit.",
+        recommended_response: "Restore the link to the primary (see GetUplinkStatus and the logs of both servers), or raise hierarchy.outbox_max_events if outages this long are expected.",
+    },
 ];

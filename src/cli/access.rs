@@ -139,7 +139,7 @@ pub async fn token(c: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::List { server } => {
             let r = AccessServiceClient::new(server.connect().await?)
-                .list_tokens(proto::ListTokensRequest {})
+                .list_tokens(proto::ListTokensRequest::default())
                 .await?
                 .into_inner();
             let mut t = Table::new();
@@ -194,7 +194,7 @@ pub async fn enroll_token(c: EnrollTokenCommand) -> anyhow::Result<()> {
         }
         EnrollTokenCommand::List { server } => {
             let r = AccessServiceClient::new(server.connect().await?)
-                .list_enrollment_tokens(proto::ListEnrollmentTokensRequest {})
+                .list_enrollment_tokens(proto::ListEnrollmentTokensRequest::default())
                 .await?
                 .into_inner();
             let mut t = Table::new();

@@ -21,13 +21,30 @@ pub struct TypesArgs {
 
 pub async fn run(args: TypesArgs) -> anyhow::Result<()> {
     let mut client = CatalogServiceClient::new(args.server.connect().await?);
-    let list = client
-        .list_event_types(proto::ListEventTypesRequest {
-            min_severity: args.min_severity.map_or(0, |s| s as i32),
-        })
-        .await?
-        .into_inner()
-        .event_types;
+    let mut list = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_event_types(proto::ListEventTypesRequest {
+                min_severity: args.min_severity.map_or(0, |s| s as i32),
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        list.extend(page.event_types);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    // Most severe first, then by ID and name (pages come ordered by type string).
+    list.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then(a.event_type_id.cmp(&b.event_type_id))
+            .then(a.event_type.cmp(&b.event_type))
+    });
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
     let mut header = vec!["ID", "Type", "Severity", "Storage", "Display name"];

@@ -98,6 +98,18 @@ pub struct CapacityMonitor {
     database_low: AtomicBool,
     /// One check at a time, so an onset is raised by exactly one of two concurrent checks.
     checking: tokio::sync::Mutex<()>,
+    /// The marks as last saved.
+    saved: Mutex<Option<Marks>>,
+}
+
+/// Record kind of the saved onset marks.
+const MARKS_KIND: &str = "capacity-marks";
+
+/// Which conditions were reported and have not cleared since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Marks {
+    volume_low: bool,
+    database_low: bool,
 }
 
 fn volume_space(dir: &Path) -> Result<(u64, u64), EngineError> {
@@ -136,6 +148,44 @@ impl CapacityMonitor {
             volume_low: AtomicBool::new(false),
             database_low: AtomicBool::new(false),
             checking: tokio::sync::Mutex::new(()),
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// Restores the onset marks saved before a restart, so a condition that is still present
+    /// is not reported again (once per onset, across restarts too).
+    pub async fn restore_marks(&self) -> Result<(), EngineError> {
+        if let Some(json) = self.engine.store().load_records(MARKS_KIND).await?.pop() {
+            let m: Marks = serde_json::from_str(&json)
+                .map_err(|e| EngineError::Internal(format!("saved capacity marks {json}: {e}")))?;
+            self.volume_low.store(m.volume_low, Ordering::SeqCst);
+            self.database_low.store(m.database_low, Ordering::SeqCst);
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+        }
+        Ok(())
+    }
+
+    /// Saves the onset marks when they changed. A failure (the disk is full) is logged and
+    /// retried at the next check.
+    async fn save_marks(&self) {
+        let m = Marks {
+            volume_low: self.volume_low.load(Ordering::SeqCst),
+            database_low: self.database_low.load(Ordering::SeqCst),
+        };
+        if *self.saved.lock().unwrap_or_else(|e| e.into_inner()) == Some(m) {
+            return;
+        }
+        let json = serde_json::to_string(&m).unwrap_or_default();
+        match self
+            .engine
+            .store()
+            .save_record(MARKS_KIND, "marks", json)
+            .await
+        {
+            Ok(()) => *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not save the capacity onset marks; retrying at the next check")
+            }
         }
     }
 
@@ -180,7 +230,7 @@ impl CapacityMonitor {
             ]);
             raised.push(
                 self.engine
-                    .raise_and_settle(NO_SPACE_ON_VOLUMES, &server, params)
+                    .raise_live_first(NO_SPACE_ON_VOLUMES, &server, params)
                     .await?,
             );
         }
@@ -198,10 +248,13 @@ impl CapacityMonitor {
             ]);
             raised.push(
                 self.engine
-                    .raise_and_settle(NO_SPACE_IN_DATABASE, &server, params)
+                    .raise_live_first(NO_SPACE_IN_DATABASE, &server, params)
                     .await?,
             );
         }
+        self.save_marks().await;
+        // What a full disk kept from being stored goes in now, if it can.
+        self.engine.store_deferred().await;
         Ok(CapacityReport {
             data_dir: self.data_dir.clone(),
             volume_free_bytes: free,

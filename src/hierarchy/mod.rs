@@ -82,3 +82,40 @@ pub async fn apply_pushed_settings(
     }
     Ok(changed)
 }
+
+/// Lets a repeated log line through at most once per period, counting the ones it held back,
+/// so a link that fails every second says why at every failed attempt without flooding the
+/// log.
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogLimiter {
+    /// At most one line per `every`.
+    pub const fn new(every: std::time::Duration) -> Self {
+        LogLimiter {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held_back)` when a line may be written now (with how many were held back since
+    /// the last one), `None` when it is held back.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let held = s.1;
+                *s = (Some(now), 0);
+                Some(held)
+            }
+        }
+    }
+}
