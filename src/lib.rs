@@ -23,6 +23,7 @@
 //! - [`client`]: connecting to a server with TLS and a credential (the CLI, tests, benches).
 //! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
 //! - [`config`]: the `Config` struct, from TOML, environment and flags.
+//! - [`datadir`]: the lock that keeps a data directory to one server.
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
 
 #![warn(missing_docs)]
@@ -35,6 +36,7 @@ pub mod classify;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod datadir;
 pub mod detectors;
 pub mod devices;
 pub mod engine;

@@ -92,6 +92,9 @@ pub enum ServerError {
     /// The credential store could not be read, or the admin token not written.
     #[error("credentials: {0}")]
     Auth(String),
+    /// The data directory is in use by another server, or could not be locked.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
 }
 
 /// The certificates of the hierarchy links, read once at start-up.
@@ -151,6 +154,8 @@ pub struct RunningServer {
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     background: Vec<JoinHandle<()>>,
     grace: Duration,
+    /// One data directory, one server: held until the store has closed at shutdown.
+    data_dir_lock: crate::datadir::DataDirLock,
 }
 
 /// Starts a server with `config`, reading time from `clock`.
@@ -162,6 +167,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             config.server.data_dir.display()
         ))
     })?;
+    let data_dir_lock = crate::datadir::DataDirLock::acquire(&config.server.data_dir)?;
     let (store, notices): (Arc<dyn EventStore>, _) = match &config.store.url {
         Some(url) => {
             let (store, notices) = PgStore::open(PgOptions {
@@ -529,6 +535,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         serve,
         background,
         grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        data_dir_lock,
     })
 }
 
@@ -743,6 +750,7 @@ impl RunningServer {
         for task in self.background {
             let _ = task.await;
         }
+        drop(self.data_dir_lock);
         tracing::info!("stopped");
     }
 }

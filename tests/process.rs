@@ -1,8 +1,9 @@
 //! The real `fleet-events` binary: crash safety under SIGKILL, a clean exit on SIGTERM, the CLI
 //! flows of the README (events, tokens, enrolment of a device), and the standard tools (grpcurl
 //! through reflection, grpc-health-probe), all over TLS pinned to the server's CA, with a token
-//! or a device certificate. The tools are installed by the README's test command
-//! (`scripts/test.sh`).
+//! or a device certificate; one server per data directory; the server's logs (no colour codes
+//! off a terminal, JSON lines, a bad `--log` filter refused). The tools are installed by the
+//! README's test command (`scripts/test.sh`).
 
 mod common;
 
@@ -616,4 +617,304 @@ async fn environment_overrides_the_file_and_other_variables_are_ignored() {
     }
     assert_eq!(blocked, vec![false, false, false, true]);
     assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// A `serve` process started here rather than by [`ServerProcess`]: its stderr goes to a file
+/// (not a terminal) that the test reads, and it may be expected to refuse to start.
+struct Serve {
+    child: std::process::Child,
+    ready: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Serve {
+    /// Starts `serve` on `<dir>/data` on a free port, with the config TOML in `<dir>/config.toml`
+    /// when there is one (as [`ServerProcess`] writes it), `flags` after the usual ones, and
+    /// `env`; `name` names its ready and stderr files. NO_COLOR is removed from its environment.
+    fn spawn(dir: &Path, name: &str, flags: &[&str], env: &[(&str, &str)]) -> Serve {
+        let data = dir.join("data");
+        let ready = dir.join(format!("{name}.ready"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let _ = std::fs::remove_file(&ready);
+        let cfg = dir.join("config.toml");
+        if !cfg.exists() {
+            std::fs::write(&cfg, "").unwrap();
+        }
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--config")
+            .arg(&cfg)
+            .args(flags)
+            .env_remove("NO_COLOR")
+            .env_remove("RUST_LOG")
+            .env_remove("FLEET_EVENTS_LOG_FORMAT");
+        if let Some(url) = common::store_url_for(&data) {
+            cmd.env("FLEET_EVENTS_STORE__URL", url);
+        }
+        let child = cmd
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start fleet-events");
+        Serve {
+            child,
+            ready,
+            stderr,
+        }
+    }
+
+    /// Waits (deadline 30 s) for the ready file or for the process to exit: the address it
+    /// serves on, or how it exited.
+    fn ready_or_exit(&mut self) -> Result<String, std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&self.ready) {
+                return Ok(format!("https://{a}"));
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(status);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "neither ready nor exited within 30 s: {}",
+                self.stderr_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for it to serve, registering its credentials for [`connect`].
+    fn ready(&mut self) -> String {
+        match self.ready_or_exit() {
+            Ok(addr) => {
+                common::register_server(&addr, &self.ready.with_file_name("data"));
+                addr
+            }
+            Err(status) => panic!("serve exited ({status}): {}", self.stderr_text()),
+        }
+    }
+
+    /// Waits for it to exit without serving.
+    #[track_caller]
+    fn refused(&mut self) -> std::process::ExitStatus {
+        match self.ready_or_exit() {
+            Ok(addr) => panic!("serve started on {addr}: {}", self.stderr_text()),
+            Err(status) => status,
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// What it wrote to stderr so far.
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap()).into_owned()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every non-empty line of `text` as a JSON object that has a `level`.
+#[track_caller]
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}\nall of it:\n{text}"));
+            assert!(v.is_object(), "not an object: {l}");
+            assert!(v["level"].is_string(), "no level: {l}");
+            v
+        })
+        .collect()
+}
+
+/// One data directory, one server: a second server on a directory in use exits at once with
+/// a message naming the directory and the first server's pid (as a JSON event with
+/// `--log-format json`), while the first keeps serving; once the first is killed with SIGKILL
+/// (no shutdown code runs) the kernel has released the lock and a new server starts there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_use_refuses_a_second_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ServerProcess::start(dir.path(), "");
+    let data = data_dir(&first);
+    let in_use = format!(
+        "data directory {} is in use by another fleet-events server (pid {})",
+        data.display(),
+        first.child.id()
+    );
+
+    let mut second = Serve::spawn(dir.path(), "second", &[], &[]);
+    let status = second.refused();
+    let said = second.stderr_text();
+    assert!(!status.success(), "{status}: {said}");
+    assert!(said.contains(&in_use), "{in_use:?} not in {said}");
+    assert!(
+        said.contains("one data directory serves one server"),
+        "{said}"
+    );
+
+    // The same refusal in JSON mode (chosen through the environment) is a JSON event.
+    let mut third = Serve::spawn(
+        dir.path(),
+        "third",
+        &[],
+        &[("FLEET_EVENTS_LOG_FORMAT", "json")],
+    );
+    let status = third.refused();
+    let said = third.stderr_text();
+    assert!(!status.success(), "{status}: {said}");
+    let lines = json_lines(&said);
+    assert!(
+        lines.iter().any(|l| l["level"] == "ERROR"
+            && l["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&in_use))),
+        "{said}"
+    );
+
+    // The first server is untouched.
+    let mut client = EventServiceClient::new(connect(&first.addr).await);
+    let answer = client
+        .classify(event("pc-lock", "APP_LOCK_CHECK", "lock-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.stored, "{answer:?}");
+
+    first.kill();
+    let after = ServerProcess::start(dir.path(), "");
+    let mut client = EventServiceClient::new(connect(&after.addr).await);
+    let stored = query_all(
+        &mut client,
+        proto::QueryEventsRequest {
+            device_id: "pc-lock".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(after.terminate().code(), Some(0));
+}
+
+/// Text logs written to a file (not a terminal) carry no ANSI colour codes, even with NO_COLOR
+/// unset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_off_a_terminal_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Serve::spawn(dir.path(), "text", &["--log", "debug"], &[]);
+    let addr = server.ready();
+    let mut client = EventServiceClient::new(connect(&addr).await);
+    client
+        .classify(event("pc-text", "APP_TEXT_LOG", "t-1"))
+        .await
+        .unwrap();
+    assert_eq!(server.terminate().code(), Some(0));
+    let said = server.stderr_text();
+    assert!(said.contains("fleet-events listening on"), "{said}");
+    assert!(said.contains(" INFO "), "{said}");
+    assert!(said.contains(" DEBUG "), "{said}");
+    assert!(
+        !said.contains("\x1b["),
+        "ANSI escape codes in logs off a terminal:\n{said}"
+    );
+}
+
+/// `--log-format json`: every line on stderr is one JSON object with a timestamp, a level, a
+/// target and the fields, including the address it listens on and its shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Serve::spawn(
+        dir.path(),
+        "json",
+        &["--log-format", "json", "--log", "info,fleet_events=debug"],
+        &[],
+    );
+    let addr = server.ready();
+    let mut client = EventServiceClient::new(connect(&addr).await);
+    client
+        .classify(event("pc-json", "APP_JSON_LOG", "j-1"))
+        .await
+        .unwrap();
+    assert_eq!(server.terminate().code(), Some(0));
+    let said = server.stderr_text();
+    let lines = json_lines(&said);
+    assert!(lines.len() >= 3, "{said}");
+    for l in &lines {
+        assert!(l["timestamp"].is_string(), "{l}");
+        assert!(l["target"].is_string(), "{l}");
+        assert!(l["fields"].is_object(), "{l}");
+    }
+    let host_port = addr.trim_start_matches("https://");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "fleet-events listening"
+                && l["fields"]["addr"] == host_port),
+        "{said}"
+    );
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"] == "stopped"),
+        "{said}"
+    );
+}
+
+/// A `--log` (or RUST_LOG) value that is not a valid filter is a usage error (exit code 2)
+/// naming the bad directive; the server does not start (not even its data directory is made).
+#[test]
+fn an_invalid_log_filter_is_refused_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    /// Flags, environment, and what the refusal must say.
+    type Case = (
+        &'static [&'static str],
+        Option<(&'static str, &'static str)>,
+        &'static str,
+    );
+    let cases: [Case; 6] = [
+        (&["--log", "bogus=nonsense=x"], None, "\"bogus=nonsense=x\""),
+        (&["--log=nonsense="], None, "\"nonsense=\""),
+        (
+            &["--log", "info,,==x"],
+            None,
+            "empty directive after \"info\"",
+        ),
+        (
+            &["--log", "info,fleet_events=verbose"],
+            None,
+            "\"fleet_events=verbose\"",
+        ),
+        (&["--log", "inof"], None, "\"inof\" is not a level"),
+        (&[], Some(("RUST_LOG", "warn,h2=loud")), "\"h2=loud\""),
+    ];
+    for (i, (flags, env, naming)) in cases.into_iter().enumerate() {
+        let env: Vec<(&str, &str)> = env.into_iter().collect();
+        let env = env.as_slice();
+        let mut server = Serve::spawn(dir.path(), &format!("bad-{i}"), flags, env);
+        let status = server.refused();
+        let said = server.stderr_text();
+        assert_eq!(status.code(), Some(2), "{flags:?} {env:?}: {said}");
+        assert!(
+            said.contains(naming),
+            "{flags:?} {env:?}: {naming:?} not in {said}"
+        );
+        assert!(!said.contains("listening"), "{said}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{flags:?} {env:?} started far enough to make the data directory: {said}"
+        );
+    }
 }

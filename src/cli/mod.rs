@@ -3,6 +3,7 @@
 //! server's CA, a bearer token or a device certificate). `anyhow` is used here, at the binary's edge, and nowhere in the library.
 
 mod access;
+mod logging;
 mod query;
 mod send;
 mod serve;
@@ -147,6 +148,8 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Already logged (`serve --log-format json`).
+        Err(e) if e.is::<logging::Reported>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -9,6 +9,8 @@ use anyhow::Context;
 use fleet_events::clock::SystemClock;
 use fleet_events::config::Config;
 
+use super::logging::{self, ANNOUNCE, LogFilter, LogFormat};
+
 /// Flags of `serve`; each overrides the config file and the environment.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -39,16 +41,36 @@ pub struct ServeArgs {
     /// Write the bound address into this file once the server serves (for scripts and tests).
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `fleet_events=debug` (also RUST_LOG).
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    log: String,
+    /// Log filter: comma-separated `LEVEL` or `TARGET=LEVEL` directives, e.g. `info` or
+    /// `info,fleet_events::store=debug` (also RUST_LOG); a bad directive is refused.
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = logging::parse_filter)]
+    log: LogFilter,
+    /// Log format on stderr: `text` (coloured only on a terminal, never with NO_COLOR) or
+    /// `json` (one object per line).
+    #[arg(
+        long,
+        value_enum,
+        env = "FLEET_EVENTS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
 }
 
+/// Runs `serve`: sets up logging, then serves until Ctrl-C or SIGTERM. In JSON mode an error
+/// is logged as a JSON event (and not printed again by `main`).
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(&args.log, args.log_format)?;
+    let format = args.log_format;
+    match serve(args).await {
+        Err(e) if format == LogFormat::Json => {
+            tracing::error!(target: ANNOUNCE, error = %format!("{e:#}"), "fleet-events stopped on an error");
+            Err(logging::Reported.into())
+        }
+        result => result,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(l) = args.listen {
         config.server.listen = l;
@@ -77,7 +99,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let server = fleet_events::server::start(config, Arc::new(SystemClock)).await?;
     let addr = server.local_addr();
-    eprintln!("fleet-events listening on {addr}");
+    match args.log_format {
+        LogFormat::Text => eprintln!("fleet-events listening on {addr}"),
+        LogFormat::Json => tracing::info!(target: ANNOUNCE, %addr, "fleet-events listening"),
+    }
     if let Some(path) = &args.ready_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())
