@@ -532,15 +532,22 @@ impl Engine {
             Err(EngineError::Store(e @ (StoreError::Full(_) | StoreError::Unavailable(_)))) => {
                 tracing::warn!(event_type, error = %e,
                     "the store cannot take this event now: delivered live, stored later");
-                self.bus.publish(&event);
+                // What is delivered now says it is not stored (it is not, yet).
+                let mut unstored_type = (*event.event_type).clone();
+                unstored_type.settings.store = false;
+                let live = Arc::new(ClassifiedEvent {
+                    event_type: Arc::new(unstored_type),
+                    ..(*event).clone()
+                });
+                self.bus.publish(&live);
                 let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
                 if deferred.len() >= MAX_DEFERRED {
                     let lost = deferred.remove(0);
                     tracing::error!(event_type = %lost.event_type.name, event_id = %lost.event_id,
                         "too many server events wait for the store: the oldest was dropped");
                 }
-                deferred.push(event.clone());
-                Ok(event)
+                deferred.push(event);
+                Ok(live)
             }
             other => other,
         }

@@ -715,8 +715,11 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, events = appends.len(), "group commit failed");
-                let msg = e.to_string();
-                let full = matches!(e, StoreError::Full(_));
+                let (full, msg) = match &e {
+                    StoreError::Full(m) => (true, m.clone()),
+                    StoreError::Backend(m) => (false, m.clone()),
+                    other => (false, other.to_string()),
+                };
                 for (_, _, done) in appends.drain(..) {
                     let err = if full {
                         StoreError::Full(msg.clone())
