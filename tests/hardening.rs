@@ -1261,14 +1261,16 @@ async fn subscriptions_are_bounded_per_connection_and_in_total() {
         .await
         .unwrap();
     assert_eq!(next_live(&mut c1).await.event_id, "p1");
-    for sub in on_a.iter_mut().chain([b1, b2].iter_mut()) {
+    let mut on_b = vec![b1, b2];
+    for sub in on_a.iter_mut().chain(on_b.iter_mut()) {
         assert_eq!(next_live(sub).await.event_id, "p1");
     }
-    // Full again.
+    // Full again (all five still open).
     assert_eq!(
         try_subscribe(&b).await.unwrap_err().code(),
         Code::ResourceExhausted
     );
+    drop((on_a, on_b, c1));
     s.stop().await;
 }
 
