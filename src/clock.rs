@@ -73,7 +73,8 @@ impl Timestamp {
     /// RFC 3339 text, for logs and the CLI.
     pub fn to_rfc3339(self) -> String {
         let (s, n) = self.to_parts();
-        if s < 0 {
+        // humantime writes the years 1970..=9999 only (and panics past them).
+        if !(0..253_402_300_800).contains(&s) {
             return format!("{s}s");
         }
         let t = UNIX_EPOCH + Duration::new(s as u64, n as u32);
