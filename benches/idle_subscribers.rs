@@ -1,7 +1,8 @@
 //! Ingest with subscribers that never read (issue 10, item 6): opens SUBSCRIBERS `Subscribe`
-//! calls (all events, no filter) spread over SUB_CONNECTIONS connections of their own and never
-//! reads a message from them, then drives the bidi `Stream` as fast as the server answers over
-//! STREAMS calls on CONNECTIONS other connections, and measures the rate and the server's CPU.
+//! calls (all events, no filter) spread over SUB_CONNECTIONS connections of their own (plus one
+//! for the first subscriber alone) and never reads a message from them, then drives the bidi
+//! `Stream` as fast as the server answers over STREAMS calls on CONNECTIONS other connections,
+//! and measures the rate and the server's CPU.
 //! With SUBSCRIBERS = 0 it is the baseline: the same load with nobody subscribed.
 //!
 //! Usage: `idle_subscribers ADDR DATA_DIR SERVER_PID EVENT_TYPE SUBSCRIBERS SUB_CONNECTIONS
@@ -15,8 +16,9 @@
 //! Over the next MEASURE_SECS it counts the events answered and reads, at both ends of that
 //! span: utime+stime of the server (/proc/PID/stat) and of this process (/proc/self/stat), and
 //! the whole machine's CPU (/proc/stat) to tell how much other processes and the hypervisor took.
-//! Then it stops sending, waits for the last answers, and reads one subscriber to its end, to
-//! check that it was told how many it missed. Prints one tab-separated line: `events secs
+//! Then it stops sending, waits for the last answers, closes all subscribers but one (which has
+//! a connection of its own) and reads that one to its end, to check that it was told how many
+//! it missed. Prints one tab-separated line: `events secs
 //! events_per_s server_cpu_s driver_cpu_s other_cpu_s steal_s server_rss_kib subscribers_open
 //! events_answered_in_all subscriber0_received subscriber0_missed_reported` (the first eight
 //! over the measured span; server_rss_kib at its end).
@@ -112,13 +114,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The subscribers: their own connections, response headers awaited (so each is registered
     // on the server's bus), then held and never read.
+    // Subscriber 0, the one read at the end, has a connection of its own: unread messages of
+    // the others on a shared connection would hold that connection's HTTP/2 window.
     let mut sub_channels = Vec::new();
-    for _ in 0..sub_connections.min(subscribers.max(1)) {
+    for _ in 0..=sub_connections.min(subscribers.max(1)) {
         sub_channels.push(connect(&url, &options).await?);
     }
     let mut opening = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
-        let mut client = EventServiceClient::new(sub_channels[i % sub_channels.len()].clone());
+        let c = if i == 0 { 0 } else { 1 + i % (sub_channels.len() - 1) };
+        let mut client = EventServiceClient::new(sub_channels[c].clone());
         opening.push(tokio::spawn(async move {
             client
                 .subscribe(SubscribeRequest::default())
@@ -221,6 +226,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // while it was open is either among the messages it got or counted in their missed_before
     // (the misses after its queue filled are reported with the first event it takes from the
     // queue once it can send again), so received + missed = all the events answered.
+    let open = held.len();
+    held.truncate(1);
     let (mut received, mut missed) = (0u64, 0u64);
     if let Some(first) = held.first_mut() {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -230,7 +237,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     received += 1;
                     missed += c.missed_before;
                 }
-                _ => break,
+                Ok(Ok(None)) => {
+                    eprintln!("subscriber 0 ended after {received} messages");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    eprintln!("subscriber 0 failed after {received} messages: {e}");
+                    break;
+                }
+                Err(_) => break,
             }
         }
     }
@@ -245,7 +260,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{events}\t{secs:.3}\t{:.0}\t{server_cpu:.2}\t{driver_cpu:.2}\t{other:.2}\t{steal:.2}\t{rss}\t{}\t{total}\t{received}\t{missed}",
         events as f64 / secs,
-        held.len(),
+        open,
     );
     drop(held);
     Ok(())

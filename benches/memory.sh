@@ -87,6 +87,9 @@ PY
 
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }  # KiB
 hwm() { awk '/^VmHWM:/ {print $2}' "/proc/$pid/status"; } # KiB
+# VmRSS = RssAnon (heap, stacks) + RssFile (the executable's pages and other mapped files) +
+# RssShmem; the file-backed part grows as more of the code is run, whatever the devices.
+anon_file() { awk '/^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {print a "\t" f}' "/proc/$pid/status"; }
 run_id() { printf '%08x' "$(( (RANDOM << 16) ^ RANDOM ))"; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.0f", b - a}'; }
@@ -111,8 +114,9 @@ series="$work/series.tsv"
 : > "$million"
 : > "$series"
 one_million() { # TYPE LABEL: the server must be started; appends a row to $million
-  local type=$1 label=$2 start_kib after_kib peak_kib final_kib line t_end el forgot
+  local type=$1 label=$2 start_kib after_kib peak_kib final_kib line t_end el forgot start_af final_af
   start_kib=$(rss)
+  start_af=$(anon_file)
   echo "$label: RSS at the start $start_kib KiB; sending $MILLION events from as many devices" >&2
   line=$("$driver" send "$addr" "$work/data" "$(run_id)" "$type" "$MILLION" "$STREAMS" "$CONNECTIONS")
   t_end=$(now)
@@ -135,9 +139,10 @@ one_million() { # TYPE LABEL: the server must be started; appends a row to $mill
     [ "$el" -ge "$WAIT" ] && break
   done
   final_kib=$(rss)
+  final_af=$(anon_file)
   forgot=$({ grep -o 'forgotten=[0-9]*' "$work/server.log" || true; } | awk -F= '{s += $2} END {print s + 0}')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$line" "$start_kib" "$after_kib" "$peak_kib" \
-    "$final_kib" "$el" "$forgot" >> "$million"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$line" "$start_kib" "$after_kib" \
+    "$peak_kib" "$final_kib" "$el" "$forgot" "$start_af" "$final_af" >> "$million"
 }
 
 register="$work/register.tsv"
@@ -184,12 +189,13 @@ series = [l.rstrip("\n").split("\t") for l in open(sys.argv[3]) if l.strip()]
 n, stored_events, max_events = int(sys.argv[4]), sys.argv[5], sys.argv[6]
 mib = lambda k: f"{int(k) / 1024:.1f}"
 print(f"{n:,}".replace(",", " ") + " events, each from its own device, then quiet:\n")
-print("| events | sent in s | events/s | RSS at start MiB | right after MiB | peak (VmHWM) MiB | final MiB | final - start MiB | final after s | devices forgotten (server log) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| events | sent in s | events/s | RSS at start MiB | right after MiB | peak (VmHWM) MiB | final MiB | final - start MiB | of which heap (RssAnon) MiB | of which files (RssFile) MiB | final after s | devices forgotten (server log) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in million:
-    label, events, secs, rate, start, after, peak, final, el, forgot = r
+    label, events, secs, rate, start, after, peak, final, el, forgot, sa, sf, fa, ff = r
+    d = lambda a, b: f"{(int(b) - int(a)) / 1024:+.1f}"
     print(f"| {label} | {secs} | {rate} | {mib(start)} | {mib(after)} | {mib(peak)} | {mib(final)} "
-          f"| **{(int(final) - int(start)) / 1024:+.1f}** | {el} | {forgot} |")
+          f"| **{d(start, final)}** | {d(sa, fa)} | {d(sf, ff)} | {el} | {forgot} |")
 if stored_events:
     print(f"\nStored events in the stored run's database at the end: {stored_events} (`[store] max_events` = {max_events}).")
 for r in register:
