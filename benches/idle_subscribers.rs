@@ -122,7 +122,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut opening = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
-        let c = if i == 0 { 0 } else { 1 + i % (sub_channels.len() - 1) };
+        let c = if i == 0 {
+            0
+        } else {
+            1 + i % (sub_channels.len() - 1)
+        };
         let mut client = EventServiceClient::new(sub_channels[c].clone());
         opening.push(tokio::spawn(async move {
             client

@@ -215,6 +215,7 @@ pub fn classify(
             format!("longer than {} bytes", limits.max_application_bytes),
         ));
     }
+    check_characters(&ev.device_id, &ev.event_id, &ev.application)?;
     check_params(&ev.params, limits)?;
     let occurred_at = match ev.occurred_at {
         None => now,
@@ -319,6 +320,7 @@ pub fn classify_relayed(
             "device_id, event_id or application longer than this server's limits",
         ));
     }
+    check_characters(&ev.device_id, &ev.event_id, &ev.application)?;
     check_params(&ev.params, limits)?;
     let event_type = match catalog.by_name(&ev.event_type) {
         Some(t) => t,
@@ -346,6 +348,27 @@ pub fn classify_relayed(
     })
 }
 
+/// Identifiers have no control characters (they would corrupt logs and tables); no text has a
+/// NUL (PostgreSQL cannot store one, and both backends must answer alike).
+fn check_characters(
+    device_id: &str,
+    event_id: &str,
+    application: &str,
+) -> Result<(), ClassifyError> {
+    for (field, value) in [("device_id", device_id), ("event_id", event_id)] {
+        if let Some(c) = value.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                field,
+                format!("contains the control character {c:?}"),
+            ));
+        }
+    }
+    if application.contains('\0') {
+        return Err(invalid("application", "contains a NUL character"));
+    }
+    Ok(())
+}
+
 fn check_params(params: &HashMap<String, String>, limits: &Limits) -> Result<(), ClassifyError> {
     if params.len() > limits.max_params {
         return Err(invalid(
@@ -362,6 +385,12 @@ fn check_params(params: &HashMap<String, String>, limits: &Limits) -> Result<(),
         if k.is_empty() {
             return Err(invalid("params", "keys must not be empty"));
         }
+        if k.contains('\0') || v.contains('\0') {
+            return Err(invalid(
+                "params",
+                format!("{} contains a NUL character", crate::fields::shown(k)),
+            ));
+        }
         if k.len() > limits.max_param_key_bytes {
             return Err(invalid(
                 "params",
@@ -372,7 +401,8 @@ fn check_params(params: &HashMap<String, String>, limits: &Limits) -> Result<(),
             return Err(invalid(
                 "params",
                 format!(
-                    "value of {k:?} is {} bytes, at most {} allowed",
+                    "value of {} is {} bytes, at most {} allowed",
+                    crate::fields::shown(k),
                     v.len(),
                     limits.max_param_value_bytes
                 ),
@@ -413,6 +443,43 @@ mod tests {
             Err(ClassifyError::ServerOnly { .. }) => "server-only",
             Ok(_) => "accepted",
         }
+    }
+
+    /// Control characters in identifiers, and NUL anywhere, are refused naming the field;
+    /// tabs and newlines in free text are kept.
+    #[test]
+    fn refuses_control_characters_in_ids_and_nul_in_text() {
+        let c = Catalog::with_builtins(Severity::Info);
+        let l = Limits::default();
+        let now = Timestamp::from_secs(1_700_000_000);
+        let with = |f: &dyn Fn(&mut IncomingEvent)| {
+            let mut e = ev("d", "APP_THING", 0);
+            f(&mut e);
+            field_of(classify(&c, &l, e, now))
+        };
+        assert_eq!(with(&|e| e.device_id = "a\0b".into()), "device_id");
+        assert_eq!(with(&|e| e.device_id = "a\nb".into()), "device_id");
+        assert_eq!(with(&|e| e.event_id = "a\u{7f}b".into()), "event_id");
+        assert_eq!(with(&|e| e.application = "a\0b".into()), "application");
+        assert_eq!(with(&|e| e.application = "a\tb".into()), "accepted");
+        assert_eq!(
+            with(&|e| {
+                e.params.insert("k".into(), "a\0b".into());
+            }),
+            "params"
+        );
+        assert_eq!(
+            with(&|e| {
+                e.params.insert("k\0".into(), "v".into());
+            }),
+            "params"
+        );
+        assert_eq!(
+            with(&|e| {
+                e.params.insert("k".into(), "line\nline".into());
+            }),
+            "accepted"
+        );
     }
 
     #[test]

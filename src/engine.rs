@@ -418,7 +418,10 @@ impl Engine {
     async fn queue(&self, event: Arc<ClassifiedEvent>) -> Result<Pending, EngineError> {
         let to = WriteTo {
             events: event.stored(),
+            // An overflow report would itself push an event out of the full outbox it reports
+            // on; the primary sees the link's backlog in its status instead.
             outbox: !event.blocked
+                && event.event_type.name != OUTBOX_OVERFLOW
                 && self
                     .forward_min
                     .is_some_and(|min| event.event_type.severity >= min),
@@ -842,6 +845,13 @@ impl Engine {
                 ]),
             ),
         };
+        if ty == OUTBOX_OVERFLOW {
+            tracing::error!(
+                dropped = %params["dropped"],
+                max = %params["outbox_max_events"],
+                "hierarchy outbox full: its oldest events were dropped and will never reach the primary"
+            );
+        }
         let server_id = self.server_id.clone();
         if let Err(e) = self.raise_and_settle(ty, &server_id, params).await {
             tracing::error!(error = %e, event_type = ty, "could not raise the truncation event");
@@ -860,8 +870,30 @@ impl Engine {
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
             // Notices are reported until the store closes the channel, also during shutdown.
-            while let Some(n) = notices.recv().await {
-                me.report_store_notice(n).await;
+            // Outbox drops are summed into one FLEET_OUTBOX_OVERFLOW per `OverflowReports`
+            // window; the other notices are reported as they come.
+            let mut overflow = OverflowReports::default();
+            loop {
+                let due = overflow.due();
+                tokio::select! {
+                    notice = notices.recv() => match notice {
+                        None => break,
+                        Some(StoreNotice::OutboxOverflow { dropped, max }) => {
+                            overflow.add(dropped, max, tokio::time::Instant::now());
+                        }
+                        Some(n) => me.report_store_notice(n).await,
+                    },
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                        if due.is_some() =>
+                    {
+                        if let Some((dropped, max)) = overflow.take(tokio::time::Instant::now()) {
+                            me.report_store_notice(StoreNotice::OutboxOverflow { dropped, max }).await;
+                        }
+                    }
+                }
+            }
+            if let Some((dropped, max)) = overflow.take(tokio::time::Instant::now() + OVERFLOW_REPORT_EVERY) {
+                me.report_store_notice(StoreNotice::OutboxOverflow { dropped, max }).await;
             }
         }));
         let me = self.clone();
@@ -901,6 +933,58 @@ impl Engine {
     }
 }
 
+/// How long outbox drops are collected before the first FLEET_OUTBOX_OVERFLOW reports them.
+pub const OVERFLOW_REPORT_DELAY: Duration = Duration::from_secs(1);
+/// Least time between two FLEET_OUTBOX_OVERFLOW events: while the outbox keeps overflowing,
+/// one event per minute carries the sum of the drops (never one per dropped batch).
+pub const OVERFLOW_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// Sums outbox drops between two FLEET_OUTBOX_OVERFLOW events, so that an outbox that stays
+/// full raises one event a minute with every drop counted, not one per commit.
+#[derive(Debug, Default)]
+struct OverflowReports {
+    /// Drops not reported yet.
+    dropped: u64,
+    /// The outbox limit the last drop was counted against.
+    max: u64,
+    /// When the pending drops are reported.
+    due: Option<tokio::time::Instant>,
+    /// When the last report was raised.
+    last: Option<tokio::time::Instant>,
+}
+
+impl OverflowReports {
+    /// Counts `dropped` events, dropped `now` from an outbox of `max`.
+    fn add(&mut self, dropped: u64, max: u64, now: tokio::time::Instant) {
+        self.dropped += dropped;
+        self.max = max;
+        if self.due.is_none() {
+            let soonest = now + OVERFLOW_REPORT_DELAY;
+            self.due = Some(match self.last {
+                Some(last) => soonest.max(last + OVERFLOW_REPORT_EVERY),
+                None => soonest,
+            });
+        }
+    }
+
+    /// When the pending drops are to be reported, if any are pending.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// The drops to report (their sum and the limit) if they are due at `now`.
+    fn take(&mut self, now: tokio::time::Instant) -> Option<(u64, u64)> {
+        match self.due {
+            Some(due) if due <= now => {
+                self.due = None;
+                self.last = Some(now);
+                Some((std::mem::take(&mut self.dropped), self.max))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Builds a subscriber filter from the request's parts.
 pub fn subscriber_filter(
     min_severity: Option<Severity>,
@@ -911,5 +995,31 @@ pub fn subscriber_filter(
         min_severity,
         event_types: event_types.into_iter().collect::<HashSet<_>>(),
         device_ids: device_ids.into_iter().collect::<HashSet<_>>(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first drops are reported after the collection delay; drops that follow are held to
+    /// one report per minute, summed, none lost.
+    #[test]
+    fn overflow_reports_sum_drops_once_per_window() {
+        let t0 = tokio::time::Instant::now();
+        let mut r = OverflowReports::default();
+        assert_eq!(r.due(), None);
+        r.add(1, 10, t0);
+        r.add(4, 10, t0 + Duration::from_millis(10));
+        assert_eq!(r.due(), Some(t0 + OVERFLOW_REPORT_DELAY));
+        assert_eq!(r.take(t0), None);
+        let first = t0 + OVERFLOW_REPORT_DELAY;
+        assert_eq!(r.take(first), Some((5, 10)));
+        assert_eq!(r.due(), None);
+        r.add(7, 10, first + Duration::from_secs(2));
+        r.add(3, 10, first + Duration::from_secs(30));
+        assert_eq!(r.due(), Some(first + OVERFLOW_REPORT_EVERY));
+        assert_eq!(r.take(first + Duration::from_secs(59)), None);
+        assert_eq!(r.take(first + OVERFLOW_REPORT_EVERY), Some((10, 10)));
     }
 }

@@ -34,18 +34,40 @@ fn too_long(field: &str, len: usize, max: usize) -> FieldError {
     }
 }
 
-/// `value` is at most `max` bytes.
+/// `value` is at most `max` bytes and has no NUL character (which PostgreSQL cannot store in
+/// text, so refusing it everywhere keeps both backends answering alike).
 pub fn text(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     if value.len() > max {
         return Err(too_long(field, value.len(), max));
     }
+    if value.contains('\0') {
+        return Err(FieldError {
+            field: field.to_owned(),
+            reason: "contains a NUL character".to_owned(),
+        });
+    }
     Ok(())
+}
+
+/// Characters of a client's value that an error message repeats; the rest is cut.
+pub const SHOWN_CHARS: usize = 64;
+
+/// `value` as an error message quotes it: whole (debug-quoted) when at most [`SHOWN_CHARS`]
+/// characters, else its first [`SHOWN_CHARS`] and its length, so an answer never grows with
+/// what the client sent.
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
+    }
 }
 
 /// `value` is an identifier: at most [`ID_BYTES`] and free of control characters (which
 /// would corrupt logs and tables).
 pub fn id(field: &str, value: &str) -> Result<(), FieldError> {
-    text(field, value, ID_BYTES)?;
+    if value.len() > ID_BYTES {
+        return Err(too_long(field, value.len(), ID_BYTES));
+    }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(FieldError {
             field: field.to_owned(),
@@ -94,9 +116,25 @@ mod tests {
         assert!(id("x", "端末-1").is_ok());
         assert!(text("d", &"é".repeat(TEXT_BYTES / 2), TEXT_BYTES).is_ok());
         assert!(text("d", &"é".repeat(TEXT_BYTES / 2 + 1), TEXT_BYTES).is_err());
+        assert_eq!(text("d", "a\0b", TEXT_BYTES).unwrap_err().field, "d");
+        assert!(text("d", "line\nline\t", TEXT_BYTES).is_ok());
         let many = vec!["d".to_owned(); LIST_ITEMS + 1];
         assert!(ids("v", &many).is_err());
         let e = ids("v", &["ok".into(), "b\tad".into()]).unwrap_err();
         assert_eq!(e.field, "v[1]");
+    }
+
+    #[test]
+    fn shown_values_are_cut_at_a_character() {
+        assert_eq!(shown("ab"), "\"ab\"");
+        let exact = "é".repeat(SHOWN_CHARS);
+        assert_eq!(shown(&exact), format!("{exact:?}"));
+        let long = "é".repeat(4096);
+        let s = shown(&long);
+        assert!(
+            s.starts_with(&format!("{:?}", "é".repeat(SHOWN_CHARS))),
+            "{s}"
+        );
+        assert!(s.ends_with("… (8192 bytes)"), "{s}");
     }
 }

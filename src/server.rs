@@ -353,6 +353,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             .map_err(|e| ServerError::Tls(format!("hierarchy listener: {e}")))?
             .http2_keepalive_interval(Some(Duration::from_secs(h.keepalive_interval_secs.max(1))))
             .http2_keepalive_timeout(Some(keepalive_timeout))
+            .layer(tower::util::MapResponseLayer::new(status::finish_response))
+            .layer(crate::api::guard::CatchPanicLayer)
             .add_service(hierarchy_health)
             .add_service(hierarchy_api(true));
         let signal = shutdown.clone();
@@ -488,9 +490,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .max_concurrent_streams(Some(srv.max_concurrent_streams))
         .initial_stream_window_size(Some(srv.stream_window_bytes))
         .initial_connection_window_size(Some(srv.connection_window_bytes))
-        .layer(tower::util::MapResponseLayer::new(
-            status::rewrite_too_large::<tonic::body::Body>,
-        ))
+        .layer(tower::util::MapResponseLayer::new(status::finish_response))
         .layer(AuthorizeLayer::new(access.clone()))
         .layer(crate::api::guard::CatchPanicLayer)
         .add_service(health_service)

@@ -564,7 +564,8 @@ fn refused_for_size(st: &Status, field: &str) -> bool {
 
 /// Every limited field of every request type in `src/api/validate.rs`: over the limit by one
 /// byte (or element) is INVALID_ARGUMENT starting with the field's name; at the limit the field
-/// is not refused for its size; identifiers with control characters are refused naming them.
+/// is not refused for its size; identifiers with control characters, and other text with a NUL,
+/// are refused naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_field_limit_is_enforced_at_the_edge() {
     let dir = tempfile::tempdir().unwrap();
@@ -625,6 +626,15 @@ async fn every_request_field_limit_is_enforced_at_the_edge() {
                             && st.message().contains("control character") => {}
                     other => failures.push(format!("{what}: control character {bad:?}: {other:?}")),
                 }
+            }
+        } else {
+            // Free text may hold tabs and newlines, never a NUL (PostgreSQL cannot store one,
+            // so both backends refuse it alike).
+            match (c.call)("nul\u{0}".to_owned()).await {
+                Err(st)
+                    if st.code() == Code::InvalidArgument
+                        && st.message().starts_with(&format!("{}:", c.field)) => {}
+                other => failures.push(format!("{what}: a NUL character: {other:?}")),
             }
         }
     }

@@ -331,7 +331,11 @@ async fn run_stream(
                                 reading = false;
                                 ending = Some(Status::new(
                                     s.code(),
-                                    format!("event #{index} (event_id {id:?}): {}", s.message()),
+                                    format!(
+                                        "event #{index} (event_id {}): {}",
+                                        crate::fields::shown(&id),
+                                        s.message()
+                                    ),
                                 ));
                             }
                         }

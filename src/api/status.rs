@@ -82,6 +82,73 @@ pub fn decode_status(s: Status) -> Status {
     }
 }
 
+/// Longest status message the server sends, in bytes of text before percent-encoding. A
+/// longer one is cut (at a character, saying so): a `grpc-message` over a client's header
+/// limit (16 KiB in hyper and grpc-go) would turn the answer into an HTTP/2 reset.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// Characters a `grpc-message` value percent-encodes (gRPC's rules, as tonic writes them).
+const MESSAGE_ENCODING: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'?')
+    .add(b'{')
+    .add(b'}');
+
+/// Cuts the `grpc-message` in `headers` (response headers or trailers) to
+/// [`MAX_STATUS_MESSAGE_BYTES`] of text.
+pub fn cap_status_message(headers: &mut http::HeaderMap) {
+    let Some(value) = headers.get("grpc-message") else {
+        return;
+    };
+    // Percent-encoding never shortens: a short header is a short message.
+    if value.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return;
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode(value.as_bytes()).collect();
+    let text = String::from_utf8_lossy(&decoded);
+    if text.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return;
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = format!(
+        "{}… (message cut, {} bytes in all)",
+        &text[..end],
+        text.len()
+    );
+    let encoded = percent_encoding::utf8_percent_encode(&cut, MESSAGE_ENCODING).to_string();
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", v);
+    }
+}
+
+/// Every response of the client port passes here: [`rewrite_too_large`], and the status
+/// message cut by [`cap_status_message`] whether it comes in the headers (a trailers-only
+/// answer) or in the trailers at the end of a streamed body.
+pub fn finish_response(
+    resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt;
+    let (mut parts, body) = rewrite_too_large(resp).into_parts();
+    cap_status_message(&mut parts.headers);
+    let body = body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            cap_status_message(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    http::Response::from_parts(parts, tonic::body::Body::new(body))
+}
+
 /// Rewrites the `grpc-status` header of a trailers-only response that carries tonic's
 /// over-size error (unary calls fail before the handler runs), see [`decode_status`].
 pub fn rewrite_too_large<B>(mut resp: http::Response<B>) -> http::Response<B> {
@@ -101,5 +168,44 @@ pub fn rewrite_too_large<B>(mut resp: http::Response<B>) -> http::Response<B> {
 impl From<crate::fields::FieldError> for Status {
     fn from(e: crate::fields::FieldError) -> Status {
         Status::invalid_argument(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message_of(status: &Status) -> (usize, String) {
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).unwrap();
+        cap_status_message(&mut headers);
+        let v = headers.get("grpc-message").unwrap();
+        let text = percent_encoding::percent_decode(v.as_bytes())
+            .decode_utf8()
+            .unwrap()
+            .into_owned();
+        (v.len(), text)
+    }
+
+    /// A long message is cut at a character and says so; a short one is left alone.
+    #[test]
+    fn long_status_messages_are_cut_at_a_character() {
+        let (_, short) = message_of(&Status::invalid_argument("x: é 100% {bad}"));
+        assert_eq!(short, "x: é 100% {bad}");
+        let long = format!("x: {}", "é".repeat(10_000));
+        let (encoded, text) = message_of(&Status::invalid_argument(long));
+        assert!(encoded < 4 * MAX_STATUS_MESSAGE_BYTES, "{encoded}");
+        assert!(text.starts_with("x: éé"), "{text}");
+        assert!(
+            text.ends_with("… (message cut, 20003 bytes in all)"),
+            "{text}"
+        );
+        let ascii = "a".repeat(MAX_STATUS_MESSAGE_BYTES + 1);
+        let (_, text) = message_of(&Status::internal(ascii));
+        assert!(
+            text.starts_with(&"a".repeat(MAX_STATUS_MESSAGE_BYTES)),
+            "{text}"
+        );
+        assert!(text.contains("cut"));
     }
 }

@@ -745,10 +745,10 @@ impl Writer {
                         self.outbox_len.load(Ordering::Relaxed) + outbox_added - outbox_dropped;
                     self.outbox_len.store(len, Ordering::Relaxed);
                     if outbox_dropped > 0 {
-                        tracing::error!(
+                        tracing::debug!(
                             dropped = outbox_dropped,
                             max = self.outbox_max,
-                            "hierarchy outbox full: its oldest events were dropped and will never reach the primary"
+                            "hierarchy outbox full: oldest events dropped (reported as FLEET_OUTBOX_OVERFLOW)"
                         );
                         let _ = self.notices.send(StoreNotice::OutboxOverflow {
                             dropped: outbox_dropped,
