@@ -17,8 +17,9 @@
 //! span: utime+stime of the server (/proc/PID/stat) and of this process (/proc/self/stat), and
 //! the whole machine's CPU (/proc/stat) to tell how much other processes and the hypervisor took.
 //! Then it stops sending, waits for the last answers, closes all subscribers but one (which has
-//! a connection of its own) and reads that one to its end, to check that it was told how many
-//! it missed. Prints one tab-separated line: `events secs
+//! a connection of its own), reads what that one still has, sends one closing event (which
+//! carries the misses at the end) and reads to it, to check that it was told how many it
+//! missed. Prints one tab-separated line: `events secs
 //! events_per_s server_cpu_s driver_cpu_s other_cpu_s steal_s server_rss_kib subscribers_open
 //! events_answered_in_all subscriber0_received subscriber0_missed_reported` (the first eight
 //! over the measured span; server_rss_kib at its end).
@@ -226,20 +227,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.await??;
     }
 
-    // Check one subscriber: read everything it still has, to the end. Every event published
-    // while it was open is either among the messages it got or counted in their missed_before
-    // (the misses after its queue filled are reported with the first event it takes from the
-    // queue once it can send again), so received + missed = all the events answered.
+    // Check one subscriber: read everything it still has, then send one closing event and
+    // read to it. Every event published while it was open is either among the messages it got
+    // or counted in the missed_before of the first message after the gap (the misses at the
+    // end ride on the closing event), so received + missed = all the events answered.
     let open = held.len();
     held.truncate(1);
     let (mut received, mut missed) = (0u64, 0u64);
+    let mut total = answered.load(Ordering::Relaxed);
     if let Some(first) = held.first_mut() {
+        let mut closing_sent = false;
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             match tokio::time::timeout(Duration::from_secs(2), first.message()).await {
                 Ok(Ok(Some(c))) => {
                     received += 1;
                     missed += c.missed_before;
+                    if c.event_id == "closing-event" {
+                        break;
+                    }
                 }
                 Ok(Ok(None)) => {
                     eprintln!("subscriber 0 ended after {received} messages");
@@ -249,11 +255,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     eprintln!("subscriber 0 failed after {received} messages: {e}");
                     break;
                 }
+                Err(_) if !closing_sent => {
+                    closing_sent = true;
+                    EventServiceClient::new(channels[0].clone())
+                        .classify(Event {
+                            event_id: "closing-event".into(),
+                            device_id: "dev-closing".into(),
+                            event_type: event_type.clone(),
+                            ..Default::default()
+                        })
+                        .await?;
+                    total += 1;
+                }
                 Err(_) => break,
             }
         }
     }
-    let total = answered.load(Ordering::Relaxed);
     let events = s1.answered - s0.answered;
     let secs = (s1.at - s0.at).as_secs_f64();
     let server_cpu = (s1.server - s0.server) as f64 / hz;

@@ -22,8 +22,9 @@
 # server (/proc/PID/stat), of the driver and of the rest of the machine (/proc/stat) are
 # counted. After the load all subscribers but one are closed, and that one (it has a connection
 # of its own: the unread messages of the others would hold the HTTP/2 window of a connection it
-# shared with them) is read to its end: the messages it got plus the `missed_before` they
-# carried must add up to every event answered while it was open.
+# shared with them) is read to its end, then sent one closing event (the misses at the end ride
+# on it) and read to that: the messages it got plus the `missed_before` they carried must add
+# up to every event answered while it was open.
 #
 # Two event types, each registered before the run: BENCH_APP_STORED (stored, Info) and
 # BENCH_APP_NOT_STORED (`do_not_store`: classified, published, answered, never stored). The
