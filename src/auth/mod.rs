@@ -288,6 +288,10 @@ pub struct AccessControl {
     revoked: ArcSwap<HashMap<String, Timestamp>>,
     /// Serialises administrative changes (check, save, swap in).
     admin: tokio::sync::Mutex<()>,
+    /// Counts changes that can end a session (a token or device revoked, here or, seen at a
+    /// refresh, on another server), so open streams re-check when one happens instead of
+    /// polling.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl AccessControl {
@@ -306,6 +310,7 @@ impl AccessControl {
             live_tokens: ArcSwap::from_pointee(LiveTokens::default()),
             revoked: ArcSwap::from_pointee(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
         };
         ac.refresh().await?;
         Ok(ac)
@@ -325,14 +330,40 @@ impl AccessControl {
             .filter(|t| t.revoked_at.is_none())
             .map(|t| (t.hash.clone(), Arc::new(t)))
             .collect();
-        self.live_tokens.store(Arc::new(LiveTokens::new(index)));
+        let live = LiveTokens::new(index);
         let mut revoked = HashMap::new();
         for json in self.store.load_shared_records(REVOKE_KIND).await? {
             let r: DeviceRevocation = decode(&json)?;
             revoked.insert(r.device_id, r.revoked_at);
         }
+        // A token gone from the live set, or a revocation new or moved: open sessions look.
+        let ends_sessions = self
+            .live_tokens
+            .load()
+            .names
+            .iter()
+            .any(|n| !live.names.contains(n))
+            || revoked
+                .iter()
+                .any(|(d, at)| self.revoked.load().get(d) != Some(at));
+        self.live_tokens.store(Arc::new(live));
         self.revoked.store(Arc::new(revoked));
+        if ends_sessions {
+            self.note_change();
+        }
         Ok(())
+    }
+
+    /// Wakes every open session to re-check its credential.
+    fn note_change(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver woken whenever a token or a device is revoked (here, or on another server
+    /// sharing the database, seen at the next refresh): long calls re-check their credential
+    /// with [`AccessControl::still_valid`] then, instead of polling.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Every bearer token, revoked ones included, by name.
@@ -424,6 +455,7 @@ impl AccessControl {
             let mut index = self.live_tokens.load().by_hash.clone();
             index.remove(&t.hash);
             self.live_tokens.store(Arc::new(LiveTokens::new(index)));
+            self.note_change();
         }
         Ok(t)
     }
@@ -667,6 +699,7 @@ impl AccessControl {
         let mut revoked = HashMap::clone(&self.revoked.load());
         revoked.insert(r.device_id.clone(), r.revoked_at);
         self.revoked.store(Arc::new(revoked));
+        self.note_change();
         Ok(r)
     }
 
