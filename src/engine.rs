@@ -188,7 +188,7 @@ pub struct Engine {
     catalog: Arc<Catalog>,
     flood: FloodDetector,
     flood_defaults: FloodThresholds,
-    store: Arc<dyn EventStore>,
+    store: Arc<EventStore>,
     bus: Arc<Bus>,
     clock: SharedClock,
     limits: Limits,
@@ -226,7 +226,7 @@ pub struct EngineParts {
     /// The catalog (already restored from the store).
     pub catalog: Arc<Catalog>,
     /// The store.
-    pub store: Arc<dyn EventStore>,
+    pub store: Arc<EventStore>,
     /// The clock.
     pub clock: SharedClock,
     /// Default flood thresholds.
@@ -330,7 +330,7 @@ impl Engine {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<dyn EventStore> {
+    pub fn store(&self) -> &Arc<EventStore> {
         &self.store
     }
 
@@ -487,7 +487,7 @@ impl Engine {
     fn note_commit<T>(&self, outcome: &Result<T, StoreError>) {
         let healthy = match outcome {
             Ok(_) => true,
-            Err(StoreError::Full(_) | StoreError::Unavailable(_)) => false,
+            Err(e) if e.is_transient() => false,
             Err(_) => return,
         };
         self.store_healthy.send_if_modified(|h| {
@@ -532,7 +532,7 @@ impl Engine {
         let p = self.raise(event_type, device_id, params).await?;
         let event = p.event.clone();
         match self.settle(p).await {
-            Err(EngineError::Store(e @ (StoreError::Full(_) | StoreError::Unavailable(_)))) => {
+            Err(EngineError::Store(e)) if e.is_transient() => {
                 tracing::warn!(event_type, error = %e,
                     "the store cannot take this event now: delivered live, stored later");
                 // What is delivered now says it is not stored (it is not, yet).
@@ -646,7 +646,7 @@ impl Engine {
         let after = if q.page_token.is_empty() {
             None
         } else {
-            Some(PageCursor::decode(&q.page_token).ok_or(StoreError::BadPageToken)?)
+            Some(PageCursor::decode(&q.page_token).ok_or_else(StoreError::bad_page_token)?)
         };
         let limit = match q.page_size {
             0 => DEFAULT_PAGE_SIZE,

@@ -58,9 +58,7 @@ use crate::devices::DeviceRegistry;
 use crate::engine::{Engine, EngineParts};
 use crate::hierarchy::secondaries::Secondaries;
 use crate::hierarchy::uplink::Uplink;
-use crate::store::postgres::{PgOptions, PgStore};
-use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{EventStore, StoreError};
+use crate::store::StoreError;
 use tokio_util::task::TaskTracker;
 
 /// Why the server could not start.
@@ -162,39 +160,14 @@ pub struct RunningServer {
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, ServerError> {
     // The data directory exists with either backend: the capacity monitor watches its volume.
     std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
-        StoreError::Backend(format!(
+        StoreError::backend(format!(
             "cannot create {}: {e}",
             config.server.data_dir.display()
         ))
     })?;
     let data_dir_lock = crate::datadir::DataDirLock::acquire(&config.server.data_dir)?;
-    let (store, notices): (Arc<dyn EventStore>, _) = match &config.store.url {
-        Some(url) => {
-            let (store, notices) = PgStore::open(PgOptions {
-                url: url.clone(),
-                server_id: config.server.server_id.clone(),
-                max_events: config.store.max_events,
-                batch_max: config.store.batch_max,
-                queue_capacity: config.store.queue_capacity,
-                outbox_max_events: config.hierarchy.outbox_max_events,
-                pool_size: config.store.pool_size,
-            })
-            .await?;
-            (Arc::new(store), notices)
-        }
-        None => {
-            let (store, notices) = SqliteStore::open(SqliteOptions {
-                path: config.database_path(),
-                max_events: config.store.max_events,
-                batch_max: config.store.batch_max,
-                queue_capacity: config.store.queue_capacity,
-                durability: config.store.durability,
-                cache_mib: config.store.cache_mib,
-                outbox_max_events: config.hierarchy.outbox_max_events,
-            })?;
-            (Arc::new(store), notices)
-        }
-    };
+    let (store, notices) = crate::store::open(&config).await?;
+    let store = Arc::new(store);
     let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
     for skipped in catalog.restore(store.load_event_types().await?) {
         tracing::error!(event_type = %skipped.name, id = ?skipped.id,

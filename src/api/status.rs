@@ -8,7 +8,7 @@ use crate::catalog::CatalogError;
 use crate::detectors::updates::UpdateError;
 use crate::engine::EngineError;
 use crate::flood::FloodError;
-use crate::store::StoreError;
+use crate::store::StoreErrorKind;
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
@@ -28,11 +28,11 @@ impl From<EngineError> for Status {
                 UpdateError::Exists(_) => Status::already_exists(msg),
                 UpdateError::Decided { .. } => Status::failed_precondition(msg),
             },
-            EngineError::Store(s) => match s {
-                StoreError::Unavailable(_) => Status::unavailable(msg),
-                StoreError::BadPageToken => Status::invalid_argument(msg),
-                StoreError::Full(_) => Status::resource_exhausted(msg),
-                StoreError::Backend(_) => Status::internal(msg),
+            EngineError::Store(s) => match s.kind() {
+                StoreErrorKind::Unavailable => Status::unavailable(msg),
+                StoreErrorKind::BadPageToken => Status::invalid_argument(msg),
+                StoreErrorKind::Full => Status::resource_exhausted(msg),
+                StoreErrorKind::Backend => Status::internal(msg),
             },
             EngineError::Catalog(c) => match c {
                 CatalogError::TypeExists(_) | CatalogError::IdTaken { .. } => {

@@ -277,7 +277,7 @@ const ENROLLED_KIND: &str = "auth_enrolled_device";
 
 /// Credentials and the checks made on every call.
 pub struct AccessControl {
-    store: Arc<dyn EventStore>,
+    store: Arc<EventStore>,
     clock: SharedClock,
     authority: Authority,
     /// Live (unrevoked) tokens by hash: read on every call without a lock.
@@ -297,7 +297,7 @@ pub struct AccessControl {
 impl AccessControl {
     /// Loads the credentials saved in `store`.
     pub async fn load(
-        store: Arc<dyn EventStore>,
+        store: Arc<EventStore>,
         clock: SharedClock,
         authority: Authority,
         server_id: &str,

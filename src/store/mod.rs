@@ -1,6 +1,8 @@
-//! The event store: one [`EventStore`] interface that every backend implements, and the types
-//! that cross it. Backends: [`sqlite`] (embedded, the default) and
-//! [`postgres`] (shared by several servers).
+//! The event store: [`EventStore`], the types that cross it, and what every backend shares:
+//! the group-commit [`writer`] and the row and query [`codec`]. A backend is only its schema,
+//! its transactions and its SQL, behind [`writer::WriteBackend`] and [`ReadBackend`]:
+//! [`sqlite`] (embedded, the default) and [`postgres`] (shared by several servers).
+//! [`open`] picks one from the configuration.
 //!
 //! Invariants every backend keeps:
 //! - writes are group-committed by one writer; an [`AppendTicket`] resolves only after the
@@ -14,13 +16,21 @@
 //!   committed event is never missing from the outbox; the outbox keeps at most its limit,
 //!   dropping its oldest entries (reported) rather than refusing ingest.
 
+mod codec;
 pub mod postgres;
 pub mod sqlite;
+mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+
+use self::codec::Select;
+use self::writer::{
+    Command, Owner, RecordSwap, Records, RunOn, WriteBackend, WriterHandle, WriterOptions,
+};
+use crate::config::Config;
 
 use crate::catalog::{EventType, Severity};
 use crate::classify::{ClassifiedEvent, Origin};
@@ -43,8 +53,8 @@ pub struct AppendTicket(pub(crate) oneshot::Receiver<Result<AppendOutcome, Store
 impl AppendTicket {
     /// Waits until the event's transaction committed (or failed).
     pub async fn committed(self) -> Result<AppendOutcome, StoreError> {
-        self.0.await.unwrap_or(Err(StoreError::Unavailable(
-            "the store writer stopped before committing".into(),
+        self.0.await.unwrap_or(Err(StoreError::unavailable(
+            "the store writer stopped before committing",
         )))
     }
 }
@@ -164,6 +174,18 @@ pub struct RetentionRules {
     pub default_days: u32,
 }
 
+impl RetentionRules {
+    /// How long events of `event_type` are kept.
+    pub fn retention_of(&self, event_type: &str) -> std::time::Duration {
+        let days = self
+            .per_type
+            .get(event_type)
+            .copied()
+            .unwrap_or(self.default_days);
+        std::time::Duration::from_secs(u64::from(days) * 86_400)
+    }
+}
+
 /// What the store tells the rest of the server about its own work.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreNotice {
@@ -203,124 +225,382 @@ pub enum StoreNotice {
     },
 }
 
-/// Store failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The store cannot take requests now (shutting down, connection lost).
-    #[error("event store unavailable: {0}")]
-    Unavailable(String),
+/// What kind of failure a [`StoreError`] is: what a caller may do about it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The store cannot take requests now (shutting down, connection lost, a lock or
+    /// statement timeout): a retry later may succeed.
+    Unavailable,
     /// The page token is not one this server issued.
-    #[error("page_token: not a token this server issued")]
     BadPageToken,
     /// The disk or database is full.
-    #[error("event store full: {0}")]
-    Full(String),
+    Full,
     /// Any other database failure.
-    #[error("event store failure: {0}")]
-    Backend(String),
+    Backend,
 }
 
-/// The event store interface; see the module documentation for the invariants.
+/// A store failure: its kind, the backend's own code for it when it has one (SQLite's
+/// extended result code name, PostgreSQL's SQLSTATE), and a message for people.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    code: Option<String>,
+    message: String,
+}
+
+impl StoreError {
+    /// A failure of `kind` with `message` and no backend code.
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        StoreError {
+            kind,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// The store cannot take requests now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Unavailable, message)
+    }
+
+    /// The disk or database is full.
+    pub fn full(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Full, message)
+    }
+
+    /// Any other failure.
+    pub fn backend(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Backend, message)
+    }
+
+    /// A page token this server did not issue.
+    pub fn bad_page_token() -> Self {
+        Self::new(StoreErrorKind::BadPageToken, "")
+    }
+
+    /// The same failure, tagged with the backend's code for it.
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// The backend's code (SQLite result code name, PostgreSQL SQLSTATE), when it gave one.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// Whether a retry later may succeed (unavailable, or full until space is freed).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            StoreErrorKind::Unavailable | StoreErrorKind::Full
+        )
+    }
+
+    fn describe(&self) -> String {
+        let code = self
+            .code
+            .as_deref()
+            .map(|c| format!(" [{c}]"))
+            .unwrap_or_default();
+        match self.kind {
+            StoreErrorKind::Unavailable => {
+                format!("event store unavailable: {}{code}", self.message)
+            }
+            StoreErrorKind::BadPageToken => "page_token: not a token this server issued".into(),
+            StoreErrorKind::Full => format!("event store full: {}{code}", self.message),
+            StoreErrorKind::Backend => format!("event store failure: {}{code}", self.message),
+        }
+    }
+}
+
+/// A backend's reading side: its SQL for each read, on its own connections (SQLite's
+/// read-only pool, PostgreSQL's pool), never waiting for the writer. Rows are decoded by the
+/// shared decoders of [`codec`].
 #[async_trait::async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub(crate) trait ReadBackend: Send + Sync + 'static {
+    /// Runs a `SELECT position, EVENT_COLUMNS` statement of the shared query model.
+    async fn select_events(&self, select: Select) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Up to `limit` outbox entries of this server after position `after`, in order.
+    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The saved catalog entries, as JSON, by name.
+    async fn event_types(&self) -> Result<Vec<String>, StoreError>;
+    /// This server's saved blocks.
+    async fn blocks(&self) -> Result<Vec<Block>, StoreError>;
+    /// The records of one kind and owner, as JSON, by id.
+    async fn records(&self, owner: Owner, kind: &str) -> Result<Vec<String>, StoreError>;
+    /// One shared record.
+    async fn shared_record(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError>;
+    /// How many events are stored.
+    async fn event_count(&self) -> Result<u64, StoreError>;
+    /// The database's size when the backend measures it itself.
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError>;
+    /// Releases the connections (after the writer stopped).
+    async fn close(&self);
+}
+
+/// The event store: one group-commit writer (see [`writer`]) and the reads of one backend.
+/// See the module documentation for the invariants.
+pub struct EventStore {
+    reader: Box<dyn ReadBackend>,
+    writer: WriterHandle,
+}
+
+/// The store a server uses, and the receiver of its [`StoreNotice`]s.
+pub type OpenedStore = (EventStore, mpsc::UnboundedReceiver<StoreNotice>);
+
+/// Opens the store `config` names: PostgreSQL when `store.url` is set, else the embedded
+/// SQLite database in the data directory. Creates and migrates the schema, enforces a lowered
+/// cap, and starts the writer.
+pub async fn open(config: &Config) -> Result<OpenedStore, StoreError> {
+    let store = &config.store;
+    let writer = WriterOptions {
+        batch_max: store.batch_max,
+        queue_capacity: store.queue_capacity,
+        max_events: store.max_events,
+        outbox_max: config.hierarchy.outbox_max_events,
+        outbox_len: 0,
+    };
+    match &store.url {
+        Some(url) => {
+            postgres::open(
+                postgres::PgOptions {
+                    url: url.clone(),
+                    server_id: config.server.server_id.clone(),
+                    pool_size: store.pool_size,
+                },
+                writer,
+            )
+            .await
+        }
+        None => {
+            sqlite::open(
+                sqlite::SqliteOptions {
+                    path: config.database_path(),
+                    durability: store.durability,
+                    cache_mib: store.cache_mib,
+                },
+                writer,
+            )
+            .await
+        }
+    }
+}
+
+impl EventStore {
+    /// Starts the writer over `write` and serves reads from `read`.
+    pub(crate) async fn start(
+        read: impl ReadBackend,
+        write: impl WriteBackend,
+        options: WriterOptions,
+        run_on: RunOn,
+    ) -> Result<OpenedStore, StoreError> {
+        let (writer, notices) = writer::start(write, options, run_on).await?;
+        Ok((
+            EventStore {
+                reader: Box::new(read),
+                writer,
+            },
+            notices,
+        ))
+    }
+
     /// Queues one event for the next group commit. Waits only while the write queue is full
     /// (that wait is the ingest path's backpressure).
-    async fn enqueue(
+    pub async fn enqueue(
         &self,
         event: Arc<ClassifiedEvent>,
         to: WriteTo,
-    ) -> Result<AppendTicket, StoreError>;
+    ) -> Result<AppendTicket, StoreError> {
+        self.writer.append(event, to).await
+    }
 
     /// Up to `limit` outbox entries after position `after`, in position order.
-    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
+    pub async fn read_outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = self.reader.read_outbox(after, limit).await?;
+        Ok(rows
+            .into_iter()
+            .map(|event| OutboxEntry {
+                position: event.seq as u64,
+                event,
+            })
+            .collect())
+    }
 
     /// Deletes the outbox entries at or below `upto` (the primary acknowledged them); returns
     /// how many were deleted.
-    async fn ack_outbox(&self, upto: u64) -> Result<u64, StoreError>;
+    pub async fn ack_outbox(&self, upto: u64) -> Result<u64, StoreError> {
+        self.writer
+            .call(|done| Command::AckOutbox { upto, done })
+            .await
+    }
 
     /// How many events wait in the outbox.
-    fn outbox_len(&self) -> u64;
+    pub fn outbox_len(&self) -> u64 {
+        self.writer.outbox_len()
+    }
 
     /// One page of stored events matching `query`.
-    async fn query(&self, query: EventQuery) -> Result<EventPage, StoreError>;
+    pub async fn query(&self, query: EventQuery) -> Result<EventPage, StoreError> {
+        let rows = self
+            .reader
+            .select_events(codec::select_events(&query))
+            .await?;
+        Ok(codec::page(rows, query.limit))
+    }
 
     /// Deletes events older than their type's retention at `now`; returns how many.
-    async fn sweep_retention(
+    pub async fn sweep_retention(
         &self,
         now: Timestamp,
         rules: RetentionRules,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<u64, StoreError> {
+        self.writer
+            .call(|done| Command::Sweep { now, rules, done })
+            .await
+    }
 
     /// The catalog entries saved by [`EventStore::save_event_type`].
-    async fn load_event_types(&self) -> Result<Vec<EventType>, StoreError>;
+    pub async fn load_event_types(&self) -> Result<Vec<EventType>, StoreError> {
+        self.reader
+            .event_types()
+            .await?
+            .into_iter()
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::backend(format!("bad saved event type {json}: {e}")))
+            })
+            .collect()
+    }
 
     /// Saves a registered type or a built-in type's changed settings (upsert by name).
-    async fn save_event_type(&self, event_type: EventType) -> Result<(), StoreError>;
+    pub async fn save_event_type(&self, event_type: EventType) -> Result<(), StoreError> {
+        self.writer
+            .call(|done| Command::SaveType { event_type, done })
+            .await
+    }
 
     /// Replaces the saved frequent-event blocks with `blocks` (the detector's whole table).
-    async fn save_blocks(&self, blocks: Vec<Block>) -> Result<(), StoreError>;
+    pub async fn save_blocks(&self, blocks: Vec<Block>) -> Result<(), StoreError> {
+        self.writer
+            .call(|done| Command::SaveBlocks { blocks, done })
+            .await
+    }
 
     /// The frequent-event blocks saved by [`EventStore::save_blocks`].
-    async fn load_blocks(&self) -> Result<Vec<Block>, StoreError>;
+    pub async fn load_blocks(&self) -> Result<Vec<Block>, StoreError> {
+        self.reader.blocks().await
+    }
 
     /// Saves (upserts) a detector's record: `kind` names the registry (e.g. "update"), `id` the
     /// record, `json` its state.
-    async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError> {
+    pub async fn save_record(&self, kind: &str, id: &str, json: String) -> Result<(), StoreError> {
         self.save_records(kind, vec![(id.to_owned(), json)]).await
     }
 
     /// Saves many records of one kind in one transaction (for registries that change often).
-    async fn save_records(
+    pub async fn save_records(
         &self,
         kind: &str,
         records: Vec<(String, String)>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        self.write_records(Owner::Server, kind, records).await
+    }
+
+    async fn write_records(
+        &self,
+        owner: Owner,
+        kind: &str,
+        records: Vec<(String, String)>,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let batch = Records {
+            owner,
+            kind: kind.to_owned(),
+            records,
+        };
+        self.writer
+            .call(|done| Command::SaveRecords { batch, done })
+            .await
+    }
 
     /// All records of one kind, as saved.
-    async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError>;
+    pub async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        self.reader.records(Owner::Server, kind).await
+    }
 
     /// Saves (upserts) a record shared by every server on this store (credentials,
     /// revocations). On a store only one server uses, the same as [`EventStore::save_record`].
-    async fn save_shared_record(
+    pub async fn save_shared_record(
         &self,
         kind: &str,
         id: &str,
         json: String,
     ) -> Result<(), StoreError> {
-        self.save_record(kind, id, json).await
+        self.write_records(Owner::Shared, kind, vec![(id.to_owned(), json)])
+            .await
     }
 
     /// All shared records of one kind.
-    async fn load_shared_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
-        self.load_records(kind).await
+    pub async fn load_shared_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        self.reader.records(Owner::Shared, kind).await
     }
 
     /// One shared record, by kind and id.
-    async fn load_shared_record(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError>;
+    pub async fn load_shared_record(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.reader.shared_record(kind, id).await
+    }
 
-    /// Replaces a shared record only if it still holds `expected`; returns whether it did. On a
-    /// store only one server uses, callers serialise their changes in memory, so this saves.
-    async fn swap_shared_record(
+    /// Replaces a shared record only if it still holds `expected`; returns whether it did
+    /// (another server sharing the store may have changed it since it was read).
+    pub async fn swap_shared_record(
         &self,
         kind: &str,
         id: &str,
         expected: &str,
         json: String,
     ) -> Result<bool, StoreError> {
-        let _ = expected;
-        self.save_record(kind, id, json).await?;
-        Ok(true)
+        let swap = RecordSwap {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            expected: expected.to_owned(),
+            json,
+        };
+        self.writer
+            .call(|done| Command::SwapSharedRecord { swap, done })
+            .await
     }
 
     /// How many events are stored.
-    async fn event_count(&self) -> Result<u64, StoreError>;
+    pub async fn event_count(&self) -> Result<u64, StoreError> {
+        self.reader.event_count().await
+    }
 
     /// The database's size in bytes, when the backend measures it itself (PostgreSQL);
     /// `None` for a backend whose files the capacity monitor measures (SQLite).
-    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
-        Ok(None)
+    pub async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        self.reader.size_bytes().await
     }
 
     /// Commits everything queued, then stops the writer. Later calls fail with `Unavailable`.
-    async fn shutdown(&self);
+    pub async fn shutdown(&self) {
+        self.writer.shutdown().await;
+        self.reader.close().await;
+    }
 }

@@ -1,0 +1,653 @@
+//! The group-commit writer every backend shares: one writer per server owns every write. It is
+//! fed by a bounded queue (waiting for room there is ingest's backpressure), takes every
+//! command waiting, up to `batch_max`, and writes each run of appends in one transaction of
+//! its [`WriteBackend`]; tickets resolve only after that transaction committed. Around the
+//! backend it keeps what is the same for all of them: the batching, the fan-out of results,
+//! the bounded memory of relayed events that were not stored (so a resend is still a
+//! duplicate), the outbox level and its notices, and the reports of the cap's trims.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustc_hash::FxBuildHasher;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AppendOutcome, AppendTicket, RetentionRules, StoreError, StoreNotice, WriteTo};
+use crate::catalog::EventType;
+use crate::classify::ClassifiedEvent;
+use crate::clock::Timestamp;
+use crate::flood::Block;
+
+/// How many identities of relayed, not-stored events the writer remembers to drop resends.
+const RECENT_UNSTORED: usize = 1 << 17;
+
+/// Where a command's result goes.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// Whose a record is: this server's own, or shared by every server on the store.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// This server's (its registries).
+    Server,
+    /// Every server's on this store (credentials, revocations).
+    Shared,
+}
+
+/// One event of a group commit and where it goes.
+pub(crate) struct Append<'a> {
+    /// The event.
+    pub event: &'a ClassifiedEvent,
+    /// Events table, outbox, or both.
+    pub to: WriteTo,
+}
+
+/// Room in the hierarchy outbox, for the transaction that adds to it.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct OutboxRoom {
+    /// Entries in it before this transaction.
+    pub len: u64,
+    /// Its limit.
+    pub max: u64,
+}
+
+impl OutboxRoom {
+    /// How many of its oldest entries to drop after `added` more.
+    pub fn excess(self, added: u64) -> u64 {
+        (self.len + added).saturating_sub(self.max)
+    }
+}
+
+/// What bounds a group commit: the event cap and the room in the outbox.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct Limits {
+    /// The event cap.
+    pub cap: u64,
+    /// Room in the outbox.
+    pub room: OutboxRoom,
+}
+
+/// Records of one kind and owner to upsert in one transaction.
+pub(crate) struct Records {
+    /// Whose they are.
+    pub owner: Owner,
+    /// The registry they belong to.
+    pub kind: String,
+    /// (id, JSON) pairs.
+    pub records: Vec<(String, String)>,
+}
+
+/// A compare-and-swap of one shared record.
+pub(crate) struct RecordSwap {
+    /// The registry.
+    pub kind: String,
+    /// The record.
+    pub id: String,
+    /// The JSON it must still hold.
+    pub expected: String,
+    /// The JSON it gets.
+    pub json: String,
+}
+
+/// A trim of the oldest events down to the cap.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Trim {
+    /// Events stored when it began.
+    pub count: u64,
+    /// Events it deleted.
+    pub deleted: u64,
+    /// Events stored after it.
+    pub remaining: u64,
+}
+
+/// What a group commit wrote.
+pub(crate) struct Written {
+    /// One outcome per append, in order.
+    pub outcomes: Vec<AppendOutcome>,
+    /// Entries it added to the outbox.
+    pub outbox_added: u64,
+    /// Oldest outbox entries it dropped to stay within the limit.
+    pub outbox_dropped: u64,
+    /// The cap's trim, when the batch took the count over it.
+    pub trim: Option<Trim>,
+}
+
+/// A backend's writing side: its transactions and SQL. Every method runs on the writer, one at
+/// a time, so a backend keeps its caches (known partitions, identity sets) without locks.
+#[async_trait::async_trait]
+pub(crate) trait WriteBackend: Send + 'static {
+    /// Writes one group commit in one transaction: each event not stored yet (by identity)
+    /// into `events` when `to.events`; into the outbox when `to.outbox` (and, with `events`,
+    /// only if it was new), dropping the outbox's oldest beyond its room; and, when the count
+    /// goes over the cap, deletes the oldest events down to [`super::codec::cap_target`].
+    async fn write(&mut self, batch: &[Append<'_>], limits: Limits) -> Result<Written, StoreError>;
+
+    /// Deletes the oldest events when more than `cap` are stored (a cap lowered since the last
+    /// start).
+    async fn trim_to_cap(&mut self, cap: u64) -> Result<Option<Trim>, StoreError>;
+
+    /// Deletes the outbox entries at or below `upto`; returns how many.
+    async fn ack_outbox(&mut self, upto: u64) -> Result<u64, StoreError>;
+
+    /// Deletes events older than their type's retention at `now`; returns how many.
+    async fn sweep(&mut self, now: Timestamp, rules: &RetentionRules) -> Result<u64, StoreError>;
+
+    /// Upserts a catalog entry by name.
+    async fn save_event_type(&mut self, event_type: &EventType) -> Result<(), StoreError>;
+
+    /// Replaces this server's saved blocks with `blocks`.
+    async fn save_blocks(&mut self, blocks: &[Block]) -> Result<(), StoreError>;
+
+    /// Upserts records of one kind, in one transaction.
+    async fn save_records(&mut self, batch: &Records) -> Result<(), StoreError>;
+
+    /// Replaces a shared record only if it still holds the expected JSON; returns whether it
+    /// did.
+    async fn swap_shared_record(&mut self, swap: &RecordSwap) -> Result<bool, StoreError>;
+
+    /// Called once after the last command (SQLite checkpoints its WAL).
+    async fn close(&mut self);
+}
+
+/// A request to the writer.
+pub(crate) enum Command {
+    Append {
+        event: Arc<ClassifiedEvent>,
+        to: WriteTo,
+        done: Reply<AppendOutcome>,
+    },
+    AckOutbox {
+        upto: u64,
+        done: Reply<u64>,
+    },
+    Sweep {
+        now: Timestamp,
+        rules: RetentionRules,
+        done: Reply<u64>,
+    },
+    SaveType {
+        event_type: EventType,
+        done: Reply<()>,
+    },
+    SaveBlocks {
+        blocks: Vec<Block>,
+        done: Reply<()>,
+    },
+    SaveRecords {
+        batch: Records,
+        done: Reply<()>,
+    },
+    SwapSharedRecord {
+        swap: RecordSwap,
+        done: Reply<bool>,
+    },
+    Shutdown,
+}
+
+/// What the writer needs besides its backend.
+pub(crate) struct WriterOptions {
+    /// Most commands per transaction.
+    pub batch_max: usize,
+    /// Capacity of the write queue.
+    pub queue_capacity: usize,
+    /// The event cap.
+    pub max_events: u64,
+    /// The outbox limit.
+    pub outbox_max: u64,
+    /// Entries in the outbox at start-up.
+    pub outbox_len: u64,
+}
+
+/// Where the writer loop runs.
+pub(crate) enum RunOn {
+    /// A thread of its own with this name (a backend whose calls block: SQLite).
+    Thread(&'static str),
+    /// A task on the runtime (a backend whose calls await: PostgreSQL).
+    Task,
+}
+
+/// The other end of the writer: what the store's methods send commands through.
+pub(crate) struct WriterHandle {
+    commands: mpsc::Sender<Command>,
+    outbox_len: Arc<AtomicU64>,
+    stopped: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+/// Enforces the cap once, then starts the writer loop over `backend`. The receiver gets the
+/// store's [`StoreNotice`]s.
+pub(crate) async fn start<B: WriteBackend>(
+    backend: B,
+    options: WriterOptions,
+    run_on: RunOn,
+) -> Result<(WriterHandle, mpsc::UnboundedReceiver<StoreNotice>), StoreError> {
+    let (notices, notice_rx) = mpsc::unbounded_channel();
+    let outbox_len = Arc::new(AtomicU64::new(options.outbox_len));
+    let mut writer = Writer {
+        backend,
+        batch_max: options.batch_max.max(1),
+        max_events: options.max_events,
+        outbox: OutboxGauge {
+            len: outbox_len.clone(),
+            max: options.outbox_max.max(1),
+            near_full: false,
+        },
+        notices,
+        recent_unstored: RecentKeys::new(RECENT_UNSTORED),
+    };
+    writer.outbox.note_level(&writer.notices);
+    // A cap lowered since the last start is enforced before serving.
+    let trim = writer.backend.trim_to_cap(writer.max_events).await?;
+    writer.report_trim(trim, "event cap lowered: oldest events deleted");
+    let (commands, rx) = mpsc::channel(options.queue_capacity.max(1));
+    let (stopped_tx, stopped) = oneshot::channel();
+    let run = async move {
+        writer.run(rx).await;
+        let _ = stopped_tx.send(());
+    };
+    match run_on {
+        RunOn::Thread(name) => {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || futures::executor::block_on(run))
+                .map_err(|e| StoreError::backend(format!("cannot start writer thread: {e}")))?;
+        }
+        RunOn::Task => {
+            tokio::spawn(run);
+        }
+    }
+    Ok((
+        WriterHandle {
+            commands,
+            outbox_len,
+            stopped: tokio::sync::Mutex::new(Some(stopped)),
+        },
+        notice_rx,
+    ))
+}
+
+impl WriterHandle {
+    async fn send(&self, cmd: Command) -> Result<(), StoreError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| StoreError::unavailable("the event store is shutting down"))
+    }
+
+    /// Queues one event for the next group commit.
+    pub async fn append(
+        &self,
+        event: Arc<ClassifiedEvent>,
+        to: WriteTo,
+    ) -> Result<AppendTicket, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Command::Append { event, to, done }).await?;
+        Ok(AppendTicket(rx))
+    }
+
+    /// Sends the command `make` builds around a reply channel and waits for the reply.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(make(done)).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::unavailable("the store writer stopped")))
+    }
+
+    /// Entries in the outbox now.
+    pub fn outbox_len(&self) -> u64 {
+        self.outbox_len.load(Ordering::Relaxed)
+    }
+
+    /// Commits everything queued, then stops the writer and waits for it.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+        if let Some(stopped) = self.stopped.lock().await.take() {
+            let _ = stopped.await;
+        }
+    }
+}
+
+/// An event waiting for the next group commit and the sender that resolves its ticket.
+struct QueuedAppend {
+    event: Arc<ClassifiedEvent>,
+    to: WriteTo,
+    done: Reply<AppendOutcome>,
+}
+
+/// The writer's state.
+struct Writer<B> {
+    backend: B,
+    batch_max: usize,
+    max_events: u64,
+    outbox: OutboxGauge,
+    notices: mpsc::UnboundedSender<StoreNotice>,
+    /// Identities of the latest relayed events of types not stored here.
+    recent_unstored: RecentKeys,
+}
+
+impl<B: WriteBackend> Writer<B> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            if self.process(&mut batch).await {
+                // Commit what is still queued behind the shutdown request, then stop.
+                rx.close();
+                while let Ok(c) = rx.try_recv() {
+                    batch.push(c);
+                    if batch.len() >= self.batch_max {
+                        self.process(&mut batch).await;
+                    }
+                }
+                self.process(&mut batch).await;
+                break;
+            }
+        }
+        self.backend.close().await;
+        tracing::info!("event store writer stopped");
+    }
+
+    /// Processes a batch in order, group-committing runs of appends. Returns true on shutdown.
+    async fn process(&mut self, batch: &mut Vec<Command>) -> bool {
+        let mut stop = false;
+        let mut appends = Vec::new();
+        for cmd in batch.drain(..) {
+            let other = match cmd {
+                Command::Append { event, to, done } => {
+                    appends.push(QueuedAppend { event, to, done });
+                    continue;
+                }
+                other => other,
+            };
+            self.commit(&mut appends).await;
+            let b = &mut self.backend;
+            match other {
+                Command::AckOutbox { upto, done } => {
+                    let r = b.ack_outbox(upto).await;
+                    if let Ok(deleted) = r
+                        && deleted > 0
+                    {
+                        self.outbox.change(0, deleted, &self.notices);
+                    }
+                    let _ = done.send(r);
+                }
+                Command::Sweep { now, rules, done } => {
+                    let r = b.sweep(now, &rules).await;
+                    if let Ok(deleted @ 1..) = r {
+                        tracing::info!(deleted, "retention sweep deleted expired events");
+                    }
+                    let _ = done.send(r);
+                }
+                Command::SaveType { event_type, done } => {
+                    let _ = done.send(b.save_event_type(&event_type).await);
+                }
+                Command::SaveBlocks { blocks, done } => {
+                    let _ = done.send(b.save_blocks(&blocks).await);
+                }
+                Command::SaveRecords { batch, done } => {
+                    let _ = done.send(b.save_records(&batch).await);
+                }
+                Command::SwapSharedRecord { swap, done } => {
+                    let _ = done.send(b.swap_shared_record(&swap).await);
+                }
+                Command::Shutdown => stop = true,
+                Command::Append { .. } => unreachable!("appends are taken above"),
+            }
+        }
+        self.commit(&mut appends).await;
+        stop
+    }
+
+    /// One group commit of `appends`; resolves every ticket.
+    async fn commit(&mut self, appends: &mut Vec<QueuedAppend>) {
+        if appends.is_empty() {
+            return;
+        }
+        // A relayed event of a type not stored here: a secondary's resend must not be
+        // published or forwarded twice either. Remembered only once the batch commits.
+        let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; appends.len()];
+        let mut remembered = Vec::new();
+        let mut batch = Vec::with_capacity(appends.len());
+        for (a, outcome) in appends.iter().zip(outcomes.iter_mut()) {
+            if let Some(relay) = a.event.relay.as_ref().filter(|_| !a.to.events) {
+                let key = self.recent_unstored.key(
+                    &relay.origin_server,
+                    &a.event.device_id,
+                    &a.event.event_id,
+                );
+                if !self.recent_unstored.insert(key) {
+                    *outcome = Some(AppendOutcome::Duplicate);
+                    continue;
+                }
+                remembered.push(key);
+            }
+            batch.push(Append {
+                event: &a.event,
+                to: a.to,
+            });
+        }
+        let room = OutboxRoom {
+            len: self.outbox.len(),
+            max: self.outbox.max,
+        };
+        let written = if batch.is_empty() {
+            Ok(Written {
+                outcomes: Vec::new(),
+                outbox_added: 0,
+                outbox_dropped: 0,
+                trim: None,
+            })
+        } else {
+            self.backend
+                .write(
+                    &batch,
+                    Limits {
+                        cap: self.max_events,
+                        room,
+                    },
+                )
+                .await
+        };
+        drop(batch);
+        match written {
+            Ok(w) => {
+                if w.outbox_added > 0 || w.outbox_dropped > 0 {
+                    if w.outbox_dropped > 0 {
+                        tracing::debug!(
+                            dropped = w.outbox_dropped,
+                            max = self.outbox.max,
+                            "hierarchy outbox full: oldest events dropped (reported as FLEET_OUTBOX_OVERFLOW)"
+                        );
+                        let _ = self.notices.send(StoreNotice::OutboxOverflow {
+                            dropped: w.outbox_dropped,
+                            max: self.outbox.max,
+                        });
+                    }
+                    self.outbox
+                        .change(w.outbox_added, w.outbox_dropped, &self.notices);
+                }
+                self.report_trim(w.trim, "event cap reached: oldest events deleted");
+                let mut written = w.outcomes.into_iter();
+                for (a, outcome) in appends.drain(..).zip(outcomes) {
+                    let outcome = outcome.or_else(|| written.next()).ok_or_else(|| {
+                        StoreError::backend("the backend answered fewer events than it was given")
+                    });
+                    let _ = a.done.send(outcome);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = appends.len(), "group commit failed");
+                for k in remembered {
+                    self.recent_unstored.forget(k);
+                }
+                for (a, outcome) in appends.drain(..).zip(outcomes) {
+                    let _ = a.done.send(outcome.ok_or_else(|| e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Reports a trim of the cap: the notices that raise the truncation events, and the log.
+    fn report_trim(&self, trim: Option<Trim>, what: &'static str) {
+        let Some(t) = trim else { return };
+        let cap = self.max_events;
+        tracing::warn!(deleted = t.deleted, remaining = t.remaining, cap, "{what}");
+        let _ = self.notices.send(StoreNotice::TruncationStarted {
+            count: t.count,
+            cap,
+            to_delete: super::codec::over_cap(t.count, cap).unwrap_or(t.deleted),
+        });
+        let _ = self.notices.send(StoreNotice::TruncationFinished {
+            deleted: t.deleted,
+            remaining: t.remaining,
+            cap,
+        });
+    }
+}
+
+/// The outbox's length (shared with the store's readers) and whether it is above its
+/// warning level, reported once per crossing.
+struct OutboxGauge {
+    len: Arc<AtomicU64>,
+    max: u64,
+    near_full: bool,
+}
+
+impl OutboxGauge {
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Adds `added`, removes `removed`, and reports a crossing of the warning level.
+    fn change(&mut self, added: u64, removed: u64, notices: &mpsc::UnboundedSender<StoreNotice>) {
+        let len = (self.len() + added).saturating_sub(removed);
+        self.len.store(len, Ordering::Relaxed);
+        self.note_level(notices);
+    }
+
+    /// Reports the outbox crossing its warning level (90 % of its limit), once per crossing.
+    fn note_level(&mut self, notices: &mpsc::UnboundedSender<StoreNotice>) {
+        let len = self.len();
+        let near_full = len.saturating_mul(10) >= self.max.saturating_mul(9);
+        if near_full == self.near_full {
+            return;
+        }
+        self.near_full = near_full;
+        if near_full {
+            tracing::warn!(
+                len,
+                max = self.max,
+                "hierarchy outbox is over 90 % full: the primary has not acknowledged events for a while; when it is full the oldest events are dropped"
+            );
+        } else {
+            tracing::info!(len, max = self.max, "hierarchy outbox back below 90 %");
+        }
+        let _ = notices.send(StoreNotice::OutboxLevel {
+            len,
+            max: self.max,
+            near_full,
+        });
+    }
+}
+
+/// The most recent identities seen, up to a bound: the oldest are forgotten first. Identities
+/// are keyed 128-bit hashes (a random key per process: clients cannot craft collisions).
+struct RecentKeys {
+    hash_key: (u64, u64),
+    set: HashSet<u128, FxBuildHasher>,
+    order: VecDeque<u128>,
+    cap: usize,
+}
+
+impl RecentKeys {
+    fn new(cap: usize) -> Self {
+        let r = uuid::Uuid::new_v4().as_u128();
+        RecentKeys {
+            hash_key: (r as u64, (r >> 64) as u64),
+            set: Default::default(),
+            order: Default::default(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// The identity of (origin server, device, event id).
+    fn key(&self, origin_server: &str, device_id: &str, event_id: &str) -> u128 {
+        use std::hash::Hash;
+        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.hash_key.0, self.hash_key.1);
+        (origin_server, device_id, event_id).hash(&mut h);
+        siphasher::sip128::Hasher128::finish128(&h).as_u128()
+    }
+
+    /// Remembers `k`; false when it was remembered already.
+    fn insert(&mut self, k: u128) -> bool {
+        if !self.set.insert(k) {
+            return false;
+        }
+        self.order.push_back(k);
+        if self.order.len() > self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+
+    /// Forgets `k` (its transaction failed).
+    fn forget(&mut self, k: u128) {
+        self.set.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_keys_forget_the_oldest_beyond_their_bound() {
+        let mut r = RecentKeys::new(2);
+        let (a, b, c) = (
+            r.key("s", "d", "1"),
+            r.key("s", "d", "2"),
+            r.key("s", "d", "3"),
+        );
+        assert!(r.insert(a) && r.insert(b));
+        assert!(!r.insert(a), "a repeat is told");
+        assert!(r.insert(c));
+        assert!(r.insert(a), "the oldest was forgotten");
+        assert_ne!(r.key("s", "d", "1"), r.key("", "sd", "1"));
+    }
+
+    #[test]
+    fn the_outbox_level_is_reported_once_per_crossing() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut g = OutboxGauge {
+            len: Arc::new(AtomicU64::new(0)),
+            max: 10,
+            near_full: false,
+        };
+        g.change(9, 0, &tx);
+        g.change(1, 0, &tx);
+        g.change(0, 5, &tx);
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got,
+            vec![
+                StoreNotice::OutboxLevel {
+                    len: 9,
+                    max: 10,
+                    near_full: true
+                },
+                StoreNotice::OutboxLevel {
+                    len: 5,
+                    max: 10,
+                    near_full: false
+                },
+            ]
+        );
+    }
+}
