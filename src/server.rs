@@ -27,7 +27,7 @@ use crate::api::catalog::CatalogApi;
 use crate::api::certificates::CertificateApi;
 use crate::api::devices::DeviceApi;
 use crate::api::events::EventApi;
-use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts, RELAY_MAX_MESSAGE_BYTES};
+use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
 use crate::api::licences::LicenceApi;
 use crate::api::proto::access_service_server::AccessServiceServer;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
@@ -41,8 +41,8 @@ use crate::api::proto::licence_service_server::LicenceServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
 use crate::api::proto::update_service_server::UpdateServiceServer;
 use crate::api::push::PushApi;
+use crate::api::relay_client::GrpcRelayTransport;
 use crate::api::updates::UpdateApi;
-use crate::api::uplink::UplinkSettings;
 use crate::api::{proto, status};
 use crate::auth::AccessControl;
 use crate::auth::pki::Authority;
@@ -56,8 +56,11 @@ use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
 use crate::devices::DeviceRegistry;
 use crate::engine::{Engine, EngineParts};
+use crate::hierarchy::relay::RELAY_MAX_MESSAGE_BYTES;
 use crate::hierarchy::secondaries::Secondaries;
-use crate::hierarchy::uplink::Uplink;
+use crate::hierarchy::sender::SenderSettings;
+use crate::hierarchy::tls::LinkCertificates;
+use crate::hierarchy::upstream::Uplink;
 use crate::store::StoreError;
 use tokio_util::task::TaskTracker;
 
@@ -95,7 +98,7 @@ pub enum ServerError {
     DataDir(#[from] crate::datadir::DataDirError),
 }
 
-/// The certificates of the hierarchy links, read once at start-up.
+/// The certificates of the hierarchy links as tonic takes them, read once at start-up.
 struct HierarchyTls {
     identity: Identity,
     ca: Certificate,
@@ -104,32 +107,10 @@ struct HierarchyTls {
 impl HierarchyTls {
     /// Reads the configured files; `None` when this server takes no part in a hierarchy.
     fn load(h: &crate::config::HierarchyConfig) -> Result<Option<Self>, ServerError> {
-        if h.upstream.is_none() && h.listen.is_none() {
-            return Ok(None);
-        }
-        let read = |what: &str, p: &Option<std::path::PathBuf>| {
-            let p = p
-                .as_ref()
-                .ok_or_else(|| ServerError::Tls(format!("hierarchy.{what} is not set")))?;
-            std::fs::read(p).map_err(|e| ServerError::Tls(format!("{what} {}: {e}", p.display())))
-        };
-        let cert = read("tls_cert", &h.tls_cert)?;
-        let key = read("tls_key", &h.tls_key)?;
-        let ca = read("tls_ca", &h.tls_ca)?;
-        for (what, pem, marker) in [
-            ("tls_cert", &cert, "CERTIFICATE"),
-            ("tls_key", &key, "PRIVATE KEY"),
-            ("tls_ca", &ca, "CERTIFICATE"),
-        ] {
-            if !String::from_utf8_lossy(pem).contains(marker) {
-                return Err(ServerError::Tls(format!(
-                    "hierarchy.{what} holds no PEM {marker}"
-                )));
-            }
-        }
-        Ok(Some(HierarchyTls {
-            identity: Identity::from_pem(cert, key),
-            ca: Certificate::from_pem(ca),
+        let files = LinkCertificates::load(h).map_err(|e| ServerError::Tls(e.to_string()))?;
+        Ok(files.map(|f| HierarchyTls {
+            identity: Identity::from_pem(f.cert, f.key),
+            ca: Certificate::from_pem(f.ca),
         }))
     }
 }
@@ -266,15 +247,21 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             if let Some(name) = &h.upstream_name {
                 client_tls = client_tls.domain_name(name.clone());
             }
-            crate::api::uplink::spawn(
+            let keepalive_interval = Duration::from_secs(h.keepalive_interval_secs.max(1));
+            crate::hierarchy::sender::spawn(
                 engine.clone(),
                 uplink.clone(),
-                UplinkSettings {
+                GrpcRelayTransport {
                     upstream: upstream.clone(),
                     tls: client_tls,
+                    keepalive_interval,
+                    keepalive_timeout,
+                    queue: h.window_batches + 8,
+                },
+                SenderSettings {
                     batch_events: h.batch_events,
                     window_batches: h.window_batches,
-                    keepalive_interval: Duration::from_secs(h.keepalive_interval_secs.max(1)),
+                    keepalive_interval,
                     keepalive_timeout,
                     backoff_initial: Duration::from_millis(h.backoff_initial_ms.max(1)),
                     backoff_max: Duration::from_millis(h.backoff_max_ms.max(1)),

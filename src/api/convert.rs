@@ -10,6 +10,7 @@ use crate::classify::{ClassifiedEvent, IncomingEvent, Origin, RelayTag, RelayedI
 use crate::clock::Timestamp;
 use crate::engine::QueriedEvent;
 use crate::flood::{Block, BlockState};
+use crate::hierarchy::relay::{RelayError, RelayedItem};
 use crate::store::OutboxEntry;
 
 /// Wire timestamp to domain, naming `field` when it is malformed.
@@ -178,18 +179,26 @@ pub fn relayed(entry: OutboxEntry, own_id: &str) -> proto::RelayedEvent {
     }
 }
 
-/// A relayed wire event, checked for the fields the receiving server needs.
-pub fn relayed_incoming(r: proto::RelayedEvent) -> Result<RelayedIncoming, Status> {
-    let e = r
-        .event
-        .ok_or_else(|| bad_field("batch.events.event", "must be set"))?;
+/// A relayed wire event, decoded for the relay rules ([`crate::hierarchy::relay`]): its tag as
+/// sent, and the event checked for the fields the receiving server needs (its `relay` is left
+/// empty: the rules fill it once the tag is checked).
+pub fn relayed_item(r: proto::RelayedEvent) -> RelayedItem {
+    RelayedItem {
+        position: r.position,
+        relay: RelayTag {
+            origin_server: r.origin_server_id,
+            chain: r.server_chain,
+        },
+        event: relayed_event(r.event).map_err(|s| RelayError::Invalid(s.message().to_owned())),
+    }
+}
+
+fn relayed_event(e: Option<proto::Classification>) -> Result<RelayedIncoming, Status> {
+    let e = e.ok_or_else(|| bad_field("batch.events.event", "must be set"))?;
     let occurred_at = timestamp(e.occurred_at, "batch.events.event.occurred_at")?
         .ok_or_else(|| bad_field("batch.events.event.occurred_at", "must be set"))?;
     let severity = severity(e.severity, "batch.events.event.severity")?
         .ok_or_else(|| bad_field("batch.events.event.severity", "must be set"))?;
-    if r.server_chain.is_empty() {
-        return Err(bad_field("batch.events.server_chain", "must not be empty"));
-    }
     Ok(RelayedIncoming {
         event_id: e.event_id,
         device_id: e.device_id,
@@ -199,10 +208,7 @@ pub fn relayed_incoming(r: proto::RelayedEvent) -> Result<RelayedIncoming, Statu
         occurred_at,
         application: e.application,
         params: e.params,
-        relay: RelayTag {
-            origin_server: r.origin_server_id,
-            chain: r.server_chain,
-        },
+        relay: RelayTag::default(),
     })
 }
 

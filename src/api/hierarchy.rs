@@ -6,9 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use futures::stream::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
@@ -20,23 +21,12 @@ use super::proto::{
 };
 use super::status::decode_status;
 use super::validate::Checked;
-use crate::engine::Engine;
-use crate::hierarchy::secondaries::{LinkError, LinkHello, Secondaries, Session};
-use crate::hierarchy::uplink::Uplink;
-use tokio_util::task::TaskTracker;
-
-/// Largest relay message, both ways, whatever `max_message_bytes` says: the uplink keeps its
-/// batches under a quarter of it, so a batch is never refused for its size.
-pub const RELAY_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-/// Most events in one relayed batch.
-pub const RELAY_MAX_BATCH_EVENTS: usize = 10_000;
-/// Most servers in a relayed event's chain (the hierarchy's depth).
-pub const RELAY_MAX_CHAIN: usize = 32;
-/// Longest server id in a relayed event.
-const RELAY_MAX_SERVER_ID_BYTES: usize = 256;
-
-/// At most one log line per this period about a refused link (the rest are counted).
-pub const LINK_LOG_EVERY: Duration = Duration::from_secs(10);
+use crate::engine::{Engine, EngineError};
+use crate::hierarchy::relay::{self, RelayError};
+use crate::hierarchy::secondaries::{LinkHello, Secondaries, Session};
+use crate::hierarchy::tls::certificate_names;
+use crate::hierarchy::upstream::Uplink;
+use crate::hierarchy::{LINK_LOG_EVERY, LogLimiter};
 
 /// The HierarchyService adapter.
 pub struct HierarchyApi {
@@ -49,7 +39,7 @@ pub struct HierarchyApi {
     outbox_max_events: u64,
     sessions: TaskTracker,
     /// Rate limit of the log lines about refused links.
-    refusals: crate::hierarchy::LogLimiter,
+    refusals: LogLimiter,
 }
 
 /// What [`HierarchyApi::new`] needs.
@@ -81,7 +71,7 @@ impl HierarchyApi {
             keepalive_timeout: p.keepalive_timeout,
             outbox_max_events: p.outbox_max_events,
             sessions: p.sessions,
-            refusals: crate::hierarchy::LogLimiter::new(LINK_LOG_EVERY),
+            refusals: LogLimiter::new(LINK_LOG_EVERY),
         }
     }
 }
@@ -92,26 +82,6 @@ fn down(kind: relay_down::Kind) -> RelayDown {
     RelayDown { kind: Some(kind) }
 }
 
-/// The names a client certificate vouches for: its subject common names and DNS names.
-fn certificate_names(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
-        .collect();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                names.push((*d).to_owned());
-            }
-        }
-    }
-    names
-}
-
 impl HierarchyApi {
     /// Checks a secondary's relay call (certificate, hello) and starts its session.
     async fn open_relay(
@@ -119,12 +89,10 @@ impl HierarchyApi {
         request: Request<Streaming<RelayUp>>,
     ) -> Result<Response<RelayStream>, Status> {
         if !self.relay_allowed {
-            return Err(Status::permission_denied(
-                "Relay is served only on the hierarchy listener (mutual TLS, [hierarchy] listen)",
-            ));
+            return Err(RelayError::WrongListener.into());
         }
         if self.engine.shutdown_signal().is_cancelled() {
-            return Err(Status::unavailable("the server is shutting down"));
+            return Err(EngineError::ShuttingDown.into());
         }
         let address = request
             .remote_addr()
@@ -135,37 +103,23 @@ impl HierarchyApi {
         let names: Vec<String> = request
             .peer_certs()
             .and_then(|certs| certs.first().map(|c| certificate_names(c.as_ref())))
-            .ok_or_else(|| Status::unauthenticated("Relay needs a client certificate"))?;
+            .ok_or(RelayError::NoCertificate)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.keepalive_timeout, inbound.message())
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "no hello within {} s",
-                    self.keepalive_timeout.as_secs()
-                ))
-            })?
+            .map_err(|_| RelayError::HelloTimeout(self.keepalive_timeout.as_secs()))?
             .map_err(decode_status)?;
         let hello = match first.and_then(|m| m.kind) {
             Some(relay_up::Kind::Hello(h)) => h,
             Some(_) => {
-                return Err(Status::failed_precondition(
+                return Err(RelayError::OutOfOrder(
                     "the first message of a relay stream must be hello",
-                ));
+                )
+                .into());
             }
-            None => {
-                return Err(Status::invalid_argument(
-                    "the relay stream ended before its hello",
-                ));
-            }
+            None => return Err(RelayError::NoHello.into()),
         };
-        if !names.iter().any(|n| n == &hello.server_id) {
-            return Err(Status::permission_denied(format!(
-                "hello.server_id {:?} is not a name of the client certificate ({})",
-                hello.server_id,
-                names.join(", ")
-            )));
-        }
+        relay::check_hello(&hello.server_id, &names)?;
         let accepts_settings = hello.accept_settings;
         let their_version = hello.settings_version;
         let session = self
@@ -178,10 +132,7 @@ impl HierarchyApi {
                 backlog: hello.backlog,
             })
             .await
-            .map_err(|e| match e {
-                LinkError::Invalid(m) => Status::invalid_argument(m),
-                LinkError::OwnId(_) => Status::failed_precondition(e.to_string()),
-            })?;
+            .map_err(RelayError::from)?;
         let (tx, rx) = mpsc::channel(64);
         let _ = tx
             .send(Ok(down(relay_down::Kind::Welcome(proto::RelayWelcome {
@@ -306,8 +257,8 @@ struct RelaySession {
 enum End {
     /// The link broke (reported as 4116).
     Broken(String),
-    /// The link broke because the secondary sent something wrong: answered with this status.
-    Refused(Status),
+    /// The link broke because the secondary sent something wrong: answered with this error.
+    Refused(RelayError),
     /// A newer link from the same secondary replaced this one, or this server shuts down.
     Quiet,
 }
@@ -318,7 +269,8 @@ impl RelaySession {
         match end {
             End::Quiet => {}
             End::Broken(reason) => self.secondaries.disconnect(&self.session, &reason).await,
-            End::Refused(status) => {
+            End::Refused(error) => {
+                let status = Status::from(error);
                 tracing::warn!(secondary = %self.session.server_id, %status, "relay refused");
                 let reason = format!("refused: {}", status.message());
                 let _ = self.tx.send(Err(status)).await;
@@ -363,7 +315,7 @@ impl RelaySession {
             tokio::select! {
                 _ = self.session.superseded.cancelled() => return End::Quiet,
                 _ = shutdown.cancelled() => {
-                    let _ = self.tx.send(Err(Status::unavailable("the primary server is shutting down"))).await;
+                    let _ = self.tx.send(Err(RelayError::ShuttingDown.into())).await;
                     return End::Quiet;
                 }
                 changed = versions.changed(), if self.accepts_settings => {
@@ -410,122 +362,46 @@ impl RelaySession {
                             self.secondaries.settings_applied(&self.session, a.settings_version).await;
                         }
                         Some(relay_up::Kind::Hello(_)) => {
-                            return End::Refused(Status::failed_precondition("hello sent twice on one relay stream"));
+                            return End::Refused(RelayError::OutOfOrder("hello sent twice on one relay stream"));
                         }
-                        None => return End::Refused(Status::invalid_argument("kind: must be set")),
+                        None => return End::Refused(RelayError::Invalid("kind: must be set".into())),
                     }
                 }
             }
         }
     }
 
-    /// Checks what the session vouches for: the chain ends with the secondary on this link,
-    /// starts with the event's origin, does not hold this server, and is of sane size.
-    fn check_relay_tag(&self, r: &proto::RelayedEvent) -> Result<(), Status> {
-        let chain = &r.server_chain;
-        if chain.is_empty() || chain.len() > RELAY_MAX_CHAIN {
-            return Err(Status::invalid_argument(format!(
-                "server_chain: {} servers, 1 to {RELAY_MAX_CHAIN} allowed",
-                chain.len()
-            )));
-        }
-        if chain
-            .iter()
-            .any(|s| s.is_empty() || s.len() > RELAY_MAX_SERVER_ID_BYTES)
-        {
-            return Err(Status::invalid_argument(format!(
-                "server_chain: server ids must be 1 to {RELAY_MAX_SERVER_ID_BYTES} bytes"
-            )));
-        }
-        if chain.last() != Some(&self.session.server_id) {
-            return Err(Status::permission_denied(format!(
-                "server_chain must end with the sending secondary {:?}",
-                self.session.server_id
-            )));
-        }
-        if chain.first() != Some(&r.origin_server_id) {
-            return Err(Status::invalid_argument(
-                "origin_server_id must be the first server of server_chain",
-            ));
-        }
-        let own = self.engine.server_id();
-        if chain.iter().any(|s| s == own) {
-            return Err(Status::failed_precondition(format!(
-                "this server ({own}) is already in the server chain: the hierarchy has a loop"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Stores one batch. Returns the position to acknowledge once every event is committed,
-    /// and the events refused (invalid ones are refused one by one, never by ending the link,
-    /// so one poison event cannot stall the secondary's outbox).
+    /// Stores one batch by the relay rules ([`relay::store_batch`]). Returns the position to
+    /// acknowledge once every event is committed, and the events refused one by one.
     async fn store_batch(
         &self,
         batch: proto::RelayBatch,
     ) -> Result<(Option<u64>, Vec<proto::RelayRejection>), End> {
-        if batch.events.len() > RELAY_MAX_BATCH_EVENTS {
-            return Err(End::Refused(Status::invalid_argument(format!(
-                "batch.events: {} events, at most {RELAY_MAX_BATCH_EVENTS}",
-                batch.events.len()
-            ))));
-        }
-        let mut last = None;
-        let mut rejected = Vec::new();
-        let mut pending = FuturesOrdered::new();
-        for (i, r) in batch.events.into_iter().enumerate() {
-            let position = r.position;
-            last = Some(position);
-            let accepted = match self
-                .check_relay_tag(&r)
-                .and_then(|()| convert::relayed_incoming(r))
-            {
-                Ok(incoming) => self
-                    .engine
-                    .accept_relayed(incoming)
-                    .await
-                    .map_err(Status::from),
-                Err(s) => Err(s),
-            };
-            match accepted {
-                Ok(p) => pending.push_back(self.engine.settle(p)),
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        tonic::Code::InvalidArgument
-                            | tonic::Code::FailedPrecondition
-                            | tonic::Code::PermissionDenied
-                    ) =>
-                {
-                    tracing::error!(secondary = %self.session.server_id, position, index = i,
-                        code = ?s.code(), reason = %s.message(), "relayed event refused");
-                    rejected.push(proto::RelayRejection {
-                        position,
-                        code: s.code() as i32,
-                        reason: format!("batch.events[{i}]: {}", s.message()),
-                    });
-                }
-                Err(s) => {
-                    // The store cannot take it now: nothing of this batch is acknowledged, and
-                    // the secondary sends it again after reconnecting.
-                    let reason = format!("storing relayed events failed: {}", s.message());
-                    let _ = self.tx.send(Err(Status::unavailable(reason.clone()))).await;
-                    return Err(End::Broken(reason));
-                }
-            }
-        }
-        while let Some(r) = pending.next().await {
-            if let Err(e) = r {
+        let items = batch.events.into_iter().map(convert::relayed_item);
+        let stored = match relay::store_batch(&self.engine, &self.session.server_id, items).await {
+            Ok(stored) => stored,
+            Err(e @ RelayError::Unstored(_)) => {
                 // Not acknowledged: the secondary sends the batch again after reconnecting.
-                let _ = self
-                    .tx
-                    .send(Err(Status::unavailable(format!(
-                        "storing relayed events failed: {e}"
-                    ))))
-                    .await;
-                return Err(End::Broken(format!("storing relayed events failed: {e}")));
+                let reason = e.to_string();
+                let _ = self.tx.send(Err(e.into())).await;
+                return Err(End::Broken(reason));
             }
-        }
-        Ok((last, rejected))
+            Err(e) => return Err(End::Refused(e)),
+        };
+        let rejected = stored
+            .rejected
+            .into_iter()
+            .map(|r| {
+                let s = Status::from(r.error);
+                tracing::error!(secondary = %self.session.server_id, position = r.position,
+                    index = r.index, code = ?s.code(), reason = %s.message(), "relayed event refused");
+                proto::RelayRejection {
+                    position: r.position,
+                    code: s.code() as i32,
+                    reason: format!("batch.events[{}]: {}", r.index, s.message()),
+                }
+            })
+            .collect();
+        Ok((stored.ack, rejected))
     }
 }

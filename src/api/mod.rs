@@ -15,9 +15,9 @@ pub mod hierarchy;
 pub mod licences;
 pub mod paging;
 pub mod push;
+pub mod relay_client;
 pub mod status;
 pub mod updates;
-pub mod uplink;
 pub mod validate;
 
 /// The generated protobuf and tonic code of `proto/fleetevents/v1/fleetevents.proto`.

@@ -8,6 +8,8 @@ use crate::catalog::CatalogError;
 use crate::detectors::updates::UpdateError;
 use crate::engine::EngineError;
 use crate::flood::FloodError;
+use crate::hierarchy::relay::RelayError;
+use crate::hierarchy::secondaries::LinkError;
 use crate::store::StoreErrorKind;
 
 impl From<EngineError> for Status {
@@ -60,6 +62,25 @@ impl From<AuthError> for Status {
             AuthError::Exists(_) => Status::already_exists(msg),
             AuthError::Store(s) => Status::from(EngineError::Store(s)),
             AuthError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl From<RelayError> for Status {
+    fn from(e: RelayError) -> Status {
+        let msg = e.to_string();
+        match e {
+            RelayError::Invalid(_) | RelayError::NoHello => Status::invalid_argument(msg),
+            RelayError::OutOfOrder(_) | RelayError::Loop(_) => Status::failed_precondition(msg),
+            RelayError::HelloTimeout(_) => Status::deadline_exceeded(msg),
+            RelayError::NoCertificate => Status::unauthenticated(msg),
+            RelayError::WrongListener
+            | RelayError::NotCertified { .. }
+            | RelayError::NotFromSender(_) => Status::permission_denied(msg),
+            RelayError::Link(LinkError::Invalid(_)) => Status::invalid_argument(msg),
+            RelayError::Link(LinkError::OwnId(_)) => Status::failed_precondition(msg),
+            RelayError::Event(e) => Status::from(e),
+            RelayError::Unstored(_) | RelayError::ShuttingDown => Status::unavailable(msg),
         }
     }
 }

@@ -4,12 +4,17 @@
 //!
 //! - [`secondaries`]: the primary's registry of its secondaries, their link state, and
 //!   KLSRV_EV_SLAVE_SRV_DISCONNECTED (4116) once per broken link.
-//! - [`uplink`]: the secondary's view of its link to the primary, and
+//! - [`relay`]: the primary's rules for what a secondary relays (hello, chains, loops, batch
+//!   size, which refusals end the link), decided as [`relay::RelayError`].
+//! - [`upstream`]: the secondary's view of its link to the primary, and
 //!   KLSRV_EV_MASTER_SRV_DISCONNECTED (4118) once per outage.
+//! - [`sender`]: the secondary's sender (outbox reading, window, acknowledgements, pings,
+//!   reconnect backoff with jitter) over a [`sender::RelayTransport`].
+//! - [`tls`]: the certificate files of the mutual-TLS links, read and checked at start-up.
 //! - [`apply_pushed_settings`]: per-type settings a primary pushes down.
 //!
-//! The network side (the relay stream, TLS, reconnecting with backoff) lives in
-//! [`crate::api::hierarchy`] and [`crate::api::uplink`].
+//! The wire (the relay stream, the TLS handshake) lives in [`crate::api::hierarchy`] (the
+//! primary's service) and [`crate::api::relay_client`] (the gRPC transport of the sender).
 //!
 //! Who reports an outage: each side reports the breaks it observes while it runs (the stream
 //! ended with an error, or stayed silent past the keepalive timeout). A server that was itself
@@ -17,8 +22,11 @@
 //! only when the peer has not (re)connected within the keepalive timeout. The "reported" mark is
 //! saved, so a restart in the middle of an outage does not report it twice.
 
+pub mod relay;
 pub mod secondaries;
-pub mod uplink;
+pub mod sender;
+pub mod tls;
+pub mod upstream;
 
 use crate::catalog::{EventType, NewEventType, SettingsChange};
 use crate::engine::{Engine, EngineError};
@@ -82,6 +90,9 @@ pub async fn apply_pushed_settings(
     }
     Ok(changed)
 }
+
+/// At most one log line per this period about a failed or refused link (the rest are counted).
+pub const LINK_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Lets a repeated log line through at most once per period, counting the ones it held back,
 /// so a link that fails every second says why at every failed attempt without flooding the
