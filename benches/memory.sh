@@ -99,7 +99,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.0f", b - a}'; }
 start() {
   rm -rf "$work/data" "$work/ready"
   "$fleet" serve --listen 127.0.0.1:0 --data-dir "$work/data" --config "$work/config.toml" \
-    --ready-file "$work/ready" --log "warn,fleet_events::devices=debug" 2>"$work/server.log" &
+    --ready-file "$work/ready" --log "warn,fleet_events::detectors::devices=debug" 2>"$work/server.log" &
   pid=$!
   wait_ready "$work/ready" fleet-events "$work/data/admin.token"
   ghz_conn=(--cacert "$work/data/ca.pem"

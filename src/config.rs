@@ -160,7 +160,7 @@ pub struct DevicesConfig {
     /// product's "not visible" period).
     pub seen_by_others_within_secs: u64,
     /// Status conditions.
-    pub status: crate::devices::StatusThresholds,
+    pub status: crate::detectors::devices::StatusThresholds,
 }
 
 impl Default for DevicesConfig {
@@ -178,12 +178,14 @@ impl Default for DevicesConfig {
 
 impl DevicesConfig {
     /// The timings as the registry takes them.
-    pub fn timings(&self) -> crate::devices::DeviceTimings {
+    pub fn timings(&self) -> crate::detectors::devices::DeviceTimings {
         use std::time::Duration;
-        crate::devices::DeviceTimings {
+        crate::detectors::devices::DeviceTimings {
             inactive_after: Duration::from_secs(self.inactive_after_secs),
             unmanaged_after: Duration::from_secs(self.unmanaged_after_secs),
             seen_by_others_within: Duration::from_secs(self.seen_by_others_within_secs),
+            check_every: Duration::from_secs(self.check_interval_secs.max(1)),
+            flush_every: Duration::from_secs(self.flush_interval_secs.max(1)),
         }
     }
 }

@@ -13,9 +13,9 @@
 //!   PostgreSQL (shared by several servers): group commit, cap, retention, the hierarchy outbox.
 //! - [`bus`]: fan-out of classified events to live subscribers, never blocking ingest.
 //! - [`engine`]: the data path of one event, tying the above together; free of gRPC types.
-//! - [`devices`]: the device registry (heartbeats, identity conflicts, status, inactivity).
-//! - [`detectors`]: parts that raise catalog events from what they observe (push results,
-//!   capacity).
+//! - [`detectors`]: parts that raise catalog events from what they observe, periodic ones behind
+//!   one `Detector` trait and runner: the device registry (heartbeats, identity conflicts,
+//!   status, inactivity), push results, capacity, certificates, licences, updates.
 //! - [`hierarchy`]: the server hierarchy's rules: the primary's registry of secondaries, the
 //!   secondary's link state, the two disconnection events, settings pushed down.
 //! - [`auth`]: the trust model: the server's CA and device certificates, bearer tokens with
@@ -38,7 +38,6 @@ pub mod clock;
 pub mod config;
 pub mod datadir;
 pub mod detectors;
-pub mod devices;
 pub mod engine;
 pub mod fields;
 pub mod flood;

@@ -51,10 +51,11 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::detectors::capacity::CapacityMonitor;
 use crate::detectors::certificates::CertificateRegistry;
+use crate::detectors::devices::DeviceRegistry;
 use crate::detectors::licences::LicenceChecker;
 use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
-use crate::devices::DeviceRegistry;
+use crate::detectors::{Detector, DetectorRunner};
 use crate::engine::{Engine, EngineParts};
 use crate::hierarchy::relay::RELAY_MAX_MESSAGE_BYTES;
 use crate::hierarchy::secondaries::Secondaries;
@@ -190,18 +191,24 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         config.server.data_dir.clone(),
         config.database_path(),
         config.capacity.thresholds(),
+        Duration::from_secs(config.capacity.check_interval_secs.max(1)),
     ));
     capacity.restore_marks().await?;
     // One check before serving, so a full disk is reported at once, then periodically. It
     // cannot fail because the disk is full: its events are then delivered live and stored
     // once space allows.
-    capacity.check().await?;
+    capacity.check(engine.clock().now()).await?;
     let push = Arc::new(PushResults::new(engine.clone()));
     let updates = Arc::new(UpdateRegistry::load(engine.clone()).await?);
     let certificates = Arc::new(
-        CertificateRegistry::load(engine.clone(), config.certificates.reissue_before_days).await?,
+        CertificateRegistry::load(
+            engine.clone(),
+            config.certificates.reissue_before_days,
+            Duration::from_secs(config.certificates.check_interval_secs.max(1)),
+        )
+        .await?,
     );
-    if let Err(e) = certificates.check().await {
+    if let Err(e) = certificates.check(engine.clock().now()).await {
         tracing::error!(error = %e, "start-up certificate check failed; retried at the next check");
     }
     let devices = Arc::new(
@@ -217,20 +224,19 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
         Duration::from_secs(config.store.retention_sweep_secs.max(1)),
     );
-    let licences = Arc::new(LicenceChecker::load(engine.clone(), devices.clone()).await?);
-    background.push(licences.spawn(Duration::from_secs(
-        config.licences.check_interval_secs.max(1),
-    )));
-    background.push(devices.spawn(
-        Duration::from_secs(config.devices.check_interval_secs.max(1)),
-        Duration::from_secs(config.devices.flush_interval_secs.max(1)),
-    ));
-    background.push(certificates.spawn(Duration::from_secs(
-        config.certificates.check_interval_secs.max(1),
-    )));
-    background.push(capacity.spawn(Duration::from_secs(
-        config.capacity.check_interval_secs.max(1),
-    )));
+    let licences = Arc::new(
+        LicenceChecker::load(
+            engine.clone(),
+            devices.clone(),
+            Duration::from_secs(config.licences.check_interval_secs.max(1)),
+        )
+        .await?,
+    );
+    let runner = DetectorRunner::new(engine.clock().clone(), engine.shutdown_signal().clone());
+    background.push(runner.spawn(licences.clone()));
+    background.extend(devices.spawn(&runner));
+    background.push(runner.spawn(certificates.clone()));
+    background.push(runner.spawn(capacity.clone()));
 
     let h = &config.hierarchy;
     let keepalive_timeout = Duration::from_secs(h.keepalive_timeout_secs.max(1));

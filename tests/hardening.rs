@@ -1117,7 +1117,7 @@ async fn pages_of_large_items_stay_under_four_mib() {
 /// the saved device record keeps at most MAX_CONFLICTS pairs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipping_fingerprint_keeps_the_device_record_bounded() {
-    use fleet_events::devices::{DeviceRecord, HOSTS_CONFLICT, MAX_CONFLICTS};
+    use fleet_events::detectors::devices::{DeviceRecord, HOSTS_CONFLICT, MAX_CONFLICTS};
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;
     let mut d = s.devices();

@@ -10,6 +10,7 @@ use super::proto::{
     self, CapacityStatus, CheckCapacityRequest, capacity_service_server::CapacityService,
 };
 use crate::auth::audit::{self, AuditArea};
+use crate::detectors::Detector;
 use crate::detectors::capacity::{CapacityMonitor, CapacitySettings};
 use crate::engine::Engine;
 
@@ -40,7 +41,7 @@ impl CapacityService for CapacityApi {
         &self,
         _: Request<CheckCapacityRequest>,
     ) -> Result<Response<CapacityStatus>, Status> {
-        let r = self.monitor.check().await?;
+        let r = self.monitor.check(self.engine.clock().now()).await?;
         Ok(Response::new(CapacityStatus {
             data_dir: r.data_dir.display().to_string(),
             volume_free_bytes: r.volume_free_bytes,

@@ -15,6 +15,7 @@ use super::proto::{
 use super::status::bad_field;
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
+use crate::detectors::Detector;
 use crate::detectors::certificates::{CertificateRegistry, MdmCertificate, MdmCertificateKind};
 use crate::engine::Engine;
 
@@ -181,7 +182,7 @@ impl CertificateService for CertificateApi {
         &self,
         _: Request<CheckCertificatesRequest>,
     ) -> Result<Response<CertificateCheck>, Status> {
-        let raised = self.registry.check().await?;
+        let raised = self.registry.check(self.engine.clock().now()).await?;
         Ok(Response::new(CertificateCheck {
             raised: raised.iter().map(|e| convert::full(e)).collect(),
         }))

@@ -16,7 +16,10 @@ use super::proto::{
 use super::status::bad_field;
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
-use crate::devices::{DeviceRecord, DeviceRegistry, DeviceStatus, Heartbeat, StatusFacts};
+use crate::detectors::Detector;
+use crate::detectors::devices::{
+    DeviceRecord, DeviceRegistry, DeviceStatus, Heartbeat, StatusFacts,
+};
 use crate::engine::Engine;
 
 /// The DeviceService adapter.
@@ -167,7 +170,7 @@ impl DeviceService for DeviceApi {
         &self,
         _: Request<CheckDevicesRequest>,
     ) -> Result<Response<CheckDevicesResponse>, Status> {
-        let raised = self.registry.check().await?;
+        let raised = self.registry.check(self.engine.clock().now()).await?;
         Ok(Response::new(CheckDevicesResponse {
             raised: raised.iter().map(|e| convert::full(e)).collect(),
         }))

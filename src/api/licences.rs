@@ -13,6 +13,7 @@ use super::proto::{
 };
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
+use crate::detectors::Detector;
 use crate::detectors::licences::{Licence, LicenceChecker};
 use crate::engine::Engine;
 
@@ -94,7 +95,7 @@ impl LicenceService for LicenceApi {
         &self,
         _: Request<CheckLicencesRequest>,
     ) -> Result<Response<LicenceCheck>, Status> {
-        let (usage, raised) = self.checker.check().await?;
+        let (usage, raised) = self.checker.check(self.engine.clock().now()).await?;
         Ok(Response::new(LicenceCheck {
             usage: usage
                 .into_iter()

@@ -5,13 +5,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Detector, follow, load_records, save_record};
 use crate::classify::ClassifiedEvent;
+use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
 
 /// Raised when the data volume's free space falls below the threshold.
@@ -86,18 +87,16 @@ pub struct CapacityReport {
     pub raised: Vec<Arc<ClassifiedEvent>>,
 }
 
-/// The capacity monitor.
+/// The capacity monitor: a [`Detector`] checked every `check_interval_secs` and on request.
 pub struct CapacityMonitor {
     engine: Arc<Engine>,
     data_dir: PathBuf,
     database: PathBuf,
     settings: Mutex<CapacitySettings>,
-    /// Whether the volume was low at the last check: an onset is a change from false to true.
-    volume_low: AtomicBool,
-    /// Whether the database was low at the last check.
-    database_low: AtomicBool,
-    /// One check at a time, so an onset is raised by exactly one of two concurrent checks.
-    checking: tokio::sync::Mutex<()>,
+    period: Duration,
+    /// Which conditions held at the last check: an onset is a change from false to true. Held
+    /// across a whole check, so an onset is raised by exactly one of two concurrent checks.
+    marks: tokio::sync::Mutex<Marks>,
     /// The marks as last saved.
     saved: Mutex<Option<Marks>>,
 }
@@ -106,7 +105,7 @@ pub struct CapacityMonitor {
 const MARKS_KIND: &str = "capacity-marks";
 
 /// Which conditions were reported and have not cleared since.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Marks {
     volume_low: bool,
     database_low: bool,
@@ -133,21 +132,21 @@ fn database_size(db: &Path) -> u64 {
 }
 
 impl CapacityMonitor {
-    /// A monitor of `data_dir` and the database file `database`.
+    /// A monitor of `data_dir` and the database file `database`, checked every `period`.
     pub fn new(
         engine: Arc<Engine>,
         data_dir: PathBuf,
         database: PathBuf,
         settings: CapacitySettings,
+        period: Duration,
     ) -> Self {
         CapacityMonitor {
             engine,
             data_dir,
             database,
             settings: Mutex::new(settings),
-            volume_low: AtomicBool::new(false),
-            database_low: AtomicBool::new(false),
-            checking: tokio::sync::Mutex::new(()),
+            period,
+            marks: tokio::sync::Mutex::new(Marks::default()),
             saved: Mutex::new(None),
         }
     }
@@ -155,33 +154,23 @@ impl CapacityMonitor {
     /// Restores the onset marks saved before a restart, so a condition that is still present
     /// is not reported again (once per onset, across restarts too).
     pub async fn restore_marks(&self) -> Result<(), EngineError> {
-        if let Some(json) = self.engine.store().load_records(MARKS_KIND).await?.pop() {
-            let m: Marks = serde_json::from_str(&json)
-                .map_err(|e| EngineError::Internal(format!("saved capacity marks {json}: {e}")))?;
-            self.volume_low.store(m.volume_low, Ordering::SeqCst);
-            self.database_low.store(m.database_low, Ordering::SeqCst);
+        if let Some(m) = load_records::<Marks>(&self.engine, MARKS_KIND, "capacity marks")
+            .await?
+            .pop()
+        {
+            *self.marks.lock().await = m;
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
         }
         Ok(())
     }
 
-    /// Saves the onset marks when they changed. A failure (the disk is full) is logged and
+    /// Saves the onset marks `m` when they changed. A failure (the disk is full) is logged and
     /// retried at the next check.
-    async fn save_marks(&self) {
-        let m = Marks {
-            volume_low: self.volume_low.load(Ordering::SeqCst),
-            database_low: self.database_low.load(Ordering::SeqCst),
-        };
+    async fn save_marks(&self, m: Marks) {
         if *self.saved.lock().unwrap_or_else(|e| e.into_inner()) == Some(m) {
             return;
         }
-        let json = serde_json::to_string(&m).unwrap_or_default();
-        match self
-            .engine
-            .store()
-            .save_record(MARKS_KIND, "marks", json)
-            .await
-        {
+        match save_record(&self.engine, MARKS_KIND, "marks", &m).await {
             Ok(()) => *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(m),
             Err(e) => {
                 tracing::warn!(error = %e, "could not save the capacity onset marks; retrying at the next check")
@@ -201,10 +190,23 @@ impl CapacityMonitor {
         tracing::info!(settings = ?s, "capacity thresholds changed");
         Ok(s)
     }
+}
+
+#[async_trait::async_trait]
+impl Detector for CapacityMonitor {
+    type Report = CapacityReport;
+
+    fn name(&self) -> &'static str {
+        "capacity"
+    }
+
+    fn period(&self) -> Duration {
+        self.period
+    }
 
     /// Measures now and raises at an onset.
-    pub async fn check(&self) -> Result<CapacityReport, EngineError> {
-        let _one = self.checking.lock().await;
+    async fn check(&self, _now: Timestamp) -> Result<CapacityReport, EngineError> {
+        let mut marks = self.marks.lock().await;
         let settings = self.settings();
         let (free, total) = volume_space(&self.data_dir)?;
         let volume_low = u128::from(free) * 100
@@ -218,7 +220,7 @@ impl CapacityMonitor {
                 * u128::from(settings.database_warn_percent);
         let server = self.engine.server_id().to_owned();
         let mut raised = Vec::new();
-        if onset(&self.volume_low, volume_low, "data volume free space") {
+        if follow(&mut marks.volume_low, volume_low, "data volume free space") {
             let params = HashMap::from([
                 ("path".to_owned(), self.data_dir.display().to_string()),
                 ("free_bytes".to_owned(), free.to_string()),
@@ -234,7 +236,7 @@ impl CapacityMonitor {
                     .await?,
             );
         }
-        if onset(&self.database_low, database_low, "event database size") {
+        if follow(&mut marks.database_low, database_low, "event database size") {
             let params = HashMap::from([
                 ("database_bytes".to_owned(), db.to_string()),
                 (
@@ -252,7 +254,7 @@ impl CapacityMonitor {
                     .await?,
             );
         }
-        self.save_marks().await;
+        self.save_marks(*marks).await;
         // What a full disk kept from being stored goes in now, if it can.
         self.engine.store_deferred().await;
         Ok(CapacityReport {
@@ -266,34 +268,4 @@ impl CapacityMonitor {
             raised,
         })
     }
-
-    /// Checks every `every` until the engine shuts down; the first check is one period after
-    /// start (the server checks once before it serves).
-    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let every = every.max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            let shutdown = me.engine.shutdown_signal().clone();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = me.check().await {
-                            tracing::error!(error = %e, "capacity check failed");
-                        }
-                    }
-                }
-            }
-        })
-    }
-}
-
-/// Records the new state; true only on a change from OK to low (an onset).
-fn onset(was: &AtomicBool, low: bool, what: &str) -> bool {
-    let before = was.swap(low, Ordering::SeqCst);
-    if before && !low {
-        tracing::info!("{what} is back above its threshold");
-    }
-    low && !before
 }

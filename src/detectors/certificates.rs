@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Detector, load_records, onset, save_record};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
@@ -113,11 +114,12 @@ struct State {
     apns: Option<ApnsCertificate>,
 }
 
-/// The registry.
+/// The registry: a [`Detector`] checked every `check_interval_secs` and on request.
 pub struct CertificateRegistry {
     engine: Arc<Engine>,
     /// How long before expiry an MDM certificate is due for reissue.
     reissue_before: Duration,
+    period: Duration,
     /// Held across "check, save, raise", so each event is raised by one caller only.
     state: tokio::sync::Mutex<State>,
 }
@@ -127,44 +129,33 @@ fn days(d: u64) -> Duration {
 }
 
 impl CertificateRegistry {
-    /// Loads the saved certificates.
-    pub async fn load(engine: Arc<Engine>, reissue_before_days: u64) -> Result<Self, EngineError> {
-        let parse =
-            |json: &str| EngineError::Internal(format!("saved certificate {json} is unreadable"));
-        let mut mdm = BTreeMap::new();
-        for json in engine.store().load_records(MDM_KIND).await? {
-            let c: MdmCertificate = serde_json::from_str(&json).map_err(|_| parse(&json))?;
-            if !c.removed {
-                mdm.insert(c.certificate_id.clone(), c);
-            }
-        }
-        let apns = match engine.store().load_records(APNS_KIND).await?.pop() {
-            Some(json) => Some(serde_json::from_str(&json).map_err(|_| parse(&json))?),
-            None => None,
-        };
+    /// Loads the saved certificates, to be checked every `period`.
+    pub async fn load(
+        engine: Arc<Engine>,
+        reissue_before_days: u64,
+        period: Duration,
+    ) -> Result<Self, EngineError> {
+        let mdm = load_records::<MdmCertificate>(&engine, MDM_KIND, "certificate")
+            .await?
+            .into_iter()
+            .filter(|c| !c.removed)
+            .map(|c| (c.certificate_id.clone(), c))
+            .collect();
+        let apns = load_records(&engine, APNS_KIND, "certificate").await?.pop();
         Ok(CertificateRegistry {
             engine,
             reissue_before: days(reissue_before_days),
+            period,
             state: tokio::sync::Mutex::new(State { mdm, apns }),
         })
     }
 
     async fn save_mdm(&self, c: &MdmCertificate) -> Result<(), EngineError> {
-        let json = serde_json::to_string(c).map_err(|e| EngineError::Internal(e.to_string()))?;
-        Ok(self
-            .engine
-            .store()
-            .save_record(MDM_KIND, &c.certificate_id, json)
-            .await?)
+        save_record(&self.engine, MDM_KIND, &c.certificate_id, c).await
     }
 
     async fn save_apns(&self, c: &ApnsCertificate) -> Result<(), EngineError> {
-        let json = serde_json::to_string(c).map_err(|e| EngineError::Internal(e.to_string()))?;
-        Ok(self
-            .engine
-            .store()
-            .save_record(APNS_KIND, "apns", json)
-            .await?)
+        save_record(&self.engine, APNS_KIND, "apns", c).await
     }
 
     fn device_of(&self, c: &MdmCertificate) -> String {
@@ -260,10 +251,22 @@ impl CertificateRegistry {
         state.apns = Some(cert.clone());
         Ok(cert)
     }
+}
 
-    /// Checks every certificate against the clock and raises what is due.
-    pub async fn check(&self) -> Result<Vec<Arc<ClassifiedEvent>>, EngineError> {
-        let now = self.engine.clock().now();
+#[async_trait::async_trait]
+impl Detector for CertificateRegistry {
+    type Report = Vec<Arc<ClassifiedEvent>>;
+
+    fn name(&self) -> &'static str {
+        "certificate"
+    }
+
+    fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// Checks every certificate against `now` and raises what is due.
+    async fn check(&self, now: Timestamp) -> Result<Vec<Arc<ClassifiedEvent>>, EngineError> {
         let mut state = self.state.lock().await;
         let mut raised = Vec::new();
         let due: Vec<MdmCertificate> = state
@@ -297,15 +300,11 @@ impl CertificateRegistry {
             );
         }
         if let Some(mut apns) = state.apns.clone() {
-            let event = if now >= apns.not_after && !apns.raised_expired {
-                apns.raised_expired = true;
+            let soon = now >= apns.not_after.minus(days(APNS_WARN_DAYS)) && now < apns.not_after;
+            let event = if onset(&mut apns.raised_expired, now >= apns.not_after) {
                 apns.raised_soon = true;
                 Some(APN_CERTIFICATE_EXPIRED)
-            } else if now < apns.not_after
-                && now >= apns.not_after.minus(days(APNS_WARN_DAYS))
-                && !apns.raised_soon
-            {
-                apns.raised_soon = true;
+            } else if onset(&mut apns.raised_soon, soon) {
                 Some(APN_CERTIFICATE_EXPIRES_SOON)
             } else {
                 None
@@ -324,25 +323,5 @@ impl CertificateRegistry {
             }
         }
         Ok(raised)
-    }
-
-    /// Checks every `every` until shutdown; the first check is one period after start.
-    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let every = every.max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            let shutdown = me.engine.shutdown_signal().clone();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = me.check().await {
-                            tracing::error!(error = %e, "certificate check failed");
-                        }
-                    }
-                }
-            }
-        })
     }
 }

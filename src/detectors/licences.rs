@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::devices::DeviceRegistry;
+use super::{Detector, load_records, save_record, settle_all};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
-use crate::devices::DeviceRegistry;
 use crate::engine::{Engine, EngineError};
 
 /// 90-100 % of a licence's units in use (INFO).
@@ -78,35 +79,36 @@ pub struct LicenceUsage {
     pub in_use: u64,
 }
 
-/// The checker.
+/// The checker: a [`Detector`] checked every `check_interval_secs` and on request.
 pub struct LicenceChecker {
     engine: Arc<Engine>,
     devices: Arc<DeviceRegistry>,
+    period: Duration,
     licences: tokio::sync::Mutex<BTreeMap<String, Licence>>,
 }
 
 impl LicenceChecker {
-    /// Loads the saved licences.
+    /// Loads the saved licences, to be checked every `period` against `devices`.
     pub async fn load(
         engine: Arc<Engine>,
         devices: Arc<DeviceRegistry>,
+        period: Duration,
     ) -> Result<Self, EngineError> {
-        let mut licences = BTreeMap::new();
-        for json in engine.store().load_records(KIND).await? {
-            let l: Licence = serde_json::from_str(&json)
-                .map_err(|e| EngineError::Internal(format!("saved licence {json}: {e}")))?;
-            licences.insert(l.key.clone(), l);
-        }
+        let licences = load_records::<Licence>(&engine, KIND, "licence")
+            .await?
+            .into_iter()
+            .map(|l| (l.key.clone(), l))
+            .collect();
         Ok(LicenceChecker {
             engine,
             devices,
+            period,
             licences: tokio::sync::Mutex::new(licences),
         })
     }
 
     async fn save(&self, l: &Licence) -> Result<(), EngineError> {
-        let json = serde_json::to_string(l).map_err(|e| EngineError::Internal(e.to_string()))?;
-        Ok(self.engine.store().save_record(KIND, &l.key, json).await?)
+        save_record(&self.engine, KIND, &l.key, l).await
     }
 
     /// Adds or replaces a licence (keeping the level raised, so a changed limit is judged at
@@ -146,11 +148,23 @@ impl LicenceChecker {
     pub async fn list(&self) -> Vec<Licence> {
         self.licences.lock().await.values().cloned().collect()
     }
+}
+
+#[async_trait::async_trait]
+impl Detector for LicenceChecker {
+    /// The usage of every licence, and the events raised.
+    type Report = (Vec<LicenceUsage>, Vec<Arc<ClassifiedEvent>>);
+
+    fn name(&self) -> &'static str {
+        "licence"
+    }
+
+    fn period(&self) -> Duration {
+        self.period
+    }
 
     /// Counts units in use per key and raises each crossing into a higher band.
-    pub async fn check(
-        &self,
-    ) -> Result<(Vec<LicenceUsage>, Vec<Arc<ClassifiedEvent>>), EngineError> {
+    async fn check(&self, _now: Timestamp) -> Result<Self::Report, EngineError> {
         let in_use = self.devices.count_by_licence_key().await;
         let mut licences = self.licences.lock().await;
         let mut usage = Vec::new();
@@ -189,31 +203,7 @@ impl LicenceChecker {
             pending.push(self.engine.raise(ty, &server, params).await?);
         }
         drop(licences);
-        let mut raised = Vec::with_capacity(pending.len());
-        for p in pending {
-            raised.push(self.engine.settle(p).await?);
-        }
-        Ok((usage, raised))
-    }
-
-    /// Checks every `every` until shutdown; the first check is one period after start.
-    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let every = every.max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            let shutdown = me.engine.shutdown_signal().clone();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = me.check().await {
-                            tracing::error!(error = %e, "licence check failed");
-                        }
-                    }
-                }
-            }
-        })
+        Ok((usage, settle_all(&self.engine, pending).await?))
     }
 }
 

@@ -113,10 +113,6 @@ impl PushResults {
                 pending.push(self.engine.raise(GCM_DEVICE_ERROR, device, params).await?);
             }
         }
-        let mut raised = Vec::with_capacity(pending.len());
-        for p in pending {
-            raised.push(self.engine.settle(p).await?);
-        }
-        Ok(raised)
+        super::settle_all(&self.engine, pending).await
     }
 }

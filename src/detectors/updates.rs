@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::{load_records, save_record};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
@@ -75,12 +76,11 @@ pub struct UpdateRegistry {
 impl UpdateRegistry {
     /// Loads the saved updates.
     pub async fn load(engine: Arc<Engine>) -> Result<Self, EngineError> {
-        let mut updates = BTreeMap::new();
-        for json in engine.store().load_records(KIND).await? {
-            let u: Update = serde_json::from_str(&json)
-                .map_err(|e| EngineError::Internal(format!("saved update {json}: {e}")))?;
-            updates.insert(u.update_id.clone(), u);
-        }
+        let updates = load_records::<Update>(&engine, KIND, "update")
+            .await?
+            .into_iter()
+            .map(|u| (u.update_id.clone(), u))
+            .collect();
         Ok(UpdateRegistry {
             engine,
             updates: tokio::sync::Mutex::new(updates),
@@ -88,12 +88,7 @@ impl UpdateRegistry {
     }
 
     async fn save(&self, u: &Update) -> Result<(), EngineError> {
-        let json = serde_json::to_string(u).map_err(|e| EngineError::Internal(e.to_string()))?;
-        Ok(self
-            .engine
-            .store()
-            .save_record(KIND, &u.update_id, json)
-            .await?)
+        save_record(&self.engine, KIND, &u.update_id, u).await
     }
 
     /// Registers an update and raises KLSRV_SEAMLESS_UPDATE_REGISTERED for it.
