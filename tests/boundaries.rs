@@ -44,7 +44,10 @@ fn domain_modules_do_not_touch_the_wire() {
     let mut files = Vec::new();
     for d in DOMAIN {
         let p = root.join(d);
-        assert!(p.exists(), "{d} is listed as a domain module but does not exist");
+        assert!(
+            p.exists(),
+            "{d} is listed as a domain module but does not exist"
+        );
         rust_files(&p, &mut files);
     }
     assert!(files.len() >= 20, "only {} files found", files.len());
