@@ -27,6 +27,16 @@ pub struct FieldError {
     pub reason: String,
 }
 
+impl FieldError {
+    /// `field` is wrong because of `reason`.
+    pub fn new(field: &str, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
 fn too_long(field: &str, len: usize, max: usize) -> FieldError {
     FieldError {
         field: field.to_owned(),

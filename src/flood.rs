@@ -31,6 +31,20 @@ pub struct FloodThresholds {
     pub block_secs: u32,
 }
 
+impl FloodThresholds {
+    /// The thresholds in force for `t`: its own override, else `defaults`.
+    pub fn for_type(t: &crate::catalog::EventType, defaults: FloodThresholds) -> Self {
+        match t.settings.flood {
+            Some(f) => FloodThresholds {
+                threshold: f.threshold,
+                window_secs: f.window_secs,
+                block_secs: f.block_secs,
+            },
+            None => defaults,
+        }
+    }
+}
+
 /// What the detector decided for one event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FloodVerdict {
@@ -164,6 +178,8 @@ pub struct FloodDetector {
     /// Keyed hash (aHash, random keys per process): fast, and clients cannot craft colliding
     /// pairs.
     hasher: RandomState,
+    /// Woken when a flood is detected, so the block table is saved promptly.
+    detected: tokio::sync::Notify,
 }
 
 impl Default for FloodDetector {
@@ -179,6 +195,7 @@ impl FloodDetector {
             counters: DashMap::with_hasher_and_shard_amount(FxBuildHasher, 64),
             blocks: DashMap::with_hasher_and_shard_amount(FxBuildHasher, 16),
             hasher: RandomState::new(),
+            detected: tokio::sync::Notify::new(),
         }
     }
 
@@ -250,9 +267,16 @@ impl FloodDetector {
                 count,
                 "frequent event detected, blocking"
             );
+            self.detected.notify_one();
             return FloodVerdict::Detected { count };
         }
         FloodVerdict::Pass
+    }
+
+    /// Waits until a flood is detected (a new block), counting one detected since the last
+    /// call: how the block table's keeper knows to save it at once.
+    pub async fn detected(&self) {
+        self.detected.notified().await
     }
 
     /// The current blocks, optionally of one device, ordered by device then type.

@@ -30,6 +30,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blocks;
 pub mod bus;
 pub mod catalog;
 pub mod classify;
@@ -42,5 +43,6 @@ pub mod engine;
 pub mod fields;
 pub mod flood;
 pub mod hierarchy;
+pub mod maintenance;
 pub mod server;
 pub mod store;

@@ -46,23 +46,28 @@ use crate::api::updates::UpdateApi;
 use crate::api::{proto, status};
 use crate::auth::AccessControl;
 use crate::auth::pki::Authority;
+use crate::blocks::BlockKeeper;
 use crate::catalog::Catalog;
+use crate::catalog::admin::CatalogAdmin;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::detectors::capacity::CapacityMonitor;
 use crate::detectors::certificates::CertificateRegistry;
-use crate::detectors::devices::DeviceRegistry;
+use crate::detectors::devices::{DeviceRegistry, Liveness};
 use crate::detectors::licences::LicenceChecker;
 use crate::detectors::push::PushResults;
 use crate::detectors::updates::UpdateRegistry;
 use crate::detectors::{Detector, DetectorRunner};
 use crate::engine::{Engine, EngineParts};
+use crate::flood::FloodDetector;
 use crate::hierarchy::relay::RELAY_MAX_MESSAGE_BYTES;
 use crate::hierarchy::secondaries::Secondaries;
-use crate::hierarchy::sender::SenderSettings;
+use crate::hierarchy::sender::{SenderParts, SenderSettings};
+use crate::hierarchy::settings::SettingsVersion;
 use crate::hierarchy::tls::LinkCertificates;
 use crate::hierarchy::upstream::Uplink;
-use crate::store::StoreError;
+use crate::maintenance::RetentionSweep;
+use crate::store::{EventStore, StoreError, StoreNotice};
 use tokio_util::task::TaskTracker;
 
 /// Why the server could not start.
@@ -71,9 +76,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Restoring saved state failed.
-    #[error(transparent)]
-    Restore(#[from] crate::engine::EngineError),
+    /// A start-up check that must pass before serving failed.
+    #[error("start-up: {0}")]
+    Startup(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -97,6 +102,15 @@ pub enum ServerError {
     /// The data directory is in use by another server, or could not be locked.
     #[error(transparent)]
     DataDir(#[from] crate::datadir::DataDirError),
+}
+
+/// A client-port service with the message limit and gzip accepted, as every one is served.
+macro_rules! client_service {
+    ($server:expr, $max:expr) => {
+        $server
+            .max_decoding_message_size($max)
+            .accept_compressed(CompressionEncoding::Gzip)
+    };
 }
 
 /// The certificates of the hierarchy links as tonic takes them, read once at start-up.
@@ -126,228 +140,438 @@ pub struct RunningServer {
     hierarchy_serve: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     /// The uplink and the relay sessions.
     links: TaskTracker,
-    engine: Arc<Engine>,
-    /// Flushed at shutdown: its batched state is saved before the store closes.
-    devices: Arc<DeviceRegistry>,
+    parts: Parts,
+    /// Every periodic task and watcher; they end on the shutdown signal (the store's notice
+    /// reporter when the store closes).
+    background: DetectorRunner,
     shutdown: CancellationToken,
     health: HealthReporter,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
-    background: Vec<JoinHandle<()>>,
     grace: Duration,
     /// One data directory, one server: held until the store has closed at shutdown.
     data_dir_lock: crate::datadir::DataDirLock,
 }
 
-/// Starts a server with `config`, reading time from `clock`.
+/// The domain parts, restored from the store and wired together: what the services serve and
+/// what shutdown saves.
+struct Parts {
+    store: Arc<EventStore>,
+    engine: Arc<Engine>,
+    catalog: Arc<CatalogAdmin>,
+    blocks: Arc<BlockKeeper>,
+    devices: Arc<DeviceRegistry>,
+    licences: Arc<LicenceChecker>,
+    certificates: Arc<CertificateRegistry>,
+    capacity: Arc<CapacityMonitor>,
+    updates: Arc<UpdateRegistry>,
+    push: Arc<PushResults>,
+    secondaries: Arc<Secondaries>,
+    access: Arc<AccessControl>,
+}
+
+/// Starts a server with `config`, reading time from `clock`: open the store, restore the
+/// saved state, start the background work, link to the primary, serve the hierarchy port,
+/// serve the client port.
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, ServerError> {
-    // The data directory exists with either backend: the capacity monitor watches its volume.
+    let tls = HierarchyTls::load(&config.hierarchy)?;
+    let (data_dir_lock, store, notices) = open_store(&config).await?;
+    let shutdown = CancellationToken::new();
+    let parts = restore(&config, store, clock, shutdown.clone()).await?;
+    let client_tls = client_port_tls(&config, &parts.access)?;
+    let background = DetectorRunner::new(parts.engine.clock().clone(), shutdown.clone());
+    start_background(&config, &parts, notices, &background);
+    // The uplink and the relay sessions: joined at shutdown before the store closes.
+    let links = TaskTracker::new();
+    let serving = async {
+        let uplink = start_uplink(&config, &parts, tls.as_ref(), &links).await?;
+        let hierarchy = HierarchyServices {
+            parts: &parts,
+            uplink,
+            config: &config.hierarchy,
+            links: &links,
+        };
+        let (hierarchy_addr, hierarchy_serve) =
+            serve_hierarchy_port(&hierarchy, tls.as_ref(), &background, &shutdown).await?;
+        let client = serve_client_port(
+            &config,
+            &parts,
+            &hierarchy,
+            client_tls,
+            &background,
+            &shutdown,
+        )
+        .await?;
+        Ok::<_, ServerError>((hierarchy_addr, hierarchy_serve, client))
+    }
+    .await;
+    let (hierarchy_addr, hierarchy_serve, (addr, health, serve)) = match serving {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing serves: stop what started, close the store, release the directory.
+            shutdown.cancel();
+            parts.store.shutdown().await;
+            background.stopped().await;
+            return Err(e);
+        }
+    };
+    Ok(RunningServer {
+        access: parts.access.clone(),
+        addr,
+        hierarchy_addr,
+        hierarchy_serve,
+        links,
+        parts,
+        background,
+        shutdown,
+        health,
+        serve,
+        grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        data_dir_lock,
+    })
+}
+
+/// Step 1: lock the data directory (created if missing: the capacity monitor watches its
+/// volume with either backend) and open the store.
+async fn open_store(
+    config: &Config,
+) -> Result<
+    (
+        crate::datadir::DataDirLock,
+        Arc<EventStore>,
+        tokio::sync::mpsc::UnboundedReceiver<StoreNotice>,
+    ),
+    ServerError,
+> {
     std::fs::create_dir_all(&config.server.data_dir).map_err(|e| {
         StoreError::backend(format!(
             "cannot create {}: {e}",
             config.server.data_dir.display()
         ))
     })?;
-    let data_dir_lock = crate::datadir::DataDirLock::acquire(&config.server.data_dir)?;
-    let (store, notices) = crate::store::open(&config).await?;
-    let store = Arc::new(store);
+    let lock = crate::datadir::DataDirLock::acquire(&config.server.data_dir)?;
+    let (store, notices) = crate::store::open(config).await?;
+    Ok((lock, Arc::new(store), notices))
+}
+
+/// Step 2: restore the saved state (catalog, settings version, credentials, blocks, every
+/// registry), delete what expired while the server was down, and check capacity and
+/// certificates once, so what is due is reported before serving.
+async fn restore(
+    config: &Config,
+    store: Arc<EventStore>,
+    clock: SharedClock,
+    shutdown: CancellationToken,
+) -> Result<Parts, ServerError> {
     let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
     for skipped in catalog.restore(store.load_event_types().await?) {
         tracing::error!(event_type = %skipped.name, id = ?skipped.id,
             "saved event type skipped: its numeric ID belongs to another type");
     }
-    let shutdown = CancellationToken::new();
+    let version = Arc::new(SettingsVersion::load(store.clone()).await?);
+    let flood = Arc::new(FloodDetector::new());
+    let liveness = Arc::new(Liveness::new());
     let engine = Engine::new(EngineParts {
-        catalog,
-        store,
-        clock,
+        catalog: catalog.clone(),
+        flood: flood.clone(),
+        store: store.clone(),
+        observer: Some(liveness.clone()),
+        clock: clock.clone(),
         flood_defaults: config.flood.thresholds(),
         limits: config.limits.clone(),
         subscriber_buffer: config.subscribe.buffer,
         server_id: config.server.server_id.clone(),
-        shutdown: shutdown.clone(),
+        shutdown,
         forward_min: config
             .hierarchy
             .upstream
             .is_some()
             .then_some(config.hierarchy.forward_min_severity),
     });
-    engine.restore_settings_version().await?;
-    let access = start_access(&config, &engine).await?;
-    let client_tls = client_port_tls(&config, &access)?;
-    let tls = HierarchyTls::load(&config.hierarchy)?;
-    // Events that expired while the server was down go before it serves.
+    let access = start_access(config, &store, &clock).await?;
     // A full disk must not keep the server from starting: the sweep is retried periodically.
-    match engine.sweep_retention().await {
+    match retention_sweep(config, &store, &catalog)
+        .check(clock.now())
+        .await
+    {
         Ok(0) => {}
         Ok(expired) => tracing::info!(deleted = expired, "expired events deleted at start-up"),
         Err(e) => tracing::error!(error = %e, "start-up retention sweep failed; retried later"),
     }
-    let restored = engine.restore_blocks().await?;
+    let blocks = Arc::new(BlockKeeper::new(
+        flood,
+        store.clone(),
+        catalog.clone(),
+        clock.clone(),
+        config.flood.thresholds(),
+    ));
+    let restored = blocks.restore().await?;
     if restored > 0 {
         tracing::info!(blocks = restored, "frequent-event blocks restored");
     }
     let capacity = Arc::new(CapacityMonitor::new(
         engine.clone(),
+        store.clone(),
         config.server.data_dir.clone(),
         config.database_path(),
         config.capacity.thresholds(),
         Duration::from_secs(config.capacity.check_interval_secs.max(1)),
     ));
     capacity.restore_marks().await?;
-    // One check before serving, so a full disk is reported at once, then periodically. It
-    // cannot fail because the disk is full: its events are then delivered live and stored
-    // once space allows.
-    capacity.check(engine.clock().now()).await?;
-    let push = Arc::new(PushResults::new(engine.clone()));
-    let updates = Arc::new(UpdateRegistry::load(engine.clone()).await?);
+    // Its events are delivered live and stored once space allows, so a full disk cannot fail
+    // this check.
+    capacity
+        .check(clock.now())
+        .await
+        .map_err(|e| ServerError::Startup(format!("capacity check: {e}")))?;
     let certificates = Arc::new(
         CertificateRegistry::load(
             engine.clone(),
+            store.clone(),
             config.certificates.reissue_before_days,
             Duration::from_secs(config.certificates.check_interval_secs.max(1)),
         )
         .await?,
     );
-    if let Err(e) = certificates.check(engine.clock().now()).await {
+    if let Err(e) = certificates.check(clock.now()).await {
         tracing::error!(error = %e, "start-up certificate check failed; retried at the next check");
     }
     let devices = Arc::new(
         DeviceRegistry::load(
             engine.clone(),
+            store.clone(),
+            liveness,
             config.devices.status.clone(),
             config.devices.timings(),
         )
         .await?,
     );
-    let mut background = engine.spawn_background(
-        notices,
-        Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
-        Duration::from_secs(config.store.retention_sweep_secs.max(1)),
-    );
     let licences = Arc::new(
         LicenceChecker::load(
             engine.clone(),
+            store.clone(),
             devices.clone(),
             Duration::from_secs(config.licences.check_interval_secs.max(1)),
         )
         .await?,
     );
-    let runner = DetectorRunner::new(engine.clock().clone(), engine.shutdown_signal().clone());
-    background.push(runner.spawn(licences.clone()));
-    background.extend(devices.spawn(&runner));
-    background.push(runner.spawn(certificates.clone()));
-    background.push(runner.spawn(capacity.clone()));
+    Ok(Parts {
+        catalog: Arc::new(CatalogAdmin::new(catalog, store.clone(), version)),
+        blocks,
+        devices,
+        licences,
+        certificates,
+        capacity,
+        updates: Arc::new(UpdateRegistry::load(engine.clone(), store.clone()).await?),
+        push: Arc::new(PushResults::new(engine.clone())),
+        secondaries: Arc::new(Secondaries::load(engine.clone(), store.clone()).await?),
+        access,
+        engine,
+        store,
+    })
+}
 
+/// The retention sweep of `store` by `catalog`'s types, every `store.retention_sweep_secs`.
+fn retention_sweep(
+    config: &Config,
+    store: &Arc<EventStore>,
+    catalog: &Arc<Catalog>,
+) -> RetentionSweep {
+    RetentionSweep::new(
+        store.clone(),
+        catalog.clone(),
+        Duration::from_secs(config.store.retention_sweep_secs.max(1)),
+    )
+}
+
+/// Step 3: the periodic work, every task on `runner`: the detectors' checks, the device
+/// registry's saves, the block table's sweeps and saves, the retention sweep, the store's
+/// notices, the store health watcher and the re-reading of shared credentials.
+fn start_background(
+    config: &Config,
+    parts: &Parts,
+    notices: tokio::sync::mpsc::UnboundedReceiver<StoreNotice>,
+    runner: &DetectorRunner,
+) {
+    let engine = &parts.engine;
+    runner.track(crate::maintenance::report_store_notices(
+        engine.clone(),
+        notices,
+    ));
+    runner.track(parts.blocks.clone().run(
+        Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
+        engine.shutdown_signal().clone(),
+    ));
+    runner.spawn(Arc::new(retention_sweep(
+        config,
+        &parts.store,
+        parts.catalog.catalog(),
+    )));
+    runner.spawn(parts.licences.clone());
+    parts.devices.spawn(runner);
+    runner.spawn(parts.certificates.clone());
+    runner.spawn(parts.capacity.clone());
+    let access = parts.access.clone();
+    runner.every(
+        "re-reading shared credentials",
+        Duration::from_secs(config.auth.refresh_secs.max(1)),
+        move || {
+            let access = access.clone();
+            async move { access.refresh().await }
+        },
+    );
+}
+
+/// Step 4: the link to the primary, when this server has one (its sender runs on `links`).
+async fn start_uplink(
+    config: &Config,
+    parts: &Parts,
+    tls: Option<&HierarchyTls>,
+    links: &TaskTracker,
+) -> Result<Option<Arc<Uplink>>, ServerError> {
     let h = &config.hierarchy;
-    let keepalive_timeout = Duration::from_secs(h.keepalive_timeout_secs.max(1));
-    let secondaries = Arc::new(Secondaries::load(engine.clone()).await?);
-    // The uplink and the relay sessions: joined at shutdown before the store closes.
-    let links = TaskTracker::new();
-    let uplink = match (&h.upstream, &tls) {
-        (Some(upstream), Some(tls)) => {
-            let uplink =
-                Arc::new(Uplink::load(engine.clone(), upstream.clone(), keepalive_timeout).await?);
-            let mut client_tls = ClientTlsConfig::new()
-                .ca_certificate(tls.ca.clone())
-                .identity(tls.identity.clone());
-            if let Some(name) = &h.upstream_name {
-                client_tls = client_tls.domain_name(name.clone());
-            }
-            let keepalive_interval = Duration::from_secs(h.keepalive_interval_secs.max(1));
-            crate::hierarchy::sender::spawn(
-                engine.clone(),
-                uplink.clone(),
-                GrpcRelayTransport {
-                    upstream: upstream.clone(),
-                    tls: client_tls,
-                    keepalive_interval,
-                    keepalive_timeout,
-                    queue: h.window_batches + 8,
-                },
-                SenderSettings {
-                    batch_events: h.batch_events,
-                    window_batches: h.window_batches,
-                    keepalive_interval,
-                    keepalive_timeout,
-                    backoff_initial: Duration::from_millis(h.backoff_initial_ms.max(1)),
-                    backoff_max: Duration::from_millis(h.backoff_max_ms.max(1)),
-                    accept_settings: h.accept_settings,
-                },
-                &links,
-            );
-            Some(uplink)
-        }
-        _ => None,
+    let (Some(upstream), Some(tls)) = (&h.upstream, tls) else {
+        return Ok(None);
     };
-    let hierarchy_api = |relay_allowed: bool| {
-        HierarchyServiceServer::new(HierarchyApi::new(HierarchyApiParts {
-            engine: engine.clone(),
-            secondaries: secondaries.clone(),
-            uplink: uplink.clone(),
-            relay_allowed,
+    let keepalive_timeout = Duration::from_secs(h.keepalive_timeout_secs.max(1));
+    let uplink = Arc::new(
+        Uplink::load(
+            parts.engine.clone(),
+            parts.store.clone(),
+            upstream.clone(),
             keepalive_timeout,
-            outbox_max_events: h.outbox_max_events,
-            sessions: links.clone(),
+        )
+        .await?,
+    );
+    let mut client_tls = ClientTlsConfig::new()
+        .ca_certificate(tls.ca.clone())
+        .identity(tls.identity.clone());
+    if let Some(name) = &h.upstream_name {
+        client_tls = client_tls.domain_name(name.clone());
+    }
+    let keepalive_interval = Duration::from_secs(h.keepalive_interval_secs.max(1));
+    crate::hierarchy::sender::spawn(
+        SenderParts {
+            engine: parts.engine.clone(),
+            store: parts.store.clone(),
+            catalog: parts.catalog.clone(),
+            uplink: uplink.clone(),
+        },
+        GrpcRelayTransport {
+            upstream: upstream.clone(),
+            tls: client_tls,
+            keepalive_interval,
+            keepalive_timeout,
+            queue: h.window_batches + 8,
+        },
+        SenderSettings {
+            batch_events: h.batch_events,
+            window_batches: h.window_batches,
+            keepalive_interval,
+            keepalive_timeout,
+            backoff_initial: Duration::from_millis(h.backoff_initial_ms.max(1)),
+            backoff_max: Duration::from_millis(h.backoff_max_ms.max(1)),
+            accept_settings: h.accept_settings,
+        },
+        links,
+    );
+    Ok(Some(uplink))
+}
+
+/// What the hierarchy service needs on either port.
+struct HierarchyServices<'a> {
+    parts: &'a Parts,
+    uplink: Option<Arc<Uplink>>,
+    config: &'a crate::config::HierarchyConfig,
+    links: &'a TaskTracker,
+}
+
+impl HierarchyServices<'_> {
+    fn keepalive_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.keepalive_timeout_secs.max(1))
+    }
+
+    /// The service; `relay_allowed` only on the mutual-TLS hierarchy port.
+    fn service(&self, relay_allowed: bool) -> HierarchyServiceServer<HierarchyApi> {
+        HierarchyServiceServer::new(HierarchyApi::new(HierarchyApiParts {
+            engine: self.parts.engine.clone(),
+            catalog: self.parts.catalog.clone(),
+            store: self.parts.store.clone(),
+            secondaries: self.parts.secondaries.clone(),
+            uplink: self.uplink.clone(),
+            relay_allowed,
+            keepalive_timeout: self.keepalive_timeout(),
+            outbox_max_events: self.config.outbox_max_events,
+            sessions: self.links.clone(),
         }))
         .max_decoding_message_size(RELAY_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(RELAY_MAX_MESSAGE_BYTES)
         .accept_compressed(CompressionEncoding::Gzip)
-    };
-    let mut hierarchy_addr = None;
-    let mut hierarchy_serve = None;
-    if let (Some(listen), Some(tls)) = (h.listen, &tls) {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Bind {
-            addr: listen,
-            source,
-        })?;
-        // Secondaries that were linked when this server stopped get one keepalive timeout to
-        // come back before their links count as broken.
-        background.push(secondaries.spawn_grace(keepalive_timeout));
-        let (_, hierarchy_health) = tonic_health::server::health_reporter();
-        let router = tonic::transport::Server::builder()
-            .tls_config(
-                ServerTlsConfig::new()
-                    .identity(tls.identity.clone())
-                    .client_ca_root(tls.ca.clone()),
-            )
-            .map_err(|e| ServerError::Tls(format!("hierarchy listener: {e}")))?
-            .http2_keepalive_interval(Some(Duration::from_secs(h.keepalive_interval_secs.max(1))))
-            .http2_keepalive_timeout(Some(keepalive_timeout))
-            .layer(tower::util::MapResponseLayer::new(status::finish_response))
-            .layer(crate::api::guard::CatchPanicLayer)
-            .add_service(hierarchy_health)
-            .add_service(hierarchy_api(true));
-        let signal = shutdown.clone();
-        hierarchy_serve = Some(tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
-                    signal.cancelled_owned(),
-                )
-                .await
-        }));
-        hierarchy_addr = Some(bound);
-        tracing::info!(addr = %bound, "accepting secondary servers (mutual TLS)");
     }
+}
 
-    let listener = TcpListener::bind(config.server.listen)
+/// The serving task of one port.
+type Serving = JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Step 5: the mutual-TLS port secondaries relay to, when configured.
+async fn serve_hierarchy_port(
+    h: &HierarchyServices<'_>,
+    tls: Option<&HierarchyTls>,
+    runner: &DetectorRunner,
+    shutdown: &CancellationToken,
+) -> Result<(Option<SocketAddr>, Option<Serving>), ServerError> {
+    let (Some(listen), Some(tls)) = (h.config.listen, tls) else {
+        return Ok((None, None));
+    };
+    let (listener, bound) = bind(listen).await?;
+    // Secondaries that were linked when this server stopped get one keepalive timeout to
+    // come back before their links count as broken.
+    runner.track(
+        h.parts
+            .secondaries
+            .grace_after_restart(h.keepalive_timeout()),
+    );
+    let (_, hierarchy_health) = tonic_health::server::health_reporter();
+    let router = tonic::transport::Server::builder()
+        .tls_config(
+            ServerTlsConfig::new()
+                .identity(tls.identity.clone())
+                .client_ca_root(tls.ca.clone()),
+        )
+        .map_err(|e| ServerError::Tls(format!("hierarchy listener: {e}")))?
+        .http2_keepalive_interval(Some(Duration::from_secs(
+            h.config.keepalive_interval_secs.max(1),
+        )))
+        .http2_keepalive_timeout(Some(h.keepalive_timeout()))
+        .layer(tower::util::MapResponseLayer::new(status::finish_response))
+        .layer(crate::api::guard::CatchPanicLayer)
+        .add_service(hierarchy_health)
+        .add_service(h.service(true));
+    let signal = shutdown.clone();
+    let serve = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                signal.cancelled_owned(),
+            )
+            .await
+    });
+    tracing::info!(addr = %bound, "accepting secondary servers (mutual TLS)");
+    Ok((Some(bound), Some(serve)))
+}
+
+/// Binds `addr`; returns the listener and the address it got (the real port for port 0).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.server.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.server.listen,
-        source,
-    })?;
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+/// Marks every service of the client port SERVING.
+async fn report_serving(health: &HealthReporter) {
     health.set_serving::<EventServiceServer<EventApi>>().await;
     health
         .set_serving::<CatalogServiceServer<CatalogApi>>()
@@ -371,26 +595,58 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     health
         .set_serving::<HierarchyServiceServer<HierarchyApi>>()
         .await;
-    background.push(spawn_store_health(
-        engine.clone(),
+}
+
+/// Reflection (v1 and v1alpha) of every service and of health.
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServerError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
+}
+
+/// Step 6: the client port: every service behind authentication, with health and
+/// reflection, on TLS unless `insecure_plaintext`.
+async fn serve_client_port(
+    config: &Config,
+    parts: &Parts,
+    hierarchy: &HierarchyServices<'_>,
+    client_tls: Option<Arc<rustls::ServerConfig>>,
+    runner: &DetectorRunner,
+    shutdown: &CancellationToken,
+) -> Result<(SocketAddr, HealthReporter, Serving), ServerError> {
+    let (listener, addr) = bind(config.server.listen).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    report_serving(&health).await;
+    runner.track(watch_store_health(
+        parts.engine.clone(),
         health.clone(),
         shutdown.clone(),
     ));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServerError::Reflection(e.to_string()))?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let engine = &parts.engine;
     let max = config.server.max_message_bytes;
     let mut events = EventServiceServer::new(EventApi::new(
         engine.clone(),
-        access.clone(),
+        parts.access.clone(),
         config.subscribe.max_subscribers,
         config.subscribe.max_per_connection,
     ))
@@ -399,56 +655,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     if config.server.compress_responses {
         events = events.send_compressed(CompressionEncoding::Gzip);
     }
-    let catalog_api = CatalogServiceServer::new(CatalogApi::new(engine.clone()))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-    let devices_api = DeviceServiceServer::new(DeviceApi::new(engine.clone(), devices.clone()))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-
-    let push_api = PushServiceServer::new(PushApi::new(push))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-    let capacity_api = CapacityServiceServer::new(CapacityApi::new(capacity, engine.clone()))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-
-    let updates_api = UpdateServiceServer::new(UpdateApi::new(updates, engine.clone()))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-
-    let certificates_api =
-        CertificateServiceServer::new(CertificateApi::new(certificates, engine.clone()))
-            .max_decoding_message_size(max)
-            .accept_compressed(CompressionEncoding::Gzip);
-
-    let licences_api = LicenceServiceServer::new(LicenceApi::new(licences, engine.clone()))
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-
-    let access_api = AccessApi::new(engine.clone(), access.clone());
-    let enrollment_api = EnrollmentServiceServer::new(access_api.clone())
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-    let access_api = AccessServiceServer::new(access_api)
-        .max_decoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip);
-    background.push(access.spawn_refresh(
-        Duration::from_secs(config.auth.refresh_secs.max(1)),
-        shutdown.clone(),
-    ));
-
-    let incoming = crate::api::auth::incoming(
-        listener,
-        client_tls,
-        crate::api::auth::ConnectionLimits {
-            max_connections: config.server.max_connections,
-            handshake_timeout: Duration::from_secs(config.server.handshake_timeout_secs.max(1)),
-            first_request_timeout: Duration::from_secs(config.server.first_request_timeout_secs),
-        },
-        shutdown.clone(),
-    );
-    let signal = shutdown.clone();
+    let access_api = AccessApi::new(engine.clone(), parts.access.clone());
     let srv = &config.server;
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(srv.keepalive_interval_secs)))
@@ -457,28 +664,73 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         .initial_stream_window_size(Some(srv.stream_window_bytes))
         .initial_connection_window_size(Some(srv.connection_window_bytes))
         .layer(tower::util::MapResponseLayer::new(status::finish_response))
-        .layer(AuthorizeLayer::new(access.clone()))
+        .layer(AuthorizeLayer::new(parts.access.clone()))
         .layer(crate::api::guard::CatchPanicLayer)
         .add_service(health_service)
-        .add_service(access_api)
-        .add_service(enrollment_api)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(events)
-        .add_service(catalog_api)
-        .add_service(devices_api)
-        .add_service(push_api)
-        .add_service(capacity_api)
-        .add_service(updates_api)
-        .add_service(certificates_api)
-        .add_service(licences_api)
-        .add_service(hierarchy_api(false));
+        .add_service(client_service!(
+            AccessServiceServer::new(access_api.clone()),
+            max
+        ))
+        .add_service(client_service!(
+            EnrollmentServiceServer::new(access_api),
+            max
+        ))
+        .add_service(client_service!(
+            CatalogServiceServer::new(CatalogApi::new(engine.clone(), parts.catalog.clone())),
+            max
+        ))
+        .add_service(client_service!(
+            DeviceServiceServer::new(DeviceApi::new(
+                engine.clone(),
+                parts.devices.clone(),
+                parts.blocks.clone()
+            )),
+            max
+        ))
+        .add_service(client_service!(
+            PushServiceServer::new(PushApi::new(parts.push.clone())),
+            max
+        ))
+        .add_service(client_service!(
+            CapacityServiceServer::new(CapacityApi::new(parts.capacity.clone(), engine.clone())),
+            max
+        ))
+        .add_service(client_service!(
+            UpdateServiceServer::new(UpdateApi::new(parts.updates.clone(), engine.clone())),
+            max
+        ))
+        .add_service(client_service!(
+            CertificateServiceServer::new(CertificateApi::new(
+                parts.certificates.clone(),
+                engine.clone()
+            )),
+            max
+        ))
+        .add_service(client_service!(
+            LicenceServiceServer::new(LicenceApi::new(parts.licences.clone(), engine.clone())),
+            max
+        ))
+        .add_service(hierarchy.service(false));
+    let incoming = crate::api::auth::incoming(
+        listener,
+        client_tls,
+        crate::api::auth::ConnectionLimits {
+            max_connections: srv.max_connections,
+            handshake_timeout: Duration::from_secs(srv.handshake_timeout_secs.max(1)),
+            first_request_timeout: Duration::from_secs(srv.first_request_timeout_secs),
+        },
+        shutdown.clone(),
+    );
+    let signal = shutdown.clone();
     let serve = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, signal.cancelled_owned())
             .await
     });
-    if config.server.insecure_plaintext {
+    if srv.insecure_plaintext {
         if addr.ip().is_loopback() {
             tracing::info!(%addr, "fleet-events serving plaintext (insecure_plaintext)");
         } else {
@@ -488,21 +740,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     } else {
         tracing::info!(%addr, ca = %config.ca_files().0.display(), "fleet-events serving (TLS)");
     }
-    Ok(RunningServer {
-        access,
-        addr,
-        hierarchy_addr,
-        hierarchy_serve,
-        links,
-        engine,
-        devices,
-        shutdown,
-        health,
-        serve,
-        background,
-        grace: Duration::from_secs(config.server.shutdown_grace_secs),
-        data_dir_lock,
-    })
+    Ok((addr, health, serve))
 }
 
 /// How often an unhealthy store is probed with a small write.
@@ -511,13 +749,13 @@ pub const STORE_PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Keeps the health of `fleetevents.v1.EventService` true to the store: NOT_SERVING while it
 /// cannot commit (a full disk, PostgreSQL unreachable), probed every [`STORE_PROBE_EVERY`]
 /// until a write succeeds, then SERVING again.
-fn spawn_store_health(
+async fn watch_store_health(
     engine: Arc<Engine>,
     health: tonic_health::server::HealthReporter,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) {
     let mut store = engine.store_health();
-    tokio::spawn(async move {
+    {
         loop {
             let healthy = *store.borrow_and_update();
             if healthy {
@@ -544,14 +782,15 @@ fn spawn_store_health(
                 }
             }
         }
-    })
+    }
 }
 
 /// Loads the CA and the credentials, and writes the first admin token when there is no live
 /// admin token (first start).
 async fn start_access(
     config: &Config,
-    engine: &Arc<Engine>,
+    store: &Arc<EventStore>,
+    clock: &SharedClock,
 ) -> Result<Arc<AccessControl>, ServerError> {
     let (ca_cert, ca_key) = config.ca_files();
     let authority = Authority::load_or_create(
@@ -563,8 +802,8 @@ async fn start_access(
     .map_err(|e| ServerError::ClientTls(e.to_string()))?;
     let access = Arc::new(
         AccessControl::load(
-            engine.store().clone(),
-            engine.clock().clone(),
+            store.clone(),
+            clock.clone(),
             authority,
             &config.server.server_id,
         )
@@ -668,10 +907,35 @@ impl RunningServer {
 
     /// The engine, for in-process tests and embedding.
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        &self.parts.engine
     }
 
-    /// Stops gracefully: refuse new work, answer what was accepted, commit everything queued.
+    /// The event store, for in-process tests and embedding.
+    pub fn store(&self) -> &Arc<EventStore> {
+        &self.parts.store
+    }
+
+    /// The frequent-event block table, for in-process tests and embedding.
+    pub fn blocks(&self) -> &Arc<BlockKeeper> {
+        &self.parts.blocks
+    }
+
+    /// Runs the retention sweep now (it also runs periodically); returns how many events it
+    /// deleted.
+    pub async fn sweep_retention(&self) -> Result<u64, StoreError> {
+        RetentionSweep::new(
+            self.parts.store.clone(),
+            self.parts.catalog.catalog().clone(),
+            Duration::MAX,
+        )
+        .check(self.parts.engine.clock().now())
+        .await
+    }
+
+    /// Stops gracefully, in one order: health NOT_SERVING and the shutdown signal (handlers
+    /// refuse new work), the ports finish their calls (up to the grace period), the hierarchy
+    /// links finish their batch, the batched state is saved (devices, blocks), the store commits
+    /// everything queued and closes, and every background task has ended.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         self.health
@@ -705,17 +969,15 @@ impl RunningServer {
         {
             tracing::warn!("hierarchy links did not stop in time");
         }
-        if let Err(e) = self.devices.flush().await {
+        if let Err(e) = self.parts.devices.flush().await {
             tracing::error!(error = %e, "saving devices at shutdown failed");
         }
-        if let Err(e) = self.engine.save_blocks().await {
+        if let Err(e) = self.parts.blocks.save().await {
             tracing::error!(error = %e, "saving frequent-event blocks at shutdown failed");
         }
-        self.engine.store().shutdown().await;
+        self.parts.store.shutdown().await;
         // The periodic tasks ended on the shutdown signal; the notice task ends with the store.
-        for task in self.background {
-            let _ = task.await;
-        }
+        self.background.stopped().await;
         drop(self.data_dir_lock);
         tracing::info!("stopped");
     }

@@ -204,11 +204,11 @@ async fn blocks_expire_on_the_clock() {
             .unwrap();
     }
     s.clock.advance(Duration::from_secs(599));
-    s.server.engine().sweep_flood();
-    assert_eq!(s.server.engine().blocks(None).len(), 1);
+    s.server.blocks().sweep();
+    assert_eq!(s.server.blocks().list(None).len(), 1);
     s.clock.advance(Duration::from_secs(1));
-    s.server.engine().sweep_flood();
-    assert!(s.server.engine().blocks(None).is_empty());
+    s.server.blocks().sweep();
+    assert!(s.server.blocks().list(None).is_empty());
     let a = c
         .classify(event("dev", "APP_NOISY", "after"))
         .await

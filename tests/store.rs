@@ -41,7 +41,7 @@ async fn the_cap_deletes_the_oldest_and_raises_both_truncation_events() {
             .into_inner();
         assert!(a.stored);
     }
-    let count = s.server.engine().store().event_count().await.unwrap();
+    let count = s.server.store().event_count().await.unwrap();
     assert!(count <= 100, "{count} stored");
     let all = query_all(&mut c, proto::QueryEventsRequest::default()).await;
     assert_eq!(all.len() as u64, count);
@@ -87,12 +87,12 @@ async fn retention_deletes_per_type_on_the_clock() {
     c.classify(event("d", "APP_UNKNOWN", "info")).await.unwrap();
     s.clock.advance(Duration::from_secs(31 * 86_400));
     assert_eq!(
-        s.server.engine().sweep_retention().await.unwrap(),
+        s.server.sweep_retention().await.unwrap(),
         1,
         "info: 30 days"
     );
     s.clock.advance(Duration::from_secs(60 * 86_400));
-    assert_eq!(s.server.engine().sweep_retention().await.unwrap(), 1);
+    assert_eq!(s.server.sweep_retention().await.unwrap(), 1);
     // The registrations' audit events (the server's, kept 180 days) are not the test's.
     let left = query_all(
         &mut c,
@@ -113,7 +113,7 @@ async fn retention_deletes_per_type_on_the_clock() {
         })
         .await
         .unwrap();
-    assert_eq!(s.server.engine().sweep_retention().await.unwrap(), 1);
+    assert_eq!(s.server.sweep_retention().await.unwrap(), 1);
     s.stop().await;
 }
 
@@ -290,7 +290,7 @@ async fn graceful_shutdown_keeps_every_acknowledged_event() {
         lost.len(),
         acked.len(),
         stored.len(),
-        s.server.engine().store().event_count().await.unwrap(),
+        s.server.store().event_count().await.unwrap(),
         lost.first(),
         lost.last()
     );
@@ -317,7 +317,7 @@ async fn idempotency_survives_restarts_and_follows_deletes() {
     let s = TestServer::start_with_clock(cfg.clone(), clock).await;
     let mut c = s.events();
     c.classify(event("idem", APP_WARN, "i5")).await.unwrap();
-    assert_eq!(s.server.engine().store().event_count().await.unwrap(), 10);
+    assert_eq!(s.server.store().event_count().await.unwrap(), 10);
     // One more pushes the count over the cap of 10: the oldest (i0) goes.
     c.classify(event("idem", APP_WARN, "i10")).await.unwrap();
     let ids: Vec<String> = query_all(&mut c, proto::QueryEventsRequest::default())

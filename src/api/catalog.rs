@@ -15,18 +15,21 @@ use super::proto::{
     catalog_service_server::CatalogService,
 };
 use super::status::bad_field;
+use crate::catalog::admin::CatalogAdmin;
 use crate::catalog::{CatalogError, NewEventType, SettingsChange};
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
 
 /// The CatalogService adapter.
 pub struct CatalogApi {
+    /// Raises the audit events.
     engine: Arc<Engine>,
+    admin: Arc<CatalogAdmin>,
 }
 
 impl CatalogApi {
-    /// Serves `engine`'s catalog.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        CatalogApi { engine }
+    /// Serves the catalog of `admin`; `engine` raises the audit events.
+    pub fn new(engine: Arc<Engine>, admin: Arc<CatalogAdmin>) -> Self {
+        CatalogApi { engine, admin }
     }
 }
 
@@ -39,7 +42,7 @@ impl CatalogService for CatalogApi {
         request.get_ref().check()?;
         let r = request.into_inner();
         let min = convert::severity(r.min_severity, "min_severity")?;
-        let types = self.engine.catalog().list();
+        let types = self.admin.catalog().list();
         let page = paging::page(
             types
                 .into_iter()
@@ -63,7 +66,7 @@ impl CatalogService for CatalogApi {
     ) -> Result<Response<proto::EventType>, Status> {
         request.get_ref().check()?;
         let r = request.into_inner();
-        let catalog = self.engine.catalog();
+        let catalog = self.admin.catalog();
         let found = match (r.event_type.is_empty(), r.event_type_id) {
             (false, 0) => catalog.by_name(&r.event_type),
             (true, id) if id != 0 => catalog.by_id(id),
@@ -80,7 +83,7 @@ impl CatalogService for CatalogApi {
             } else {
                 r.event_type
             };
-            Status::from(EngineError::Catalog(CatalogError::NotFound(name)))
+            Status::from(CatalogError::NotFound(name))
         })?;
         Ok(Response::new(convert::event_type(&t)))
     }
@@ -95,7 +98,7 @@ impl CatalogService for CatalogApi {
         let severity = convert::severity(r.severity, "severity")?
             .ok_or_else(|| bad_field("severity", "required"))?;
         let t = self
-            .engine
+            .admin
             .register_type(NewEventType {
                 name: r.event_type,
                 id: Some(r.event_type_id).filter(|id| *id != 0),
@@ -146,7 +149,7 @@ impl CatalogService for CatalogApi {
         };
         let asked = format!("{change:?}");
         let t = self
-            .engine
+            .admin
             .update_type_settings(&r.event_type, change)
             .await?;
         audit::record(

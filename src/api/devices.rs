@@ -16,6 +16,7 @@ use super::proto::{
 use super::status::bad_field;
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
+use crate::blocks::BlockKeeper;
 use crate::detectors::Detector;
 use crate::detectors::devices::{
     DeviceRecord, DeviceRegistry, DeviceStatus, Heartbeat, StatusFacts,
@@ -24,14 +25,24 @@ use crate::engine::Engine;
 
 /// The DeviceService adapter.
 pub struct DeviceApi {
+    /// Raises the audit events; its clock times the on-request check.
     engine: Arc<Engine>,
     registry: Arc<DeviceRegistry>,
+    blocks: Arc<BlockKeeper>,
 }
 
 impl DeviceApi {
-    /// Serves `registry` and `engine`'s frequent-event blocks.
-    pub fn new(engine: Arc<Engine>, registry: Arc<DeviceRegistry>) -> Self {
-        DeviceApi { engine, registry }
+    /// Serves `registry` and the frequent-event blocks of `blocks`.
+    pub fn new(
+        engine: Arc<Engine>,
+        registry: Arc<DeviceRegistry>,
+        blocks: Arc<BlockKeeper>,
+    ) -> Self {
+        DeviceApi {
+            engine,
+            registry,
+            blocks,
+        }
     }
 
     async fn audit(
@@ -183,8 +194,8 @@ impl DeviceService for DeviceApi {
         request.get_ref().check()?;
         let r = request.into_inner();
         let page = paging::page(
-            self.engine
-                .blocks(Some(r.device_id.as_str()).filter(|d| !d.is_empty()))
+            self.blocks
+                .list(Some(r.device_id.as_str()).filter(|d| !d.is_empty()))
                 .into_iter()
                 .map(|b| (format!("{}\u{0}{}", b.device_id, b.event_type), b)),
             paging::PageRequest {
@@ -206,7 +217,7 @@ impl DeviceService for DeviceApi {
         request.get_ref().check()?;
         let who = principal(&request);
         let k = key(request)?;
-        let b = self.engine.unblock(&k.device_id, &k.event_type).await?;
+        let b = self.blocks.unblock(&k.device_id, &k.event_type).await?;
         self.audit(&who, "UnblockFrequentEvent", &k, "unblocked")
             .await;
         Ok(Response::new(convert::block(b)))
@@ -219,7 +230,7 @@ impl DeviceService for DeviceApi {
         request.get_ref().check()?;
         let who = principal(&request);
         let k = key(request)?;
-        let b = self.engine.block_again(&k.device_id, &k.event_type).await?;
+        let b = self.blocks.block_again(&k.device_id, &k.event_type).await?;
         self.audit(&who, "BlockFrequentEventAgain", &k, "blocked again")
             .await;
         Ok(Response::new(convert::block(b)))
@@ -232,9 +243,7 @@ impl DeviceService for DeviceApi {
         request.get_ref().check()?;
         let who = principal(&request);
         let k = key(request)?;
-        self.engine
-            .remove_block(&k.device_id, &k.event_type)
-            .await?;
+        self.blocks.remove(&k.device_id, &k.event_type).await?;
         self.audit(&who, "RemoveFrequentEventBlock", &k, "block removed")
             .await;
         Ok(Response::new(RemoveFrequentEventBlockResponse {}))

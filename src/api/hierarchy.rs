@@ -21,16 +21,20 @@ use super::proto::{
 };
 use super::status::decode_status;
 use super::validate::Checked;
+use crate::catalog::admin::CatalogAdmin;
 use crate::engine::{Engine, EngineError};
 use crate::hierarchy::relay::{self, RelayError};
 use crate::hierarchy::secondaries::{LinkHello, Secondaries, Session};
 use crate::hierarchy::tls::certificate_names;
 use crate::hierarchy::upstream::Uplink;
 use crate::hierarchy::{LINK_LOG_EVERY, LogLimiter};
+use crate::store::EventStore;
 
 /// The HierarchyService adapter.
 pub struct HierarchyApi {
     engine: Arc<Engine>,
+    catalog: Arc<CatalogAdmin>,
+    store: Arc<EventStore>,
     secondaries: Arc<Secondaries>,
     uplink: Option<Arc<Uplink>>,
     /// Relay is served only on the mutual-TLS hierarchy listener.
@@ -46,6 +50,10 @@ pub struct HierarchyApi {
 pub struct HierarchyApiParts {
     /// The engine.
     pub engine: Arc<Engine>,
+    /// The catalog and its settings version, pushed to secondaries.
+    pub catalog: Arc<CatalogAdmin>,
+    /// The store (the outbox's level for the uplink status).
+    pub store: Arc<EventStore>,
     /// The registry of secondaries.
     pub secondaries: Arc<Secondaries>,
     /// This server's link to its primary, if it has one.
@@ -65,6 +73,8 @@ impl HierarchyApi {
     pub fn new(p: HierarchyApiParts) -> Self {
         HierarchyApi {
             engine: p.engine,
+            catalog: p.catalog,
+            store: p.store,
             secondaries: p.secondaries,
             uplink: p.uplink,
             relay_allowed: p.relay_allowed,
@@ -142,6 +152,7 @@ impl HierarchyApi {
         self.sessions.spawn(
             RelaySession {
                 engine: self.engine.clone(),
+                catalog: self.catalog.clone(),
                 secondaries: self.secondaries.clone(),
                 session,
                 tx,
@@ -207,7 +218,7 @@ impl HierarchyService for HierarchyApi {
         Ok(Response::new(ListSecondariesResponse {
             secondaries: page.items,
             next_page_token: page.next_page_token,
-            settings_version: self.engine.settings_version(),
+            settings_version: self.catalog.version().get(),
         }))
     }
 
@@ -233,7 +244,7 @@ impl HierarchyService for HierarchyApi {
                 LinkState::Disconnected
             } as i32,
             primary_id: s.primary_id,
-            backlog: self.engine.store().outbox_len(),
+            backlog: self.store.outbox_len(),
             outbox_max_events: self.outbox_max_events,
             settings_version: s.settings_version,
             last_error: s.last_error,
@@ -245,6 +256,7 @@ impl HierarchyService for HierarchyApi {
 /// One relay stream, primary side.
 struct RelaySession {
     engine: Arc<Engine>,
+    catalog: Arc<CatalogAdmin>,
     secondaries: Arc<Secondaries>,
     session: Session,
     tx: mpsc::Sender<Result<RelayDown, Status>>,
@@ -288,7 +300,7 @@ impl RelaySession {
 
     async fn push_settings(&self, version: u64) -> Result<(), End> {
         let event_types = self
-            .engine
+            .catalog
             .catalog()
             .list()
             .iter()
@@ -302,7 +314,7 @@ impl RelaySession {
     }
 
     async fn serve(&self, inbound: &mut Streaming<RelayUp>) -> End {
-        let mut versions = self.engine.watch_settings_version();
+        let mut versions = self.catalog.version().watch();
         let current = *versions.borrow_and_update();
         if self.accepts_settings
             && current != self.their_version

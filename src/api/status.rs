@@ -4,49 +4,143 @@
 use tonic::{Code, Status};
 
 use crate::auth::AuthError;
+use crate::blocks::BlockError;
 use crate::catalog::CatalogError;
+use crate::catalog::admin::CatalogAdminError;
+use crate::detectors::capacity::CapacityError;
+use crate::detectors::certificates::CertificateError;
+use crate::detectors::devices::DeviceError;
+use crate::detectors::licences::LicenceError;
+use crate::detectors::push::PushError;
 use crate::detectors::updates::UpdateError;
 use crate::engine::EngineError;
 use crate::flood::FloodError;
 use crate::hierarchy::relay::RelayError;
 use crate::hierarchy::secondaries::LinkError;
-use crate::store::StoreErrorKind;
+use crate::store::{StoreError, StoreErrorKind};
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        let msg = e.to_string();
+        match e.kind() {
+            StoreErrorKind::Unavailable => Status::unavailable(msg),
+            StoreErrorKind::BadPageToken => Status::invalid_argument(msg),
+            StoreErrorKind::Full => Status::resource_exhausted(msg),
+            StoreErrorKind::Backend => Status::internal(msg),
+        }
+    }
+}
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
-        let msg = e.to_string();
         match e {
             EngineError::Invalid(crate::classify::ClassifyError::ServerOnly { .. }) => {
-                Status::permission_denied(msg)
+                Status::permission_denied(e.to_string())
             }
-            EngineError::Invalid(_) | EngineError::BadArgument { .. } => {
-                Status::invalid_argument(msg)
+            EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            EngineError::ShuttingDown => Status::unavailable(e.to_string()),
+            EngineError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<CatalogError> for Status {
+    fn from(e: CatalogError) -> Status {
+        let msg = e.to_string();
+        match e {
+            CatalogError::TypeExists(_) | CatalogError::IdTaken { .. } => {
+                Status::already_exists(msg)
             }
-            EngineError::ShuttingDown => Status::unavailable(msg),
-            EngineError::Internal(_) => Status::internal(msg),
-            EngineError::NotFound(_) => Status::not_found(msg),
-            EngineError::Update(u) => match u {
-                UpdateError::NotFound(_) => Status::not_found(msg),
-                UpdateError::Exists(_) => Status::already_exists(msg),
-                UpdateError::Decided { .. } => Status::failed_precondition(msg),
-            },
-            EngineError::Store(s) => match s.kind() {
-                StoreErrorKind::Unavailable => Status::unavailable(msg),
-                StoreErrorKind::BadPageToken => Status::invalid_argument(msg),
-                StoreErrorKind::Full => Status::resource_exhausted(msg),
-                StoreErrorKind::Backend => Status::internal(msg),
-            },
-            EngineError::Catalog(c) => match c {
-                CatalogError::TypeExists(_) | CatalogError::IdTaken { .. } => {
-                    Status::already_exists(msg)
-                }
-                CatalogError::NotFound(_) => Status::not_found(msg),
-                CatalogError::Invalid { .. } => Status::invalid_argument(msg),
-            },
-            EngineError::Flood(f) => match f {
-                FloodError::NoSuchBlock { .. } => Status::not_found(msg),
-                FloodError::AlreadyBlocked { .. } => Status::failed_precondition(msg),
-            },
+            CatalogError::NotFound(_) => Status::not_found(msg),
+            CatalogError::Invalid { .. } => Status::invalid_argument(msg),
+        }
+    }
+}
+
+impl From<CatalogAdminError> for Status {
+    fn from(e: CatalogAdminError) -> Status {
+        match e {
+            CatalogAdminError::Refused(c) => c.into(),
+            CatalogAdminError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<BlockError> for Status {
+    fn from(e: BlockError) -> Status {
+        let msg = e.to_string();
+        match e {
+            BlockError::Refused(FloodError::NoSuchBlock { .. }) => Status::not_found(msg),
+            BlockError::Refused(FloodError::AlreadyBlocked { .. }) => {
+                Status::failed_precondition(msg)
+            }
+            BlockError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<DeviceError> for Status {
+    fn from(e: DeviceError) -> Status {
+        match e {
+            DeviceError::BadArgument(f) => f.into(),
+            DeviceError::NotFound(_) => Status::not_found(e.to_string()),
+            DeviceError::Raise(r) => r.into(),
+            DeviceError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<LicenceError> for Status {
+    fn from(e: LicenceError) -> Status {
+        match e {
+            LicenceError::BadArgument(f) => f.into(),
+            LicenceError::Raise(r) => r.into(),
+            LicenceError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<CertificateError> for Status {
+    fn from(e: CertificateError) -> Status {
+        match e {
+            CertificateError::BadArgument(f) => f.into(),
+            CertificateError::NotFound(_) => Status::not_found(e.to_string()),
+            CertificateError::Raise(r) => r.into(),
+            CertificateError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<UpdateError> for Status {
+    fn from(e: UpdateError) -> Status {
+        let msg = e.to_string();
+        match e {
+            UpdateError::BadArgument(f) => f.into(),
+            UpdateError::NotFound(_) => Status::not_found(msg),
+            UpdateError::Exists(_) => Status::already_exists(msg),
+            UpdateError::Decided { .. } => Status::failed_precondition(msg),
+            UpdateError::Raise(r) => r.into(),
+            UpdateError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<PushError> for Status {
+    fn from(e: PushError) -> Status {
+        match e {
+            PushError::BadArgument(f) => f.into(),
+            PushError::Raise(r) => r.into(),
+        }
+    }
+}
+
+impl From<CapacityError> for Status {
+    fn from(e: CapacityError) -> Status {
+        match e {
+            CapacityError::BadArgument(f) => f.into(),
+            CapacityError::Volume { .. } => Status::internal(e.to_string()),
+            CapacityError::Raise(r) => r.into(),
+            CapacityError::Store(s) => s.into(),
         }
     }
 }
@@ -60,7 +154,7 @@ impl From<AuthError> for Status {
             AuthError::BadArgument { .. } => Status::invalid_argument(msg),
             AuthError::NotFound(_) => Status::not_found(msg),
             AuthError::Exists(_) => Status::already_exists(msg),
-            AuthError::Store(s) => Status::from(EngineError::Store(s)),
+            AuthError::Store(s) => s.into(),
             AuthError::Internal(_) => Status::internal(msg),
         }
     }

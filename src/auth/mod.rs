@@ -797,30 +797,6 @@ impl AccessControl {
             Principal::Anonymous => Ok(()),
         }
     }
-
-    /// Re-reads shared credentials every `every` until `stop`.
-    pub fn spawn_refresh(
-        self: &Arc<Self>,
-        every: Duration,
-        stop: tokio_util::sync::CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        if let Err(e) = me.refresh().await {
-                            tracing::warn!(error = %e, "re-reading shared credentials failed");
-                        }
-                    }
-                }
-            }
-        })
-    }
 }
 
 /// Checks `principal` against the callers a table entry allows.

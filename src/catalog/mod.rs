@@ -7,6 +7,7 @@
 //! that readers never touch. Persisting those changes is the caller's job (see
 //! [`crate::engine`]); this module never does I/O.
 
+pub mod admin;
 mod builtin;
 
 use std::collections::HashMap;

@@ -10,10 +10,34 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Detector, follow, load_records, save_record};
+use super::{Detector, follow};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
+use crate::fields::FieldError;
+use crate::store::{EventStore, StoreError};
+
+/// Why the monitor refused a request or could not measure.
+#[derive(Debug, thiserror::Error)]
+pub enum CapacityError {
+    /// A threshold is out of range.
+    #[error(transparent)]
+    BadArgument(#[from] FieldError),
+    /// The data volume could not be measured.
+    #[error("statvfs {path}: {reason}")]
+    Volume {
+        /// The measured directory.
+        path: String,
+        /// The system's error.
+        reason: String,
+    },
+    /// Raising an event failed.
+    #[error(transparent)]
+    Raise(#[from] EngineError),
+    /// Measuring or saving in the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Raised when the data volume's free space falls below the threshold.
 pub const NO_SPACE_ON_VOLUMES: &str = "KLSRV_NO_SPACE_ON_VOLUMES";
@@ -43,24 +67,21 @@ impl Default for CapacitySettings {
 
 impl CapacitySettings {
     /// Checks the ranges.
-    pub fn validate(&self) -> Result<(), EngineError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.volume_min_free_percent > 100 {
-            return Err(EngineError::BadArgument {
-                field: "volume_min_free_percent",
-                reason: "must be 0 to 100".into(),
-            });
+            return Err(FieldError::new(
+                "volume_min_free_percent",
+                "must be 0 to 100",
+            ));
         }
         if self.database_warn_percent > 100 {
-            return Err(EngineError::BadArgument {
-                field: "database_warn_percent",
-                reason: "must be 0 to 100".into(),
-            });
+            return Err(FieldError::new("database_warn_percent", "must be 0 to 100"));
         }
         if self.database_limit_bytes == 0 {
-            return Err(EngineError::BadArgument {
-                field: "database_limit_bytes",
-                reason: "must be at least 1".into(),
-            });
+            return Err(FieldError::new(
+                "database_limit_bytes",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -90,6 +111,7 @@ pub struct CapacityReport {
 /// The capacity monitor: a [`Detector`] checked every `check_interval_secs` and on request.
 pub struct CapacityMonitor {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
     data_dir: PathBuf,
     database: PathBuf,
     settings: Mutex<CapacitySettings>,
@@ -111,9 +133,11 @@ struct Marks {
     database_low: bool,
 }
 
-fn volume_space(dir: &Path) -> Result<(u64, u64), EngineError> {
-    let s = rustix::fs::statvfs(dir)
-        .map_err(|e| EngineError::Internal(format!("statvfs {}: {e}", dir.display())))?;
+fn volume_space(dir: &Path) -> Result<(u64, u64), CapacityError> {
+    let s = rustix::fs::statvfs(dir).map_err(|e| CapacityError::Volume {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let unit = s.f_frsize.max(1);
     Ok((
         s.f_bavail.saturating_mul(unit),
@@ -135,6 +159,7 @@ impl CapacityMonitor {
     /// A monitor of `data_dir` and the database file `database`, checked every `period`.
     pub fn new(
         engine: Arc<Engine>,
+        store: Arc<EventStore>,
         data_dir: PathBuf,
         database: PathBuf,
         settings: CapacitySettings,
@@ -142,6 +167,7 @@ impl CapacityMonitor {
     ) -> Self {
         CapacityMonitor {
             engine,
+            store,
             data_dir,
             database,
             settings: Mutex::new(settings),
@@ -153,11 +179,8 @@ impl CapacityMonitor {
 
     /// Restores the onset marks saved before a restart, so a condition that is still present
     /// is not reported again (once per onset, across restarts too).
-    pub async fn restore_marks(&self) -> Result<(), EngineError> {
-        if let Some(m) = load_records::<Marks>(&self.engine, MARKS_KIND, "capacity marks")
-            .await?
-            .pop()
-        {
+    pub async fn restore_marks(&self) -> Result<(), StoreError> {
+        if let Some(m) = self.store.load_json::<Marks>(MARKS_KIND).await?.pop() {
             *self.marks.lock().await = m;
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
         }
@@ -170,7 +193,7 @@ impl CapacityMonitor {
         if *self.saved.lock().unwrap_or_else(|e| e.into_inner()) == Some(m) {
             return;
         }
-        match save_record(&self.engine, MARKS_KIND, "marks", &m).await {
+        match self.store.save_json(MARKS_KIND, "marks", &m).await {
             Ok(()) => *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(m),
             Err(e) => {
                 tracing::warn!(error = %e, "could not save the capacity onset marks; retrying at the next check")
@@ -184,7 +207,7 @@ impl CapacityMonitor {
     }
 
     /// Replaces the thresholds (until restart).
-    pub fn update_settings(&self, s: CapacitySettings) -> Result<CapacitySettings, EngineError> {
+    pub fn update_settings(&self, s: CapacitySettings) -> Result<CapacitySettings, FieldError> {
         s.validate()?;
         *self.settings.lock().unwrap_or_else(|e| e.into_inner()) = s;
         tracing::info!(settings = ?s, "capacity thresholds changed");
@@ -195,6 +218,7 @@ impl CapacityMonitor {
 #[async_trait::async_trait]
 impl Detector for CapacityMonitor {
     type Report = CapacityReport;
+    type Error = CapacityError;
 
     fn name(&self) -> &'static str {
         "capacity"
@@ -205,13 +229,13 @@ impl Detector for CapacityMonitor {
     }
 
     /// Measures now and raises at an onset.
-    async fn check(&self, _now: Timestamp) -> Result<CapacityReport, EngineError> {
+    async fn check(&self, _now: Timestamp) -> Result<CapacityReport, CapacityError> {
         let mut marks = self.marks.lock().await;
         let settings = self.settings();
         let (free, total) = volume_space(&self.data_dir)?;
         let volume_low = u128::from(free) * 100
             < u128::from(total) * u128::from(settings.volume_min_free_percent);
-        let db = match self.engine.store().size_bytes().await? {
+        let db = match self.store.size_bytes().await? {
             Some(n) => n,
             None => database_size(&self.database),
         };

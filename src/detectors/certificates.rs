@@ -16,10 +16,29 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Detector, load_records, onset, save_record};
+use super::{Detector, onset};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
+use crate::fields::FieldError;
+use crate::store::{EventStore, StoreError};
+
+/// Why the registry refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    /// A field of the request is malformed (a PEM that is not a certificate, too).
+    #[error(transparent)]
+    BadArgument(#[from] FieldError),
+    /// No MDM certificate with that id.
+    #[error("MDM certificate {0:?} does not exist")]
+    NotFound(String),
+    /// Raising an event failed.
+    #[error(transparent)]
+    Raise(#[from] EngineError),
+    /// Saving or loading the registry failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// An MDM certificate could not be reissued automatically.
 pub const CERTIFICATE_REQUESTED: &str = "KLSRV_CERTIFICATE_REQUESTED";
@@ -83,11 +102,8 @@ pub struct ApnsCertificate {
 }
 
 /// Parses a PEM X.509 certificate into an [`ApnsCertificate`].
-pub fn parse_apns_pem(pem: &str) -> Result<ApnsCertificate, EngineError> {
-    let bad = |reason: String| EngineError::BadArgument {
-        field: "pem",
-        reason,
-    };
+pub fn parse_apns_pem(pem: &str) -> Result<ApnsCertificate, CertificateError> {
+    let bad = |reason: String| CertificateError::BadArgument(FieldError::new("pem", reason));
     let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
     if block.label != "CERTIFICATE" {
@@ -117,6 +133,7 @@ struct State {
 /// The registry: a [`Detector`] checked every `check_interval_secs` and on request.
 pub struct CertificateRegistry {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
     /// How long before expiry an MDM certificate is due for reissue.
     reissue_before: Duration,
     period: Duration,
@@ -132,30 +149,33 @@ impl CertificateRegistry {
     /// Loads the saved certificates, to be checked every `period`.
     pub async fn load(
         engine: Arc<Engine>,
+        store: Arc<EventStore>,
         reissue_before_days: u64,
         period: Duration,
-    ) -> Result<Self, EngineError> {
-        let mdm = load_records::<MdmCertificate>(&engine, MDM_KIND, "certificate")
+    ) -> Result<Self, StoreError> {
+        let mdm = store
+            .load_json::<MdmCertificate>(MDM_KIND)
             .await?
             .into_iter()
             .filter(|c| !c.removed)
             .map(|c| (c.certificate_id.clone(), c))
             .collect();
-        let apns = load_records(&engine, APNS_KIND, "certificate").await?.pop();
+        let apns = store.load_json(APNS_KIND).await?.pop();
         Ok(CertificateRegistry {
             engine,
+            store,
             reissue_before: days(reissue_before_days),
             period,
             state: tokio::sync::Mutex::new(State { mdm, apns }),
         })
     }
 
-    async fn save_mdm(&self, c: &MdmCertificate) -> Result<(), EngineError> {
-        save_record(&self.engine, MDM_KIND, &c.certificate_id, c).await
+    async fn save_mdm(&self, c: &MdmCertificate) -> Result<(), StoreError> {
+        self.store.save_json(MDM_KIND, &c.certificate_id, c).await
     }
 
-    async fn save_apns(&self, c: &ApnsCertificate) -> Result<(), EngineError> {
-        save_record(&self.engine, APNS_KIND, "apns", c).await
+    async fn save_apns(&self, c: &ApnsCertificate) -> Result<(), StoreError> {
+        self.store.save_json(APNS_KIND, "apns", c).await
     }
 
     fn device_of(&self, c: &MdmCertificate) -> String {
@@ -167,12 +187,9 @@ impl CertificateRegistry {
     }
 
     /// Adds or replaces an MDM certificate; a new expiry date starts a new reissue window.
-    pub async fn put_mdm(&self, mut c: MdmCertificate) -> Result<MdmCertificate, EngineError> {
+    pub async fn put_mdm(&self, mut c: MdmCertificate) -> Result<MdmCertificate, CertificateError> {
         if c.certificate_id.is_empty() {
-            return Err(EngineError::BadArgument {
-                field: "certificate_id",
-                reason: "required".into(),
-            });
+            return Err(FieldError::new("certificate_id", "required").into());
         }
         let mut state = self.state.lock().await;
         c.removed = false;
@@ -192,13 +209,13 @@ impl CertificateRegistry {
     }
 
     /// Removes an MDM certificate and raises KLSRV_CERTIFICATE_REMOVED.
-    pub async fn remove_mdm(&self, id: &str) -> Result<Arc<ClassifiedEvent>, EngineError> {
+    pub async fn remove_mdm(&self, id: &str) -> Result<Arc<ClassifiedEvent>, CertificateError> {
         let mut state = self.state.lock().await;
         let mut c = state
             .mdm
             .get(id)
             .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("MDM certificate {id:?}")))?;
+            .ok_or_else(|| CertificateError::NotFound(id.to_owned()))?;
         c.removed = true;
         self.save_mdm(&c).await?;
         state.mdm.remove(id);
@@ -207,9 +224,10 @@ impl CertificateRegistry {
             ("kind".to_owned(), format!("{:?}", c.kind).to_uppercase()),
         ]);
         let device = self.device_of(&c);
-        self.engine
+        Ok(self
+            .engine
             .raise_and_settle(CERTIFICATE_REMOVED, &device, params)
-            .await
+            .await?)
     }
 
     /// Raises KLSRV_CERTIFICATE_REQUESTED for a failed automatic reissue, with its reason.
@@ -217,18 +235,15 @@ impl CertificateRegistry {
         &self,
         id: &str,
         reason: &str,
-    ) -> Result<Arc<ClassifiedEvent>, EngineError> {
+    ) -> Result<Arc<ClassifiedEvent>, CertificateError> {
         if reason.is_empty() {
-            return Err(EngineError::BadArgument {
-                field: "reason",
-                reason: "required".into(),
-            });
+            return Err(FieldError::new("reason", "required").into());
         }
         let state = self.state.lock().await;
         let c = state
             .mdm
             .get(id)
-            .ok_or_else(|| EngineError::NotFound(format!("MDM certificate {id:?}")))?;
+            .ok_or_else(|| CertificateError::NotFound(id.to_owned()))?;
         let device = self.device_of(c);
         let params = HashMap::from([
             ("certificate_id".to_owned(), c.certificate_id.clone()),
@@ -236,13 +251,14 @@ impl CertificateRegistry {
             ("reason".to_owned(), reason.to_owned()),
         ]);
         drop(state);
-        self.engine
+        Ok(self
+            .engine
             .raise_and_settle(CERTIFICATE_REQUESTED, &device, params)
-            .await
+            .await?)
     }
 
     /// Installs a new APNs certificate from PEM (replacing the old one and what was raised for it).
-    pub async fn upload_apns(&self, pem: &str) -> Result<ApnsCertificate, EngineError> {
+    pub async fn upload_apns(&self, pem: &str) -> Result<ApnsCertificate, CertificateError> {
         let cert = parse_apns_pem(pem)?;
         let mut state = self.state.lock().await;
         self.save_apns(&cert).await?;
@@ -256,6 +272,7 @@ impl CertificateRegistry {
 #[async_trait::async_trait]
 impl Detector for CertificateRegistry {
     type Report = Vec<Arc<ClassifiedEvent>>;
+    type Error = CertificateError;
 
     fn name(&self) -> &'static str {
         "certificate"
@@ -266,7 +283,7 @@ impl Detector for CertificateRegistry {
     }
 
     /// Checks every certificate against `now` and raises what is due.
-    async fn check(&self, now: Timestamp) -> Result<Vec<Arc<ClassifiedEvent>>, EngineError> {
+    async fn check(&self, now: Timestamp) -> Result<Vec<Arc<ClassifiedEvent>>, CertificateError> {
         let mut state = self.state.lock().await;
         let mut raised = Vec::new();
         let due: Vec<MdmCertificate> = state

@@ -11,10 +11,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::devices::DeviceRegistry;
-use super::{Detector, load_records, save_record, settle_all};
+use super::{Detector, settle_all};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
+use crate::fields::FieldError;
+use crate::store::{EventStore, StoreError};
 
 /// 90-100 % of a licence's units in use (INFO).
 pub const LICENSE_CHECK_90: &str = "KLSRV_EV_LICENSE_CHECK_90";
@@ -24,6 +26,20 @@ pub const LICENSE_CHECK_100_110: &str = "KLSRV_EV_LICENSE_CHECK_100_110";
 pub const LICENSE_CHECK_MORE_110: &str = "KLSRV_EV_LICENSE_CHECK_MORE_110";
 
 const KIND: &str = "licence";
+
+/// Why the checker refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum LicenceError {
+    /// A field of the request is malformed.
+    #[error(transparent)]
+    BadArgument(#[from] FieldError),
+    /// Raising an event failed.
+    #[error(transparent)]
+    Raise(#[from] EngineError),
+    /// Saving or loading the licences failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// How much of a licence is used, in the product's bands.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -82,6 +98,7 @@ pub struct LicenceUsage {
 /// The checker: a [`Detector`] checked every `check_interval_secs` and on request.
 pub struct LicenceChecker {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
     devices: Arc<DeviceRegistry>,
     period: Duration,
     licences: tokio::sync::Mutex<BTreeMap<String, Licence>>,
@@ -91,24 +108,27 @@ impl LicenceChecker {
     /// Loads the saved licences, to be checked every `period` against `devices`.
     pub async fn load(
         engine: Arc<Engine>,
+        store: Arc<EventStore>,
         devices: Arc<DeviceRegistry>,
         period: Duration,
-    ) -> Result<Self, EngineError> {
-        let licences = load_records::<Licence>(&engine, KIND, "licence")
+    ) -> Result<Self, StoreError> {
+        let licences = store
+            .load_json::<Licence>(KIND)
             .await?
             .into_iter()
             .map(|l| (l.key.clone(), l))
             .collect();
         Ok(LicenceChecker {
             engine,
+            store,
             devices,
             period,
             licences: tokio::sync::Mutex::new(licences),
         })
     }
 
-    async fn save(&self, l: &Licence) -> Result<(), EngineError> {
-        save_record(&self.engine, KIND, &l.key, l).await
+    async fn save(&self, l: &Licence) -> Result<(), StoreError> {
+        self.store.save_json(KIND, &l.key, l).await
     }
 
     /// Adds or replaces a licence (keeping the level raised, so a changed limit is judged at
@@ -118,18 +138,12 @@ impl LicenceChecker {
         key: String,
         units: u32,
         expires_at: Option<Timestamp>,
-    ) -> Result<Licence, EngineError> {
+    ) -> Result<Licence, LicenceError> {
         if key.is_empty() {
-            return Err(EngineError::BadArgument {
-                field: "key",
-                reason: "required".into(),
-            });
+            return Err(FieldError::new("key", "required").into());
         }
         if units == 0 {
-            return Err(EngineError::BadArgument {
-                field: "units",
-                reason: "must be at least 1".into(),
-            });
+            return Err(FieldError::new("units", "must be at least 1").into());
         }
         let mut licences = self.licences.lock().await;
         let level = licences.get(&key).map(|l| l.level).unwrap_or_default();
@@ -154,6 +168,7 @@ impl LicenceChecker {
 impl Detector for LicenceChecker {
     /// The usage of every licence, and the events raised.
     type Report = (Vec<LicenceUsage>, Vec<Arc<ClassifiedEvent>>);
+    type Error = LicenceError;
 
     fn name(&self) -> &'static str {
         "licence"
@@ -164,7 +179,7 @@ impl Detector for LicenceChecker {
     }
 
     /// Counts units in use per key and raises each crossing into a higher band.
-    async fn check(&self, _now: Timestamp) -> Result<Self::Report, EngineError> {
+    async fn check(&self, _now: Timestamp) -> Result<Self::Report, LicenceError> {
         let in_use = self.devices.count_by_licence_key().await;
         let mut licences = self.licences.lock().await;
         let mut usage = Vec::new();

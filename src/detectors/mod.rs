@@ -30,9 +30,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::classify::ClassifiedEvent;
 use crate::clock::{SharedClock, Timestamp};
@@ -45,6 +44,8 @@ use crate::engine::{Engine, EngineError, Pending};
 pub trait Detector: Send + Sync + 'static {
     /// What one check found, for a caller that asked for it (the runner drops it).
     type Report: Send + 'static;
+    /// Why a check failed (logged by the runner; the check runs again at the next period).
+    type Error: Display + Send + 'static;
 
     /// The detector's name in logs ("`name` check failed").
     fn name(&self) -> &'static str;
@@ -54,22 +55,47 @@ pub trait Detector: Send + Sync + 'static {
 
     /// Checks the detector's condition as of `now` (the server's clock) and raises what is due,
     /// each event once per onset.
-    async fn check(&self, now: Timestamp) -> Result<Self::Report, EngineError>;
+    async fn check(&self, now: Timestamp) -> Result<Self::Report, Self::Error>;
 }
 
 /// Runs periodic work on one clock until one shutdown signal: each [`Detector`]'s check, and
 /// the jobs a detector needs besides (the device registry's batched saves). The only loop of
 /// its kind, so every detector starts, ticks, logs and stops alike.
+///
+/// Every task it starts is on its one [`TaskTracker`], so shutdown waits for all of them in one
+/// place ([`DetectorRunner::stopped`]); other background tasks join it with
+/// [`DetectorRunner::track`].
 #[derive(Clone)]
 pub struct DetectorRunner {
     clock: SharedClock,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl DetectorRunner {
     /// A runner reading the time from `clock` and stopping when `shutdown` fires.
     pub fn new(clock: SharedClock, shutdown: CancellationToken) -> Self {
-        DetectorRunner { clock, shutdown }
+        DetectorRunner {
+            clock,
+            shutdown,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Runs `task` on the runner's tracker: a background task that ends by itself on the
+    /// shutdown signal (or when what it serves closes), waited for by
+    /// [`DetectorRunner::stopped`].
+    pub fn track<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task)
+    }
+
+    /// Waits until every task of the runner has ended (they end on the shutdown signal).
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await
     }
 
     /// Checks `detector` every [`Detector::period`] at the clock's time; a failed check is
@@ -86,7 +112,7 @@ impl DetectorRunner {
     /// Runs `job` every `period` (at least 10 ms; the first run one period after start) until
     /// shutdown; a failure is logged as "`what` failed" and the job runs again at the next
     /// period.
-    pub fn every<F, Fut>(
+    pub fn every<F, Fut, E>(
         &self,
         what: impl Display + Send + 'static,
         period: Duration,
@@ -94,10 +120,11 @@ impl DetectorRunner {
     ) -> tokio::task::JoinHandle<()>
     where
         F: FnMut() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(), EngineError>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + Send + 'static,
     {
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let every = period.max(Duration::from_millis(10));
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
@@ -144,39 +171,6 @@ pub(crate) async fn settle_all(
     Ok(raised)
 }
 
-/// Every saved record of `kind` (a detector's registry in the store), parsed; `what` names one
-/// in the error about an unreadable record.
-pub(crate) async fn load_records<T: DeserializeOwned>(
-    engine: &Engine,
-    kind: &str,
-    what: &str,
-) -> Result<Vec<T>, EngineError> {
-    let mut out = Vec::new();
-    for json in engine.store().load_records(kind).await? {
-        out.push(
-            serde_json::from_str(&json)
-                .map_err(|e| EngineError::Internal(format!("saved {what} {json}: {e}")))?,
-        );
-    }
-    Ok(out)
-}
-
-/// Saves `value` as the record `key` of `kind`, replacing the one saved before.
-pub(crate) async fn save_record<T: Serialize>(
-    engine: &Engine,
-    kind: &str,
-    key: &str,
-    value: &T,
-) -> Result<(), EngineError> {
-    let json = to_json(value)?;
-    Ok(engine.store().save_record(kind, key, json).await?)
-}
-
-/// `value` as the JSON text of a record.
-pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String, EngineError> {
-    serde_json::to_string(value).map_err(|e| EngineError::Internal(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,16 +186,17 @@ mod tests {
     #[async_trait::async_trait]
     impl Detector for Probe {
         type Report = ();
+        type Error = String;
         fn name(&self) -> &'static str {
             "probe"
         }
         fn period(&self) -> Duration {
             Duration::ZERO // the runner's floor, 10 ms
         }
-        async fn check(&self, now: Timestamp) -> Result<(), EngineError> {
+        async fn check(&self, now: Timestamp) -> Result<(), String> {
             let _ = self.seen.send(now);
             if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                return Err(EngineError::Internal("first check fails".into()));
+                return Err("first check fails".into());
             }
             Ok(())
         }

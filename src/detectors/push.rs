@@ -7,6 +7,18 @@ use std::sync::Arc;
 
 use crate::classify::ClassifiedEvent;
 use crate::engine::{Engine, EngineError};
+use crate::fields::FieldError;
+
+/// Why a push report was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// A field of the report is malformed.
+    #[error(transparent)]
+    BadArgument(#[from] FieldError),
+    /// Raising an event failed.
+    #[error(transparent)]
+    Raise(#[from] EngineError),
+}
 
 /// Raised once per device the push service could not deliver to.
 pub const GCM_DEVICE_ERROR: &str = "KLSRV_GCM_DEVICE_ERROR";
@@ -33,15 +45,12 @@ pub struct PushBatch {
     pub devices_in_batch: u32,
 }
 
-fn bad(field: &'static str, reason: impl Into<String>) -> EngineError {
-    EngineError::BadArgument {
-        field,
-        reason: reason.into(),
-    }
+fn bad(field: &str, reason: impl Into<String>) -> PushError {
+    PushError::BadArgument(FieldError::new(field, reason))
 }
 
 impl PushBatch {
-    fn validate(&self) -> Result<(), EngineError> {
+    fn validate(&self) -> Result<(), PushError> {
         if self.batch_id.is_empty() {
             return Err(bad("batch_id", "required"));
         }
@@ -80,7 +89,7 @@ impl PushResults {
 
     /// Raises what `batch` calls for and returns the raised events, each stored (where its type
     /// is) before this returns.
-    pub async fn report(&self, batch: PushBatch) -> Result<Vec<Arc<ClassifiedEvent>>, EngineError> {
+    pub async fn report(&self, batch: PushBatch) -> Result<Vec<Arc<ClassifiedEvent>>, PushError> {
         batch.validate()?;
         let server = self.engine.server_id().to_owned();
         let base = |extra: &[(&str, String)]| {
@@ -113,6 +122,6 @@ impl PushResults {
                 pending.push(self.engine.raise(GCM_DEVICE_ERROR, device, params).await?);
             }
         }
-        super::settle_all(&self.engine, pending).await
+        Ok(super::settle_all(&self.engine, pending).await?)
     }
 }

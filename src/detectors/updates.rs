@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{load_records, save_record};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
+use crate::fields::FieldError;
+use crate::store::{EventStore, StoreError};
 
 /// Raised when an update is registered for approval.
 pub const SEAMLESS_UPDATE_REGISTERED: &str = "KLSRV_SEAMLESS_UPDATE_REGISTERED";
@@ -47,9 +48,18 @@ pub struct Update {
     pub decided_at: Option<Timestamp>,
 }
 
-/// Why an update request was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why the registry refused or failed a request.
+#[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
+    /// A field of the request is malformed.
+    #[error(transparent)]
+    BadArgument(#[from] FieldError),
+    /// Raising an event failed.
+    #[error(transparent)]
+    Raise(#[from] EngineError),
+    /// Saving or loading the registry failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// No update with that id.
     #[error("update {0:?} is not registered")]
     NotFound(String),
@@ -69,26 +79,29 @@ pub enum UpdateError {
 /// The registry.
 pub struct UpdateRegistry {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
     /// Held across "check, save, apply" so two requests for one id cannot both pass.
     updates: tokio::sync::Mutex<BTreeMap<String, Update>>,
 }
 
 impl UpdateRegistry {
     /// Loads the saved updates.
-    pub async fn load(engine: Arc<Engine>) -> Result<Self, EngineError> {
-        let updates = load_records::<Update>(&engine, KIND, "update")
+    pub async fn load(engine: Arc<Engine>, store: Arc<EventStore>) -> Result<Self, StoreError> {
+        let updates = store
+            .load_json::<Update>(KIND)
             .await?
             .into_iter()
             .map(|u| (u.update_id.clone(), u))
             .collect();
         Ok(UpdateRegistry {
             engine,
+            store,
             updates: tokio::sync::Mutex::new(updates),
         })
     }
 
-    async fn save(&self, u: &Update) -> Result<(), EngineError> {
-        save_record(&self.engine, KIND, &u.update_id, u).await
+    async fn save(&self, u: &Update) -> Result<(), StoreError> {
+        self.store.save_json(KIND, &u.update_id, u).await
     }
 
     /// Registers an update and raises KLSRV_SEAMLESS_UPDATE_REGISTERED for it.
@@ -98,16 +111,13 @@ impl UpdateRegistry {
         application: String,
         version: String,
         description: String,
-    ) -> Result<(Update, Arc<ClassifiedEvent>), EngineError> {
+    ) -> Result<(Update, Arc<ClassifiedEvent>), UpdateError> {
         if update_id.is_empty() || update_id.len() > 256 {
-            return Err(EngineError::BadArgument {
-                field: "update_id",
-                reason: "required, at most 256 bytes".into(),
-            });
+            return Err(FieldError::new("update_id", "required, at most 256 bytes").into());
         }
         let mut updates = self.updates.lock().await;
         if updates.contains_key(&update_id) {
-            return Err(EngineError::Update(UpdateError::Exists(update_id)));
+            return Err(UpdateError::Exists(update_id));
         }
         let u = Update {
             update_id,
@@ -135,16 +145,16 @@ impl UpdateRegistry {
     }
 
     /// Approves (`true`) or rejects a pending update.
-    pub async fn decide(&self, update_id: &str, approve: bool) -> Result<Update, EngineError> {
+    pub async fn decide(&self, update_id: &str, approve: bool) -> Result<Update, UpdateError> {
         let mut updates = self.updates.lock().await;
         let current = updates
             .get(update_id)
-            .ok_or_else(|| EngineError::Update(UpdateError::NotFound(update_id.to_owned())))?;
+            .ok_or_else(|| UpdateError::NotFound(update_id.to_owned()))?;
         if current.state != UpdateState::Pending {
-            return Err(EngineError::Update(UpdateError::Decided {
+            return Err(UpdateError::Decided {
                 id: update_id.to_owned(),
                 state: current.state,
-            }));
+            });
         }
         let mut u = current.clone();
         u.state = if approve {

@@ -10,6 +10,8 @@
 //!   KLSRV_EV_MASTER_SRV_DISCONNECTED (4118) once per outage.
 //! - [`sender`]: the secondary's sender (outbox reading, window, acknowledgements, pings,
 //!   reconnect backoff with jitter) over a [`sender::RelayTransport`].
+//! - [`settings`]: the catalog settings version, bumped by every catalog change, that a
+//!   primary pushes down and a secondary reports.
 //! - [`tls`]: the certificate files of the mutual-TLS links, read and checked at start-up.
 //! - [`apply_pushed_settings`]: per-type settings a primary pushes down.
 //!
@@ -25,29 +27,30 @@
 pub mod relay;
 pub mod secondaries;
 pub mod sender;
+pub mod settings;
 pub mod tls;
 pub mod upstream;
 
+use crate::catalog::admin::{CatalogAdmin, CatalogAdminError};
 use crate::catalog::{EventType, NewEventType, SettingsChange};
-use crate::engine::{Engine, EngineError};
 
 /// Applies per-type settings pushed down by the primary: changed settings of types this
 /// catalog knows, and registration of application types it does not. Built-in types this
 /// server does not know are skipped (a newer primary). Returns how many types changed.
 pub async fn apply_pushed_settings(
-    engine: &Engine,
+    admin: &CatalogAdmin,
     types: Vec<EventType>,
-) -> Result<usize, EngineError> {
+) -> Result<usize, CatalogAdminError> {
     let mut changed = 0;
     for t in types {
-        let current = match engine.catalog().by_name(&t.name) {
+        let current = match admin.catalog().by_name(&t.name) {
             Some(c) => c,
             None if t.builtin => {
                 tracing::warn!(event_type = %t.name, "pushed settings for a built-in type this server does not know; skipped");
                 continue;
             }
             None => {
-                let registered = engine
+                let registered = admin
                     .register_type(NewEventType {
                         name: t.name.clone(),
                         id: t.id,
@@ -74,7 +77,7 @@ pub async fn apply_pushed_settings(
             }
         };
         if current.settings != t.settings {
-            engine
+            admin
                 .update_type_settings(
                     &t.name,
                     SettingsChange {

@@ -77,7 +77,7 @@ impl RelayError {
     pub fn refuses_event_only(&self) -> bool {
         match self {
             RelayError::Event(e) => {
-                matches!(e, EngineError::Invalid(_) | EngineError::BadArgument { .. })
+                matches!(e, EngineError::Invalid(_))
             }
             RelayError::Unstored(_) | RelayError::ShuttingDown => false,
             _ => true,
@@ -261,10 +261,12 @@ mod tests {
         assert!(RelayError::Loop("p".into()).refuses_event_only());
         assert!(RelayError::NotFromSender("s".into()).refuses_event_only());
         assert!(
-            RelayError::Event(EngineError::BadArgument {
-                field: "f",
-                reason: "r".into()
-            })
+            RelayError::Event(EngineError::Invalid(
+                crate::classify::ClassifyError::Invalid {
+                    field: "f",
+                    reason: "r".into()
+                }
+            ))
             .refuses_event_only()
         );
         assert!(!RelayError::Event(EngineError::ShuttingDown).refuses_event_only());

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Timestamp;
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::store::{EventStore, StoreError};
 
 /// Raised on the primary when the link to a secondary breaks.
 pub const SLAVE_SRV_DISCONNECTED: &str = "KLSRV_EV_SLAVE_SRV_DISCONNECTED";
@@ -87,16 +88,17 @@ struct Entry {
 /// The registry.
 pub struct Secondaries {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
     entries: Mutex<HashMap<String, Entry>>,
     next_session: AtomicU64,
 }
 
 impl Secondaries {
     /// Loads the saved secondaries. Any marked connected were linked when this server last
-    /// stopped; they count as disconnected until they come back (see [`Secondaries::spawn_grace`]).
-    pub async fn load(engine: Arc<Engine>) -> Result<Self, EngineError> {
+    /// stopped; they count as disconnected until they come back (see [`Secondaries::grace_after_restart`]).
+    pub async fn load(engine: Arc<Engine>, store: Arc<EventStore>) -> Result<Self, StoreError> {
         let mut entries = HashMap::new();
-        for json in engine.store().load_records(KIND).await? {
+        for json in store.load_records(KIND).await? {
             match serde_json::from_str::<SecondaryInfo>(&json) {
                 Ok(info) => {
                     entries.insert(
@@ -112,6 +114,7 @@ impl Secondaries {
         }
         Ok(Secondaries {
             engine,
+            store,
             entries: Mutex::new(entries),
             next_session: AtomicU64::new(1),
         })
@@ -123,7 +126,10 @@ impl Secondaries {
 
     /// After start-up: secondaries that were linked when this server stopped and have not
     /// reconnected within `grace` are reported disconnected (once).
-    pub fn spawn_grace(self: &Arc<Self>, grace: Duration) -> tokio::task::JoinHandle<()> {
+    pub fn grace_after_restart(
+        self: &Arc<Self>,
+        grace: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let waiting: Vec<String> = self
             .lock()
             .values()
@@ -131,7 +137,7 @@ impl Secondaries {
             .map(|e| e.info.server_id.clone())
             .collect();
         let me = self.clone();
-        tokio::spawn(async move {
+        async move {
             if waiting.is_empty() {
                 return;
             }
@@ -146,7 +152,7 @@ impl Secondaries {
                         .await;
                 }
             }
-        })
+        }
     }
 
     /// Registers a new link. A link from the same secondary that is still open is superseded:
@@ -326,7 +332,7 @@ impl Secondaries {
     }
 
     async fn save(&self, server_id: &str, json: String) {
-        if let Err(e) = self.engine.store().save_record(KIND, server_id, json).await {
+        if let Err(e) = self.store.save_record(KIND, server_id, json).await {
             tracing::error!(error = %e, secondary = %server_id, "saving the secondary's state failed");
         }
     }

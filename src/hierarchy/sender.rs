@@ -19,7 +19,9 @@ use super::relay::MAX_BATCH_BYTES;
 use super::upstream::Uplink;
 use super::{LINK_LOG_EVERY, LogLimiter, apply_pushed_settings};
 use crate::catalog::EventType;
+use crate::catalog::admin::CatalogAdmin;
 use crate::engine::Engine;
+use crate::store::EventStore;
 use crate::store::OutboxEntry;
 
 /// How the sender paces itself.
@@ -134,16 +136,28 @@ pub trait RelayLink: Send {
     fn receive(&mut self) -> impl Future<Output = Result<Incoming, String>> + Send;
 }
 
+/// What the sender works with besides its transport.
+pub struct SenderParts {
+    /// Raises the link events; its shutdown signal stops the sender; tells of outbox writes.
+    pub engine: Arc<Engine>,
+    /// The outbox.
+    pub store: Arc<EventStore>,
+    /// Where settings pushed by the primary are applied.
+    pub catalog: Arc<CatalogAdmin>,
+    /// The link's state.
+    pub uplink: Arc<Uplink>,
+}
+
 /// Starts the sender on `tracker` (shutdown waits for it before closing the store); it ends at
 /// shutdown.
 pub fn spawn<T: RelayTransport + 'static>(
-    engine: Arc<Engine>,
-    uplink: Arc<Uplink>,
+    parts: SenderParts,
     transport: T,
     settings: SenderSettings,
     tracker: &TaskTracker,
 ) {
     tracker.spawn(async move {
+        let (engine, uplink) = (&parts.engine, &parts.uplink);
         let shutdown = engine.shutdown_signal().clone();
         let mut backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
         let failures = LogLimiter::new(LINK_LOG_EVERY);
@@ -151,7 +165,7 @@ pub fn spawn<T: RelayTransport + 'static>(
             let mut up_since = None;
             let end = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = session(&engine, &uplink, &transport, &settings, &mut up_since) => r,
+                r = session(&parts, &transport, &settings, &mut up_since) => r,
             };
             let Err(reason) = end else { break };
             if shutdown.is_cancelled() {
@@ -289,13 +303,17 @@ pub fn cut_batch<E>(
 
 /// One link, from connect to break. `Ok` only at shutdown; `Err` says why the link failed.
 async fn session<T: RelayTransport>(
-    engine: &Arc<Engine>,
-    uplink: &Uplink,
+    parts: &SenderParts,
     transport: &T,
     s: &SenderSettings,
     up_since: &mut Option<Instant>,
 ) -> Result<(), String> {
-    let store = engine.store().clone();
+    let SenderParts {
+        engine,
+        store,
+        catalog,
+        uplink,
+    } = parts;
     let own_id = engine.server_id().to_owned();
     let (primary_id, mut link) = transport
         .connect(Hello {
@@ -350,7 +368,7 @@ async fn session<T: RelayTransport>(
                         window.acked(position);
                     }
                     Incoming::Settings { version, event_types } if s.accept_settings => {
-                        match apply_pushed_settings(engine, event_types).await {
+                        match apply_pushed_settings(catalog, event_types).await {
                             Ok(changed) => {
                                 tracing::info!(version, changed, primary = %primary_id, "applied the primary's settings");
                                 uplink.settings_applied(version).await;

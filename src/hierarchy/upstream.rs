@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
-use crate::engine::{Engine, EngineError};
+use crate::engine::Engine;
+use crate::store::{EventStore, StoreError};
 
 /// Raised on the secondary when the link to its primary breaks.
 pub const MASTER_SRV_DISCONNECTED: &str = "KLSRV_EV_MASTER_SRV_DISCONNECTED";
@@ -40,6 +41,7 @@ pub struct UplinkState {
 /// The link state holder.
 pub struct Uplink {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
     started: tokio::time::Instant,
     grace: Duration,
     state: Mutex<UplinkState>,
@@ -50,11 +52,11 @@ impl Uplink {
     /// it is reported (the keepalive timeout).
     pub async fn load(
         engine: Arc<Engine>,
+        store: Arc<EventStore>,
         upstream: String,
         grace: Duration,
-    ) -> Result<Self, EngineError> {
-        let saved = engine
-            .store()
+    ) -> Result<Self, StoreError> {
+        let saved = store
             .load_records(KIND)
             .await?
             .into_iter()
@@ -67,6 +69,7 @@ impl Uplink {
         };
         Ok(Uplink {
             engine,
+            store,
             started: tokio::time::Instant::now(),
             grace,
             state: Mutex::new(state),
@@ -162,7 +165,7 @@ impl Uplink {
     }
 
     async fn save(&self, json: String) {
-        if let Err(e) = self.engine.store().save_record(KIND, ID, json).await {
+        if let Err(e) = self.store.save_record(KIND, ID, json).await {
             tracing::error!(error = %e, "saving the uplink state failed");
         }
     }

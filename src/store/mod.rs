@@ -541,6 +541,33 @@ impl EventStore {
         self.reader.records(Owner::Server, kind).await
     }
 
+    /// Every record of `kind`, parsed as `T`: how a registry loads its saved state. A record
+    /// that does not parse is a backend error naming it (the registry refuses to start rather
+    /// than forget it).
+    pub async fn load_json<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for json in self.load_records(kind).await? {
+            out.push(
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::backend(format!("saved {kind} record {json}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Saves `value` as the record `id` of `kind`, as JSON (see [`EventStore::load_json`]).
+    pub async fn save_json<T: serde::Serialize>(
+        &self,
+        kind: &str,
+        id: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.save_record(kind, id, to_json(value)?).await
+    }
+
     /// Saves (upserts) a record shared by every server on this store (credentials,
     /// revocations). On a store only one server uses, the same as [`EventStore::save_record`].
     pub async fn save_shared_record(
@@ -603,4 +630,9 @@ impl EventStore {
         self.writer.shutdown().await;
         self.reader.close().await;
     }
+}
+
+/// `value` as the JSON text of a record.
+pub fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::backend(e.to_string()))
 }

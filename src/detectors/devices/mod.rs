@@ -15,9 +15,9 @@
 //! - `status`: status facts, thresholds ([`compute_status`]) and the transition events;
 //! - `visibility`: the periodic check (the registry's [`Detector`](super::Detector) impl):
 //!   silence, out of control, statuses moved by time alone;
-//! - `persist`: loading, saving at once, batched saves.
+//! - `liveness`: when each device last sent any event, told by the engine on ingest.
 
-mod persist;
+mod liveness;
 mod status;
 mod visibility;
 
@@ -27,12 +27,35 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use liveness::Liveness;
 pub use status::{DeviceStatus, StatusFacts, StatusThresholds, compute_status};
 
 use super::{DetectorRunner, settle_all};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::engine::{Engine, EngineError};
+use crate::fields::FieldError;
+use crate::store::{EventStore, StoreError, to_json};
+
+/// The store's record kind for devices.
+const KIND: &str = "device";
+
+/// Why the registry refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A field of the request is malformed.
+    #[error(transparent)]
+    BadArgument(#[from] FieldError),
+    /// No device with that id reported a heartbeat.
+    #[error("device {0:?} does not exist")]
+    NotFound(String),
+    /// Raising an event failed.
+    #[error(transparent)]
+    Raise(#[from] EngineError),
+    /// Saving or loading the registry failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Two machines claim one device identity.
 pub const HOSTS_CONFLICT: &str = "KLSRV_EVENT_HOSTS_CONFLICT";
@@ -127,24 +150,87 @@ struct State {
 /// unmanaged devices.
 pub struct DeviceRegistry {
     engine: Arc<Engine>,
+    store: Arc<EventStore>,
+    liveness: Arc<Liveness>,
     thresholds: StatusThresholds,
     timings: DeviceTimings,
     state: tokio::sync::Mutex<State>,
 }
 
-fn bad(field: &'static str, reason: &str) -> EngineError {
-    EngineError::BadArgument {
-        field,
-        reason: reason.to_owned(),
-    }
+fn bad(field: &str, reason: &str) -> DeviceError {
+    DeviceError::BadArgument(FieldError::new(field, reason))
 }
 
 impl DeviceRegistry {
+    /// Loads the saved devices; `liveness` is the table the engine tells of every event.
+    pub async fn load(
+        engine: Arc<Engine>,
+        store: Arc<EventStore>,
+        liveness: Arc<Liveness>,
+        thresholds: StatusThresholds,
+        timings: DeviceTimings,
+    ) -> Result<Self, StoreError> {
+        let devices = store
+            .load_json::<DeviceRecord>(KIND)
+            .await?
+            .into_iter()
+            .map(|d| (d.device_id.clone(), d))
+            .collect();
+        Ok(DeviceRegistry {
+            engine,
+            store,
+            liveness,
+            thresholds,
+            timings,
+            state: tokio::sync::Mutex::new(State {
+                devices,
+                dirty: BTreeSet::new(),
+            }),
+        })
+    }
+
+    /// Puts `d` into `state`: saved at once when `decisive` (it decides what is raised next, so
+    /// a restart never raises twice), otherwise left for the next [`DeviceRegistry::flush`]
+    /// when `changed`.
+    async fn keep(
+        &self,
+        state: &mut State,
+        d: DeviceRecord,
+        decisive: bool,
+        changed: bool,
+    ) -> Result<(), StoreError> {
+        if decisive {
+            self.store.save_json(KIND, &d.device_id, &d).await?;
+            state.dirty.remove(&d.device_id);
+        } else if changed {
+            state.dirty.insert(d.device_id.clone());
+        }
+        state.devices.insert(d.device_id.clone(), d);
+        Ok(())
+    }
+
+    /// Saves every device changed since the last flush, in one transaction.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        if state.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(state.dirty.len());
+        for id in &state.dirty {
+            if let Some(d) = state.devices.get(id) {
+                records.push((id.clone(), to_json(d)?));
+            }
+        }
+        self.store.save_records(KIND, records).await?;
+        state.dirty.clear();
+        Ok(())
+    }
+
     /// Takes a heartbeat; returns the device and the events it raised (committed).
     pub async fn heartbeat(
         &self,
         hb: Heartbeat,
-    ) -> Result<(DeviceRecord, Vec<Arc<ClassifiedEvent>>), EngineError> {
+    ) -> Result<(DeviceRecord, Vec<Arc<ClassifiedEvent>>), DeviceError> {
         if hb.device_id.is_empty() {
             return Err(bad("device_id", "required"));
         }
@@ -225,7 +311,7 @@ impl DeviceRegistry {
     }
 
     /// One device.
-    pub async fn get(&self, device_id: &str) -> Result<DeviceRecord, EngineError> {
+    pub async fn get(&self, device_id: &str) -> Result<DeviceRecord, DeviceError> {
         let d = self
             .state
             .lock()
@@ -233,7 +319,7 @@ impl DeviceRegistry {
             .devices
             .get(device_id)
             .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("device {device_id:?}")))?;
+            .ok_or_else(|| DeviceError::NotFound(device_id.to_owned()))?;
         Ok(self.freshest(d))
     }
 
@@ -265,34 +351,32 @@ impl DeviceRegistry {
     pub async fn forget_quiet(&self) -> usize {
         let cutoff = self.engine.clock().now().minus(FORGET_UNREGISTERED_AFTER);
         let state = self.state.lock().await;
-        self.engine
-            .forget_quiet_devices(cutoff, |id| state.devices.contains_key(id))
+        self.liveness
+            .forget_quiet(cutoff, |id| state.devices.contains_key(id))
     }
 
     /// Runs the registry on `runner`: its check every `check_every`, the batched saves every
     /// `flush_every`, and [`DeviceRegistry::forget_quiet`] every [`FORGET_UNREGISTERED_AFTER`].
-    pub fn spawn(self: &Arc<Self>, runner: &DetectorRunner) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn(self: &Arc<Self>, runner: &DetectorRunner) {
         let (flush, forget) = (self.clone(), self.clone());
-        vec![
-            runner.spawn(self.clone()),
-            runner.every("saving devices", self.timings.flush_every, move || {
-                let me = flush.clone();
-                async move { me.flush().await }
-            }),
-            runner.every(
-                "forgetting quiet devices",
-                FORGET_UNREGISTERED_AFTER,
-                move || {
-                    let me = forget.clone();
-                    async move {
-                        let n = me.forget_quiet().await;
-                        if n > 0 {
-                            tracing::debug!(forgotten = n, "quiet unregistered devices forgotten");
-                        }
-                        Ok(())
+        runner.spawn(self.clone());
+        runner.every("saving devices", self.timings.flush_every, move || {
+            let me = flush.clone();
+            async move { me.flush().await }
+        });
+        runner.every(
+            "forgetting quiet devices",
+            FORGET_UNREGISTERED_AFTER,
+            move || {
+                let me = forget.clone();
+                async move {
+                    let n = me.forget_quiet().await;
+                    if n > 0 {
+                        tracing::debug!(forgotten = n, "quiet unregistered devices forgotten");
                     }
-                },
-            ),
-        ]
+                    Ok::<(), std::convert::Infallible>(())
+                }
+            },
+        );
     }
 }

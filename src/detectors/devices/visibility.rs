@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::DeviceError;
 use super::{DeviceRecord, DeviceRegistry, HOST_OUT_CONTROL, HOSTS_NOT_VISIBLE};
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::detectors::{Detector, onset, settle_all};
-use crate::engine::EngineError;
 
 impl DeviceRecord {
     /// A sign of life: ends the reported silence and out-of-control episode; true when one of
@@ -27,7 +27,7 @@ impl DeviceRegistry {
     /// device that was inactive (or out of control) and has sent an event since shows as
     /// active at once (the next check saves that and ends the episode).
     pub(super) fn freshest(&self, mut d: DeviceRecord) -> DeviceRecord {
-        if let Some(t) = self.engine.last_event_from(&d.device_id)
+        if let Some(t) = self.liveness.last_event_from(&d.device_id)
             && t > d.last_seen
         {
             d.last_seen = t;
@@ -40,6 +40,7 @@ impl DeviceRegistry {
 #[async_trait::async_trait]
 impl Detector for DeviceRegistry {
     type Report = Vec<Arc<ClassifiedEvent>>;
+    type Error = DeviceError;
 
     fn name(&self) -> &'static str {
         "device"
@@ -50,7 +51,7 @@ impl Detector for DeviceRegistry {
     }
 
     /// The inactivity, out-of-control and time-based status check; returns what it raised.
-    async fn check(&self, now: Timestamp) -> Result<Vec<Arc<ClassifiedEvent>>, EngineError> {
+    async fn check(&self, now: Timestamp) -> Result<Vec<Arc<ClassifiedEvent>>, DeviceError> {
         let mut pending = Vec::new();
         let mut state = self.state.lock().await;
         let ids: Vec<String> = state.devices.keys().cloned().collect();
@@ -97,6 +98,6 @@ impl Detector for DeviceRegistry {
             self.keep(&mut state, d, decisive, changed).await?;
         }
         drop(state);
-        settle_all(&self.engine, pending).await
+        Ok(settle_all(&self.engine, pending).await?)
     }
 }
