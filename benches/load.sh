@@ -9,6 +9,9 @@
 #                                      # insecure_plaintext; the token is still sent)
 #   APPEND=0 benches/load.sh           # print only, do not append to RESULTS.md
 #   BUILD=0 benches/load.sh            # use the binaries in target/release as they are
+#   BASELINE_BIN=/path/to/fleet-events benches/load.sh
+#                                      # also run an older build ("fleet-events-baseline" rows,
+#                                      # same scenarios, same run) to compare against
 #
 # Both servers serve TLS by default (fleet-events' default; the echo server with a certificate
 # made by fleet-events), and ghz pins the server's CA and sends fleet-events' admin token as
@@ -39,15 +42,28 @@ pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 bench_build
+BASELINE_BIN=${BASELINE_BIN:-}
+servers=(echo fleet-events)
+if [ -n "$BASELINE_BIN" ]; then
+  cp "$BASELINE_BIN" "$work/bin/fleet-events-baseline"
+  servers+=(fleet-events-baseline)
+fi
 
 start_server() { # kind -> sets pid, addr, ghz_conn, data
   case "$1" in
-    fleet-events|fleet-events-normal)
+    fleet-events|fleet-events-normal|fleet-events-baseline)
       data="$work/data"
       printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
       # The same server, committing without an fsync per group commit: shows what fsync costs.
       [ "$1" = fleet-events-normal ] && printf '[store]\ndurability = "normal"\n' >> "$work/config.toml"
-      start_fleet "$TRANSPORT" "$data" "$work/config.toml"
+      if [ "$1" = fleet-events-baseline ]; then
+        local current=$fleet
+        fleet="$work/bin/fleet-events-baseline"
+        start_fleet "$TRANSPORT" "$data" "$work/config.toml"
+        fleet=$current
+      else
+        start_fleet "$TRANSPORT" "$data" "$work/config.toml"
+      fi
       register_not_stored
       ;;
     echo) data="$work/echo-certs"; start_echo "$TRANSPORT" ;;
@@ -83,14 +99,15 @@ errors = sum(v for k, v in r["statusCodeDistribution"].items() if k != "OK")
 secs = r["total"] / 1e9
 lat = {d["percentage"]: d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
 rate = ok * int(per_call) / secs
+per_msg = float(cpu) * 1e6 / (ok * int(per_call)) if ok else 0
 print("\t".join([scenario, server, f"{rate:.0f}", f"{lat.get(50, 0):.2f}", f"{lat.get(99, 0):.2f}",
-                 cpu, f"{int(rss) / 1024:.0f}", str(errors)]))
+                 cpu, f"{int(rss) / 1024:.0f}", str(errors), f"{per_msg:.1f}"]))
 PY
 }
 
 unary=(--call fleetevents.v1.EventService/Classify -c "$UNARY_CONCURRENCY")
 stream=(--call fleetevents.v1.EventService/Stream -c "$STREAMS" --stream-call-count "$STREAM_MESSAGES" --stream-dynamic-messages)
-for server in echo fleet-events; do
+for server in "${servers[@]}"; do
   run "unary Classify, stored type" "$server" 1 "${unary[@]}" -d "$event"
   run "unary Classify, not-stored type" "$server" 1 "${unary[@]}" -d "$notstored"
   run "bidi Stream, stored type" "$server" "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
@@ -117,15 +134,15 @@ table=$(python3 - "$results" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 echo = {r[0]: r for r in rows if r[1] == "echo"}
-print("| scenario | server | msgs/s | p50 ms | p99 ms | server CPU s | peak RSS MiB | errors | vs echo msgs/s | vs echo p99 |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| scenario | server | msgs/s | p50 ms | p99 ms | server CPU s | CPU µs/msg | peak RSS MiB | errors | vs echo msgs/s | vs echo p99 |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     e = echo.get(r[0])
     ratio = f"{float(r[2]) / float(e[2]) * 100:.0f} %" if e and float(e[2]) else "-"
     p99 = f"{float(r[4]) / float(e[4]):.2f}x" if e and float(e[4]) else "-"
     if r[1] == "echo":
         ratio, p99 = "(ceiling)", ""
-    print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {ratio} | {p99} |")
+    print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[8]} | {r[6]} | {r[7]} | {ratio} | {p99} |")
 PY
 )
 header=$(results_header "")

@@ -8,8 +8,8 @@
 #    `Stream` calls as fast as the server answers; the RSS right after and the peak (VmHWM);
 #    then the RSS every POLL seconds while the server forgets the devices (the device registry
 #    forgets the last event time of a quiet unregistered device after 60 s, checking every 60 s;
-#    the flood sweep, every `[flood] sweep_interval_secs` = 5 s here, evicts counters idle for
-#    two windows of `window_secs` = 60 s), until SETTLE seconds after the last event when the
+#    the flood sweep, every `[flood] sweep_interval` = 5 s here, evicts counters idle for
+#    two windows of `window` = 60 s), until SETTLE seconds after the last event when the
 #    last three readings agree within 1 MiB, or WAIT seconds at most. Reported: final - start.
 #    Done with the live-only type BENCH_APP_NOT_STORED (`do_not_store`: the store is not
 #    involved) and, with STORED=1, again on a fresh server with the stored type
@@ -65,8 +65,8 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 cat > "$work/config.toml" <<TOML
 [flood]
-window_secs = 60
-sweep_interval_secs = 5
+window = "60s"
+sweep_interval = "5s"
 
 [store]
 max_events = $MAX_EVENTS

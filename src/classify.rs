@@ -102,8 +102,9 @@ pub struct Limits {
     pub max_param_value_bytes: usize,
     /// Largest total of all keys and values in `params`, bytes.
     pub max_params_total_bytes: usize,
-    /// How far in the future `occurred_at` may be (device clocks drift), seconds.
-    pub max_future_skew_secs: u64,
+    /// How far in the future `occurred_at` may be (device clocks drift). Default `5m`.
+    #[serde(with = "crate::config::human")]
+    pub max_future_skew: Duration,
 }
 
 impl Default for Limits {
@@ -116,7 +117,7 @@ impl Default for Limits {
             max_param_key_bytes: 128,
             max_param_value_bytes: 8 * 1024,
             max_params_total_bytes: 32 * 1024,
-            max_future_skew_secs: 300,
+            max_future_skew: Duration::from_secs(300),
         }
     }
 }
@@ -219,13 +220,13 @@ pub fn classify(
     check_params(&ev.params, limits)?;
     let occurred_at = match ev.occurred_at {
         None => now,
-        Some(t) if t > now.plus(Duration::from_secs(limits.max_future_skew_secs)) => {
+        Some(t) if t > now.plus(limits.max_future_skew) => {
             return Err(invalid(
                 "occurred_at",
                 format!(
-                    "{} is more than {} s in the future (server time {})",
+                    "{} is more than {} in the future (server time {})",
                     t.to_rfc3339(),
-                    limits.max_future_skew_secs,
+                    humantime::format_duration(limits.max_future_skew),
                     now.to_rfc3339()
                 ),
             ));

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -31,6 +32,43 @@ pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// frames (about the smallest valid event) costs 31 windows, so one such stalled call fits;
 /// one full of typical 60-byte events costs 3.3 windows, so about 10 stalled calls fit.
 pub const WINDOW_RATIO: u64 = 64;
+
+/// One day, the unit of the longer defaults.
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Shortest period or timeout accepted where zero makes no sense.
+pub const MIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// Durations in the configuration, as humantime text both ways: `"500ms"`, `"30s"`, `"5m"`,
+/// `"1h 30m"`, `"7days"`. A bare number is refused: its unit would be a guess. Used as
+/// `#[serde(with = "human")]`.
+pub(crate) mod human {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer, de};
+
+    /// Writes `d` as humantime text.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    /// Reads humantime text; a bare number is refused.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct Text;
+        impl de::Visitor<'_> for Text {
+            type Value = Duration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a duration with its unit, such as \"500ms\", \"30s\", \"5m\" or \"7days\"",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                humantime::parse_duration(v).map_err(|e| E::custom(format!("{v:?}: {e}")))
+            }
+        }
+        d.deserialize_str(Text)
+    }
+}
 
 /// Everything the server can be configured with.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -91,16 +129,19 @@ pub struct HierarchyConfig {
     pub batch_events: usize,
     /// Batches sent ahead of the primary's acknowledgements. Default 8.
     pub window_batches: usize,
-    /// Seconds between keepalive pings on a quiet link. Default 10.
-    pub keepalive_interval_secs: u64,
-    /// A link silent this many seconds is broken. Also how long after start-up a server waits
-    /// for its peers before reporting a link as broken. Default 30.
-    pub keepalive_timeout_secs: u64,
-    /// First wait before reconnecting, milliseconds; doubled per failure (with jitter).
-    /// Default 500.
-    pub backoff_initial_ms: u64,
-    /// Longest wait before reconnecting, milliseconds. Default 30 000.
-    pub backoff_max_ms: u64,
+    /// Time between keepalive pings on a quiet link. Default `10s`.
+    #[serde(with = "human")]
+    pub keepalive_interval: Duration,
+    /// A link silent this long is broken. Also how long after start-up a server waits for its
+    /// peers before reporting a link as broken. Default `30s`.
+    #[serde(with = "human")]
+    pub keepalive_timeout: Duration,
+    /// First wait before reconnecting; doubled per failure (with jitter). Default `500ms`.
+    #[serde(with = "human")]
+    pub backoff_initial: Duration,
+    /// Longest wait before reconnecting. Default `30s`.
+    #[serde(with = "human")]
+    pub backoff_max: Duration,
     /// Apply the per-type settings the primary pushes down. Default false.
     pub accept_settings: bool,
 }
@@ -118,10 +159,10 @@ impl Default for HierarchyConfig {
             outbox_max_events: 1_000_000,
             batch_events: 500,
             window_batches: 8,
-            keepalive_interval_secs: 10,
-            keepalive_timeout_secs: 30,
-            backoff_initial_ms: 500,
-            backoff_max_ms: 30_000,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
             accept_settings: false,
         }
     }
@@ -131,14 +172,15 @@ impl Default for HierarchyConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LicencesConfig {
-    /// Seconds between licence checks. Default 86400 (daily, as in the product).
-    pub check_interval_secs: u64,
+    /// Time between licence checks. Default `1day` (daily, as in the product).
+    #[serde(with = "human")]
+    pub check_interval: Duration,
 }
 
 impl Default for LicencesConfig {
     fn default() -> Self {
         LicencesConfig {
-            check_interval_secs: 86_400,
+            check_interval: DAY,
         }
     }
 }
@@ -147,18 +189,23 @@ impl Default for LicencesConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DevicesConfig {
-    /// Seconds between inactivity checks. Default 300.
-    pub check_interval_secs: u64,
-    /// Seconds between batched saves of device state. Default 5.
-    pub flush_interval_secs: u64,
-    /// KLSRV_EVENT_HOSTS_NOT_VISIBLE after this many seconds of silence. Default 7 days.
-    pub inactive_after_secs: u64,
-    /// KLSRV_HOST_OUT_CONTROL after this many seconds without connecting while other devices
-    /// still see it. Default 1 day.
-    pub unmanaged_after_secs: u64,
-    /// A sighting by another device counts for this many seconds. Default 2 hours (the
-    /// product's "not visible" period).
-    pub seen_by_others_within_secs: u64,
+    /// Time between inactivity checks. Default `5m`.
+    #[serde(with = "human")]
+    pub check_interval: Duration,
+    /// Time between batched saves of device state. Default `5s`.
+    #[serde(with = "human")]
+    pub flush_interval: Duration,
+    /// KLSRV_EVENT_HOSTS_NOT_VISIBLE after this long a silence. Default `7days`.
+    #[serde(with = "human")]
+    pub inactive_after: Duration,
+    /// KLSRV_HOST_OUT_CONTROL after this long without connecting while other devices still
+    /// see it. Default `1day`.
+    #[serde(with = "human")]
+    pub unmanaged_after: Duration,
+    /// A sighting by another device counts for this long. Default `2h` (the product's "not
+    /// visible" period).
+    #[serde(with = "human")]
+    pub seen_by_others_within: Duration,
     /// Status conditions.
     pub status: crate::detectors::devices::StatusThresholds,
 }
@@ -166,11 +213,11 @@ pub struct DevicesConfig {
 impl Default for DevicesConfig {
     fn default() -> Self {
         DevicesConfig {
-            check_interval_secs: 300,
-            flush_interval_secs: 5,
-            inactive_after_secs: 7 * 86_400,
-            unmanaged_after_secs: 86_400,
-            seen_by_others_within_secs: 7200,
+            check_interval: Duration::from_secs(300),
+            flush_interval: Duration::from_secs(5),
+            inactive_after: 7 * DAY,
+            unmanaged_after: DAY,
+            seen_by_others_within: Duration::from_secs(7200),
             status: Default::default(),
         }
     }
@@ -179,13 +226,12 @@ impl Default for DevicesConfig {
 impl DevicesConfig {
     /// The timings as the registry takes them.
     pub fn timings(&self) -> crate::detectors::devices::DeviceTimings {
-        use std::time::Duration;
         crate::detectors::devices::DeviceTimings {
-            inactive_after: Duration::from_secs(self.inactive_after_secs),
-            unmanaged_after: Duration::from_secs(self.unmanaged_after_secs),
-            seen_by_others_within: Duration::from_secs(self.seen_by_others_within_secs),
-            check_every: Duration::from_secs(self.check_interval_secs.max(1)),
-            flush_every: Duration::from_secs(self.flush_interval_secs.max(1)),
+            inactive_after: self.inactive_after,
+            unmanaged_after: self.unmanaged_after,
+            seen_by_others_within: self.seen_by_others_within,
+            check_every: self.check_interval,
+            flush_every: self.flush_interval,
         }
     }
 }
@@ -194,17 +240,19 @@ impl DevicesConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CertificatesConfig {
-    /// Seconds between certificate checks. Default 86400 (daily).
-    pub check_interval_secs: u64,
-    /// An MDM certificate is due for reissue this many days before it expires. Default 14.
-    pub reissue_before_days: u64,
+    /// Time between certificate checks. Default `1day`.
+    #[serde(with = "human")]
+    pub check_interval: Duration,
+    /// An MDM certificate is due for reissue this long before it expires. Default `14days`.
+    #[serde(with = "human")]
+    pub reissue_before: Duration,
 }
 
 impl Default for CertificatesConfig {
     fn default() -> Self {
         CertificatesConfig {
-            check_interval_secs: 86_400,
-            reissue_before_days: 14,
+            check_interval: DAY,
+            reissue_before: 14 * DAY,
         }
     }
 }
@@ -213,8 +261,9 @@ impl Default for CertificatesConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CapacityConfig {
-    /// Seconds between checks. Default 60.
-    pub check_interval_secs: u64,
+    /// Time between checks. Default `1m`.
+    #[serde(with = "human")]
+    pub check_interval: Duration,
     /// KLSRV_NO_SPACE_ON_VOLUMES below this percentage free on the data volume. Default 10.
     pub volume_min_free_percent: u32,
     /// The event database's size limit, bytes. Default 10 GiB.
@@ -227,7 +276,7 @@ impl Default for CapacityConfig {
     fn default() -> Self {
         let t = crate::detectors::capacity::CapacitySettings::default();
         CapacityConfig {
-            check_interval_secs: 60,
+            check_interval: Duration::from_secs(60),
             volume_min_free_percent: t.volume_min_free_percent,
             database_limit_bytes: t.database_limit_bytes,
             database_warn_percent: t.database_warn_percent,
@@ -259,8 +308,9 @@ pub struct ServerConfig {
     pub server_id: String,
     /// Largest gRPC message accepted, bytes; larger ones get RESOURCE_EXHAUSTED. Default 4 MiB.
     pub max_message_bytes: usize,
-    /// Seconds that shutdown waits for open calls to finish. Default 10.
-    pub shutdown_grace_secs: u64,
+    /// How long shutdown waits for open calls to finish. Default `10s`.
+    #[serde(with = "human")]
+    pub shutdown_grace: Duration,
     /// The client port's TLS certificate chain (PEM). Unset: `<data_dir>/server.pem`, made
     /// and signed by this server's CA on first start (for localhost, 127.0.0.1, ::1, the host
     /// name, `server_id` and the listen address).
@@ -278,16 +328,20 @@ pub struct ServerConfig {
     pub insecure_plaintext: bool,
     /// Most client connections open at once; more wait in the kernel's backlog. Default 10 000.
     pub max_connections: usize,
-    /// Seconds a new connection has to finish its TLS handshake. Default 10.
-    pub handshake_timeout_secs: u64,
-    /// Seconds a connection may stay open without sending its first request; then it is
-    /// closed. Default 30.
-    pub first_request_timeout_secs: u64,
-    /// Seconds between HTTP/2 keepalive pings on a quiet connection. Default 30.
-    pub keepalive_interval_secs: u64,
-    /// A connection that does not answer a keepalive ping within this many seconds is closed.
-    /// Default 10.
-    pub keepalive_timeout_secs: u64,
+    /// How long a new connection has to finish its TLS handshake. Default `10s`.
+    #[serde(with = "human")]
+    pub handshake_timeout: Duration,
+    /// How long a connection may stay open without sending its first request; then it is
+    /// closed. Default `30s`.
+    #[serde(with = "human")]
+    pub first_request_timeout: Duration,
+    /// Time between HTTP/2 keepalive pings on a quiet connection. Default `30s`.
+    #[serde(with = "human")]
+    pub keepalive_interval: Duration,
+    /// A connection that does not answer a keepalive ping within this long is closed.
+    /// Default `10s`.
+    #[serde(with = "human")]
+    pub keepalive_timeout: Duration,
     /// Most calls open at once on one connection (HTTP/2 `MAX_CONCURRENT_STREAMS`); a client
     /// waits for a free one. Default 256.
     pub max_concurrent_streams: u32,
@@ -309,18 +363,20 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Days an issued device certificate is valid. Default 365.
-    pub device_certificate_days: u64,
-    /// Seconds between re-reads of shared credentials (tokens, revocations) from the store,
-    /// for servers sharing one PostgreSQL database. Default 5.
-    pub refresh_secs: u64,
+    /// How long an issued device certificate is valid. Default `365days`.
+    #[serde(with = "human")]
+    pub device_certificate_validity: Duration,
+    /// Time between re-reads of shared credentials (tokens, revocations) from the store, for
+    /// servers sharing one PostgreSQL database. Default `5s`.
+    #[serde(with = "human")]
+    pub refresh_interval: Duration,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
-            device_certificate_days: 365,
-            refresh_secs: 5,
+            device_certificate_validity: 365 * DAY,
+            refresh_interval: Duration::from_secs(5),
         }
     }
 }
@@ -332,17 +388,17 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("fleet-events-data"),
             server_id: default_server_id(),
             max_message_bytes: 4 * 1024 * 1024,
-            shutdown_grace_secs: 10,
+            shutdown_grace: Duration::from_secs(10),
             tls_cert: None,
             tls_key: None,
             tls_ca_cert: None,
             tls_ca_key: None,
             insecure_plaintext: false,
             max_connections: 10_000,
-            handshake_timeout_secs: 10,
-            first_request_timeout_secs: 30,
-            keepalive_interval_secs: 30,
-            keepalive_timeout_secs: 10,
+            handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
             max_concurrent_streams: 256,
             stream_window_bytes: 64 * 1024,
             connection_window_bytes: 4 * 1024 * 1024,
@@ -382,32 +438,36 @@ pub struct FloodConfig {
     /// More than this many events of one type from one device within the window blocks the
     /// pair. Default 1000.
     pub threshold: u32,
-    /// Sliding window, seconds. Default 60.
-    pub window_secs: u32,
-    /// Block period, seconds. Default 3600.
-    pub block_secs: u32,
-    /// How often ended blocks are cleared and idle counters evicted, seconds. Default 30.
-    pub sweep_interval_secs: u64,
+    /// Sliding window, whole seconds (at least `1s`). Default `1m`.
+    #[serde(with = "human")]
+    pub window: Duration,
+    /// Block period, whole seconds. Default `1h`.
+    #[serde(with = "human")]
+    pub block: Duration,
+    /// How often ended blocks are cleared and idle counters evicted. Default `30s`.
+    #[serde(with = "human")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for FloodConfig {
     fn default() -> Self {
         FloodConfig {
             threshold: 1000,
-            window_secs: 60,
-            block_secs: 3600,
-            sweep_interval_secs: 30,
+            window: Duration::from_secs(60),
+            block: Duration::from_secs(3600),
+            sweep_interval: Duration::from_secs(30),
         }
     }
 }
 
 impl FloodConfig {
-    /// The default thresholds.
+    /// The default thresholds (in the detector's whole seconds).
     pub fn thresholds(&self) -> FloodThresholds {
+        let secs = |d: Duration| d.as_secs().min(u64::from(u32::MAX)) as u32;
         FloodThresholds {
             threshold: self.threshold,
-            window_secs: self.window_secs.max(1),
-            block_secs: self.block_secs,
+            window_secs: secs(self.window).max(1),
+            block_secs: secs(self.block),
         }
     }
 }
@@ -426,8 +486,9 @@ pub struct StoreConfig {
     pub batch_max: usize,
     /// Capacity of the write queue; a full queue slows ingest down. Default 16384.
     pub queue_capacity: usize,
-    /// How often expired events are deleted, seconds. Default 3600.
-    pub retention_sweep_secs: u64,
+    /// How often expired events are deleted. Default `1h`.
+    #[serde(with = "human")]
+    pub retention_sweep_interval: Duration,
     /// SQLite page cache for the writer, MiB; the store's indexes should fit. Default 64.
     pub cache_mib: u32,
     /// `postgres://USER@HOST:PORT/DATABASE` stores events in PostgreSQL (shared by several
@@ -444,7 +505,7 @@ impl Default for StoreConfig {
             durability: Durability::Full,
             batch_max: 2000,
             queue_capacity: 16_384,
-            retention_sweep_secs: 3600,
+            retention_sweep_interval: Duration::from_secs(3600),
             cache_mib: 64,
             url: None,
             pool_size: 16,
@@ -532,17 +593,12 @@ impl Config {
             ));
         }
         let srv = &self.server;
-        if srv.max_concurrent_streams == 0
-            || srv.keepalive_interval_secs == 0
-            || srv.keepalive_timeout_secs == 0
-            || srv.first_request_timeout_secs == 0
-        {
+        if srv.max_concurrent_streams == 0 {
             return Err(ConfigError(
-                "server.max_concurrent_streams, keepalive_interval_secs, keepalive_timeout_secs \
-                 and first_request_timeout_secs must be at least 1"
-                    .into(),
+                "server.max_concurrent_streams must be at least 1".into(),
             ));
         }
+        self.validate_durations()?;
         if !(MIN_WINDOW..=MAX_WINDOW).contains(&srv.stream_window_bytes)
             || !(MIN_WINDOW..=MAX_WINDOW).contains(&srv.connection_window_bytes)
         {
@@ -587,10 +643,14 @@ impl Config {
                 "hierarchy.upstream must be https://HOST:PORT, not {u:?}"
             )));
         }
-        if h.keepalive_timeout_secs <= h.keepalive_interval_secs {
+        if h.keepalive_timeout <= h.keepalive_interval {
             return Err(ConfigError(
-                "hierarchy.keepalive_timeout_secs must be longer than keepalive_interval_secs"
-                    .into(),
+                "hierarchy.keepalive_timeout must be longer than keepalive_interval".into(),
+            ));
+        }
+        if h.backoff_max < h.backoff_initial {
+            return Err(ConfigError(
+                "hierarchy.backoff_max must not be shorter than backoff_initial".into(),
             ));
         }
         if h.batch_events > 10_000 {
@@ -604,6 +664,51 @@ impl Config {
                 "hierarchy.batch_events, window_batches and outbox_max_events must be at least 1"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Every period and timeout that cannot be zero is at least [`MIN_PERIOD`] (a zero would
+    /// spin a loop or close every connection at once); the flood window is at least a second.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        let (srv, h) = (&self.server, &self.hierarchy);
+        let periods = [
+            ("server.handshake_timeout", srv.handshake_timeout),
+            ("server.first_request_timeout", srv.first_request_timeout),
+            ("server.keepalive_interval", srv.keepalive_interval),
+            ("server.keepalive_timeout", srv.keepalive_timeout),
+            ("hierarchy.keepalive_interval", h.keepalive_interval),
+            ("hierarchy.keepalive_timeout", h.keepalive_timeout),
+            ("hierarchy.backoff_initial", h.backoff_initial),
+            ("hierarchy.backoff_max", h.backoff_max),
+            ("devices.check_interval", self.devices.check_interval),
+            ("devices.flush_interval", self.devices.flush_interval),
+            ("licences.check_interval", self.licences.check_interval),
+            (
+                "certificates.check_interval",
+                self.certificates.check_interval,
+            ),
+            ("capacity.check_interval", self.capacity.check_interval),
+            ("flood.sweep_interval", self.flood.sweep_interval),
+            (
+                "store.retention_sweep_interval",
+                self.store.retention_sweep_interval,
+            ),
+            ("auth.refresh_interval", self.auth.refresh_interval),
+            (
+                "auth.device_certificate_validity",
+                self.auth.device_certificate_validity,
+            ),
+        ];
+        if let Some((name, d)) = periods.iter().find(|(_, d)| *d < MIN_PERIOD) {
+            return Err(ConfigError(format!(
+                "{name} must be at least {} (it is {})",
+                humantime::format_duration(MIN_PERIOD),
+                humantime::format_duration(*d)
+            )));
+        }
+        if self.flood.window < Duration::from_secs(1) {
+            return Err(ConfigError("flood.window must be at least 1s".into()));
         }
         Ok(())
     }
@@ -656,10 +761,49 @@ mod tests {
         .unwrap();
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.flood.threshold, 5);
-        assert_eq!(c.flood.window_secs, 60);
+        assert_eq!(c.flood.window, Duration::from_secs(60));
         assert_eq!(c.store.durability, Durability::Normal);
         std::fs::write(&p, "[flood]\nthreshhold = 5\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("threshhold"), "{e}");
+    }
+
+    /// Durations are humantime text; a bare number, a zero period and an unknown unit are
+    /// refused with the key named; the defaults survive the trip through figment.
+    #[test]
+    fn durations_are_humantime_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            Config::load(Some(&p))
+        };
+        let c = load("[devices]\ncheck_interval = \"90s\"\ninactive_after = \"2days 1h\"\n[hierarchy]\nbackoff_initial = \"250ms\"\n").unwrap();
+        assert_eq!(c.devices.check_interval, Duration::from_secs(90));
+        assert_eq!(
+            c.devices.inactive_after,
+            Duration::from_secs(2 * 86_400 + 3600)
+        );
+        assert_eq!(c.hierarchy.backoff_initial, Duration::from_millis(250));
+        assert_eq!(c.auth, AuthConfig::default());
+        let e = load("[devices]\ncheck_interval = 90\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("check_interval") && e.contains("\"30s\""), "{e}");
+        let e = load("[capacity]\ncheck_interval = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("capacity.check_interval must be at least 10ms"),
+            "{e}"
+        );
+        let e = load("[flood]\nwindow = \"3 fortnights\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("window"), "{e}");
+        let e = load("[flood]\nwindow = \"500ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flood.window must be at least 1s"), "{e}");
     }
 }

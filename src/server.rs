@@ -225,7 +225,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         shutdown,
         health,
         serve,
-        grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        grace: config.server.shutdown_grace,
         data_dir_lock,
     })
 }
@@ -314,7 +314,7 @@ async fn restore(
         config.server.data_dir.clone(),
         config.database_path(),
         config.capacity.thresholds(),
-        Duration::from_secs(config.capacity.check_interval_secs.max(1)),
+        config.capacity.check_interval,
     ));
     capacity.restore_marks().await?;
     // Its events are delivered live and stored once space allows, so a full disk cannot fail
@@ -327,8 +327,8 @@ async fn restore(
         CertificateRegistry::load(
             engine.clone(),
             store.clone(),
-            config.certificates.reissue_before_days,
-            Duration::from_secs(config.certificates.check_interval_secs.max(1)),
+            config.certificates.reissue_before,
+            config.certificates.check_interval,
         )
         .await?,
     );
@@ -350,7 +350,7 @@ async fn restore(
             engine.clone(),
             store.clone(),
             devices.clone(),
-            Duration::from_secs(config.licences.check_interval_secs.max(1)),
+            config.licences.check_interval,
         )
         .await?,
     );
@@ -370,7 +370,7 @@ async fn restore(
     })
 }
 
-/// The retention sweep of `store` by `catalog`'s types, every `store.retention_sweep_secs`.
+/// The retention sweep of `store` by `catalog`'s types, every `store.retention_sweep_interval`.
 fn retention_sweep(
     config: &Config,
     store: &Arc<EventStore>,
@@ -379,7 +379,7 @@ fn retention_sweep(
     RetentionSweep::new(
         store.clone(),
         catalog.clone(),
-        Duration::from_secs(config.store.retention_sweep_secs.max(1)),
+        config.store.retention_sweep_interval,
     )
 }
 
@@ -398,7 +398,7 @@ fn start_background(
         notices,
     ));
     runner.track(parts.blocks.clone().run(
-        Duration::from_secs(config.flood.sweep_interval_secs.max(1)),
+        config.flood.sweep_interval,
         engine.shutdown_signal().clone(),
     ));
     runner.spawn(Arc::new(retention_sweep(
@@ -413,7 +413,7 @@ fn start_background(
     let access = parts.access.clone();
     runner.every(
         "re-reading shared credentials",
-        Duration::from_secs(config.auth.refresh_secs.max(1)),
+        config.auth.refresh_interval,
         move || {
             let access = access.clone();
             async move { access.refresh().await }
@@ -432,7 +432,7 @@ async fn start_uplink(
     let (Some(upstream), Some(tls)) = (&h.upstream, tls) else {
         return Ok(None);
     };
-    let keepalive_timeout = Duration::from_secs(h.keepalive_timeout_secs.max(1));
+    let keepalive_timeout = h.keepalive_timeout;
     let uplink = Arc::new(
         Uplink::load(
             parts.engine.clone(),
@@ -448,7 +448,7 @@ async fn start_uplink(
     if let Some(name) = &h.upstream_name {
         client_tls = client_tls.domain_name(name.clone());
     }
-    let keepalive_interval = Duration::from_secs(h.keepalive_interval_secs.max(1));
+    let keepalive_interval = h.keepalive_interval;
     crate::hierarchy::sender::spawn(
         SenderParts {
             engine: parts.engine.clone(),
@@ -468,8 +468,8 @@ async fn start_uplink(
             window_batches: h.window_batches,
             keepalive_interval,
             keepalive_timeout,
-            backoff_initial: Duration::from_millis(h.backoff_initial_ms.max(1)),
-            backoff_max: Duration::from_millis(h.backoff_max_ms.max(1)),
+            backoff_initial: h.backoff_initial,
+            backoff_max: h.backoff_max,
             accept_settings: h.accept_settings,
         },
         links,
@@ -487,7 +487,7 @@ struct HierarchyServices<'a> {
 
 impl HierarchyServices<'_> {
     fn keepalive_timeout(&self) -> Duration {
-        Duration::from_secs(self.config.keepalive_timeout_secs.max(1))
+        self.config.keepalive_timeout
     }
 
     /// The service; `relay_allowed` only on the mutual-TLS hierarchy port.
@@ -538,9 +538,7 @@ async fn serve_hierarchy_port(
                 .client_ca_root(tls.ca.clone()),
         )
         .map_err(|e| ServerError::Tls(format!("hierarchy listener: {e}")))?
-        .http2_keepalive_interval(Some(Duration::from_secs(
-            h.config.keepalive_interval_secs.max(1),
-        )))
+        .http2_keepalive_interval(Some(h.config.keepalive_interval))
         .http2_keepalive_timeout(Some(h.keepalive_timeout()))
         .layer(tower::util::MapResponseLayer::new(status::finish_response))
         .layer(crate::api::guard::CatchPanicLayer)
@@ -658,8 +656,8 @@ async fn serve_client_port(
     let access_api = AccessApi::new(engine.clone(), parts.access.clone());
     let srv = &config.server;
     let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(srv.keepalive_interval_secs)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(srv.keepalive_timeout_secs)))
+        .http2_keepalive_interval(Some(srv.keepalive_interval))
+        .http2_keepalive_timeout(Some(srv.keepalive_timeout))
         .max_concurrent_streams(Some(srv.max_concurrent_streams))
         .initial_stream_window_size(Some(srv.stream_window_bytes))
         .initial_connection_window_size(Some(srv.connection_window_bytes))
@@ -719,8 +717,8 @@ async fn serve_client_port(
         client_tls,
         crate::api::auth::ConnectionLimits {
             max_connections: srv.max_connections,
-            handshake_timeout: Duration::from_secs(srv.handshake_timeout_secs.max(1)),
-            first_request_timeout: Duration::from_secs(srv.first_request_timeout_secs),
+            handshake_timeout: srv.handshake_timeout,
+            first_request_timeout: srv.first_request_timeout,
         },
         shutdown.clone(),
     );
@@ -797,7 +795,7 @@ async fn start_access(
         &ca_cert,
         &ca_key,
         system_now(),
-        Duration::from_secs(config.auth.device_certificate_days.max(1) * 86_400),
+        config.auth.device_certificate_validity,
     )
     .map_err(|e| ServerError::ClientTls(e.to_string()))?;
     let access = Arc::new(

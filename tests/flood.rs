@@ -12,8 +12,8 @@ use tonic::Code;
 fn flood_config(dir: &std::path::Path) -> fleet_events::config::Config {
     let mut c = test_config(dir);
     c.flood.threshold = 5;
-    c.flood.window_secs = 60;
-    c.flood.block_secs = 600;
+    c.flood.window = Duration::from_secs(60);
+    c.flood.block = Duration::from_secs(600);
     c
 }
 

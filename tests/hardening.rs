@@ -17,7 +17,7 @@
 //!   `MAX_CONFLICTS` pairs in its saved record (read from the SQLite file).
 //! - Connections: `[subscribe] max_per_connection` / `max_subscribers` answer
 //!   RESOURCE_EXHAUSTED and free their slot when a subscriber leaves; a connection that sends
-//!   no request within `first_request_timeout_secs` is closed, one that did stays usable.
+//!   no request within `first_request_timeout` is closed, one that did stays usable.
 //! - Degraded, not down: live-only repeats are delivered once (Classify and Stream); the health
 //!   service answers SERVING for every service of the contract; a low volume is reported once
 //!   across restarts; an inactive device that sends an event is active at once; an outbox
@@ -1287,7 +1287,7 @@ async fn subscriptions_are_bounded_per_connection_and_in_total() {
 // ---------------------------------------------------------------------------------------------
 // 6. First-request timeout
 
-/// With `first_request_timeout_secs = 1`, a connection that sends nothing is closed by the
+/// With `first_request_timeout = "1s"`, a connection that sends nothing is closed by the
 /// server after about a second; one that made a request in time stays open and usable (a
 /// subscription on it still receives after the silent one was closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1296,7 +1296,7 @@ async fn a_silent_connection_is_closed_and_an_active_one_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.server.insecure_plaintext = true;
-    config.server.first_request_timeout_secs = 1;
+    config.server.first_request_timeout = Duration::from_secs(1);
     let server = fleet_events::server::start(
         config,
         fleet_events::clock::ManualClock::new(fleet_events::clock::Timestamp::from_secs(T0)),
@@ -1523,7 +1523,7 @@ async fn a_low_volume_is_reported_once_across_restarts() {
 async fn an_inactive_device_that_sends_an_event_is_active_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.devices.inactive_after_secs = 3600;
+    config.devices.inactive_after = Duration::from_secs(3600);
     let s = TestServer::start(config).await;
     let mut d = s.devices();
     d.report_heartbeat(proto::DeviceHeartbeat {
@@ -1608,7 +1608,7 @@ async fn an_outbox_overflow_is_reported_and_bounded() {
     hierarchy_config(&mut config, &pki.server("secondary"), None, Some(port));
     config.hierarchy.outbox_max_events = 10;
     // No 4118 (forwarded too) joins the outbox while the test runs.
-    config.hierarchy.keepalive_timeout_secs = 600;
+    config.hierarchy.keepalive_timeout = Duration::from_secs(600);
     let s = TestServer::start(config).await;
     register_test_types(&s).await;
     let mut c = s.events();

@@ -650,7 +650,7 @@ async fn a_full_outbox_drops_its_oldest_and_keeps_ingesting() {
     // A long keepalive timeout: no 4118 (a warning, forwarded too) joins the outbox meanwhile.
     let secondary = start_node(dir.path(), &pki, "secondary", None, Some(port), |c| {
         c.hierarchy.outbox_max_events = 10;
-        c.hierarchy.keepalive_timeout_secs = 600;
+        c.hierarchy.keepalive_timeout = std::time::Duration::from_secs(600);
     })
     .await;
     register_test_types(&secondary).await;

@@ -26,7 +26,7 @@ fn node_toml(id: &str, cert: &ServerCert, listen: Option<u16>, upstream: Option<
     let mut t = format!(
         "[server]\nserver_id = \"{id}\"\n[store]\ndurability = \"normal\"\n[flood]\nthreshold = 1000000\n\
          [hierarchy]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n\
-         keepalive_interval_secs = 1\nkeepalive_timeout_secs = 3\nbackoff_initial_ms = 50\nbackoff_max_ms = 1000\n",
+         keepalive_interval = \"1s\"\nkeepalive_timeout = \"3s\"\nbackoff_initial = \"50ms\"\nbackoff_max = \"1s\"\n",
         cert.cert.display(),
         cert.key.display(),
         cert.ca.display()

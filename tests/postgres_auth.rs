@@ -1,6 +1,6 @@
 //! Two servers sharing one PostgreSQL database (and one CA) share their credentials: a token
 //! made through one works on the other, an enrolment token's uses are counted once for both,
-//! and a device revoked through one is refused by the other within `auth.refresh_secs`.
+//! and a device revoked through one is refused by the other within `auth.refresh_interval`.
 
 mod common;
 
@@ -24,12 +24,12 @@ async fn servers_sharing_a_database_share_tokens_enrolments_and_revocations() {
     let mut ca = test_config(&dir.path().join("a"));
     ca.store.url = Some(shared.clone());
     ca.server.server_id = "a".into();
-    ca.auth.refresh_secs = 1;
+    ca.auth.refresh_interval = std::time::Duration::from_secs(1);
     let a = TestServer::start(ca).await;
     let mut cb = test_config(&dir.path().join("b"));
     cb.store.url = Some(shared);
     cb.server.server_id = "b".into();
-    cb.auth.refresh_secs = 1;
+    cb.auth.refresh_interval = std::time::Duration::from_secs(1);
     // The same CA for both: devices enrolled through one are recognised by the other.
     cb.server.tls_ca_cert = Some(a.dir.join("ca.pem"));
     cb.server.tls_ca_key = Some(a.dir.join("ca.key"));

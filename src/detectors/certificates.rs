@@ -150,7 +150,7 @@ impl CertificateRegistry {
     pub async fn load(
         engine: Arc<Engine>,
         store: Arc<EventStore>,
-        reissue_before_days: u64,
+        reissue_before: Duration,
         period: Duration,
     ) -> Result<Self, StoreError> {
         let mdm = store
@@ -164,7 +164,7 @@ impl CertificateRegistry {
         Ok(CertificateRegistry {
             engine,
             store,
-            reissue_before: days(reissue_before_days),
+            reissue_before,
             period,
             state: tokio::sync::Mutex::new(State { mdm, apns }),
         })

@@ -447,10 +447,10 @@ pub fn hierarchy_config(
     h.tls_ca = Some(cert.ca.clone());
     h.listen = listen.map(|p| format!("127.0.0.1:{p}").parse().unwrap());
     h.upstream = upstream.map(|p| format!("https://localhost:{p}"));
-    h.keepalive_interval_secs = 1;
-    h.keepalive_timeout_secs = 3;
-    h.backoff_initial_ms = 50;
-    h.backoff_max_ms = 500;
+    h.keepalive_interval = Duration::from_secs(1);
+    h.keepalive_timeout = Duration::from_secs(3);
+    h.backoff_initial = Duration::from_millis(50);
+    h.backoff_max = Duration::from_millis(500);
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, failing after `secs` seconds with `what`.

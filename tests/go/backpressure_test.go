@@ -31,8 +31,8 @@ const (
 	bpConfig = `
 [flood]
 threshold = 1000000
-window_secs = 3600
-block_secs = 3600
+window = "3600s"
+block = "3600s"
 `
 	bpWarningType   = "GO_BACKPRESSURE_WARNING"
 	bpEvents        = 20_000

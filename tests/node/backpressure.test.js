@@ -18,8 +18,8 @@ const { grpc, now, connect, unary, startServer, holdWriteLock } = require('./lib
 const CONFIG = `
 [flood]
 threshold = 1000000
-window_secs = 3600
-block_secs = 3600
+window = "3600s"
+block = "3600s"
 `;
 const WARNING_TYPE = 'NODE_BACKPRESSURE_WARNING';
 const N_EVENTS = 20_000;

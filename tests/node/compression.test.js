@@ -22,8 +22,8 @@ const { grpc, protos, connect, startServer } = require('./lib');
 const CONFIG = `
 [flood]
 threshold = 1000000
-window_secs = 3600
-block_secs = 3600
+window = "3600s"
+block = "3600s"
 `;
 const COMPRESSING_CONFIG = `${CONFIG}
 [server]

@@ -46,9 +46,9 @@ RPC_TIMEOUT = 10.0
 # The configuration most modules share: a low flood threshold so the flood test is quick.
 DEFAULT_CONFIG = """\
 [flood]
-threshold = 5       # more than 5 events of one type from one device within window_secs -> blocked
-window_secs = 3600
-block_secs = 3600
+threshold = 5       # more than 5 events of one type from one device within window -> blocked
+window = "3600s"
+block = "3600s"
 
 [store]
 max_events = 400000

@@ -31,8 +31,8 @@ from fleetevents.v1 import fleetevents_pb2_grpc as pb_grpc
 BACKPRESSURE_CONFIG = """\
 [flood]
 threshold = 1000000
-window_secs = 3600
-block_secs = 3600
+window = "3600s"
+block = "3600s"
 """
 
 DB_FILE = "events.sqlite3"

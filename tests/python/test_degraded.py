@@ -48,15 +48,15 @@ server_id = "{SERVER_ID}"
 
 [flood]
 threshold = 100000
-window_secs = 60
-block_secs = 3600
+window = "60s"
+block = "3600s"
 
 [store]
 max_events = 400000
 durability = "normal"
 
 [capacity]
-check_interval_secs = 3600
+check_interval = "3600s"
 volume_min_free_percent = 10
 """
 
@@ -460,13 +460,13 @@ def test_starts_on_full_volume(degraded_server, small_volume):
 # Handshakes and first requests must not time out while the test holds connections idle.
 FD_CONFIG = """\
 [server]
-handshake_timeout_secs = 60
-first_request_timeout_secs = 60
+handshake_timeout = "60s"
+first_request_timeout = "60s"
 
 [flood]
 threshold = 100000
-window_secs = 60
-block_secs = 3600
+window = "60s"
+block = "3600s"
 """
 
 ACCEPT_FAILED = "accepting a connection failed"

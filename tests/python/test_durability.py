@@ -9,8 +9,8 @@ from fleet_helpers import RPC_TIMEOUT, event, query_all
 DURABLE_CONFIG = """\
 [flood]
 threshold = 1000
-window_secs = 60
-block_secs = 3600
+window = "60s"
+block = "3600s"
 
 [store]
 max_events = 400000
