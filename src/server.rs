@@ -570,29 +570,24 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
 
 /// Marks every service of the client port SERVING.
 async fn report_serving(health: &HealthReporter) {
-    health.set_serving::<EventServiceServer<EventApi>>().await;
-    health
-        .set_serving::<CatalogServiceServer<CatalogApi>>()
-        .await;
-    health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
-    health.set_serving::<PushServiceServer<PushApi>>().await;
-    health
-        .set_serving::<CapacityServiceServer<CapacityApi>>()
-        .await;
-    health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
-    health
-        .set_serving::<CertificateServiceServer<CertificateApi>>()
-        .await;
-    health
-        .set_serving::<LicenceServiceServer<LicenceApi>>()
-        .await;
-    health.set_serving::<AccessServiceServer<AccessApi>>().await;
-    health
-        .set_serving::<EnrollmentServiceServer<AccessApi>>()
-        .await;
-    health
-        .set_serving::<HierarchyServiceServer<HierarchyApi>>()
-        .await;
+    use tonic::server::NamedService;
+    for name in [
+        EventServiceServer::<EventApi>::NAME,
+        CatalogServiceServer::<CatalogApi>::NAME,
+        DeviceServiceServer::<DeviceApi>::NAME,
+        PushServiceServer::<PushApi>::NAME,
+        CapacityServiceServer::<CapacityApi>::NAME,
+        UpdateServiceServer::<UpdateApi>::NAME,
+        CertificateServiceServer::<CertificateApi>::NAME,
+        LicenceServiceServer::<LicenceApi>::NAME,
+        AccessServiceServer::<AccessApi>::NAME,
+        EnrollmentServiceServer::<AccessApi>::NAME,
+        HierarchyServiceServer::<HierarchyApi>::NAME,
+    ] {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
 }
 
 /// Reflection (v1 and v1alpha) of every service and of health.

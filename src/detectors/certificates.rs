@@ -153,13 +153,10 @@ impl CertificateRegistry {
         reissue_before: Duration,
         period: Duration,
     ) -> Result<Self, StoreError> {
-        let mdm = store
-            .load_json::<MdmCertificate>(MDM_KIND)
-            .await?
-            .into_iter()
-            .filter(|c| !c.removed)
-            .map(|c| (c.certificate_id.clone(), c))
-            .collect();
+        let mut mdm = store
+            .load_json_map(MDM_KIND, |c: &MdmCertificate| c.certificate_id.clone())
+            .await?;
+        mdm.retain(|_, c| !c.removed);
         let apns = store.load_json(APNS_KIND).await?.pop();
         Ok(CertificateRegistry {
             engine,

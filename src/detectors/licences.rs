@@ -113,11 +113,8 @@ impl LicenceChecker {
         period: Duration,
     ) -> Result<Self, StoreError> {
         let licences = store
-            .load_json::<Licence>(KIND)
-            .await?
-            .into_iter()
-            .map(|l| (l.key.clone(), l))
-            .collect();
+            .load_json_map(KIND, |l: &Licence| l.key.clone())
+            .await?;
         Ok(LicenceChecker {
             engine,
             store,

@@ -88,11 +88,8 @@ impl UpdateRegistry {
     /// Loads the saved updates.
     pub async fn load(engine: Arc<Engine>, store: Arc<EventStore>) -> Result<Self, StoreError> {
         let updates = store
-            .load_json::<Update>(KIND)
-            .await?
-            .into_iter()
-            .map(|u| (u.update_id.clone(), u))
-            .collect();
+            .load_json_map(KIND, |u: &Update| u.update_id.clone())
+            .await?;
         Ok(UpdateRegistry {
             engine,
             store,

@@ -558,6 +558,17 @@ impl EventStore {
         Ok(out)
     }
 
+    /// Every record of `kind` parsed as `T` (see [`EventStore::load_json`]), by the key `key_of`
+    /// gives each: how a registry rebuilds its map.
+    pub async fn load_json_map<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        key_of: impl Fn(&T) -> String,
+    ) -> Result<std::collections::BTreeMap<String, T>, StoreError> {
+        let records = self.load_json::<T>(kind).await?;
+        Ok(records.into_iter().map(|r| (key_of(&r), r)).collect())
+    }
+
     /// Saves `value` as the record `id` of `kind`, as JSON (see [`EventStore::load_json`]).
     pub async fn save_json<T: serde::Serialize>(
         &self,

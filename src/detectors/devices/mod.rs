@@ -171,11 +171,8 @@ impl DeviceRegistry {
         timings: DeviceTimings,
     ) -> Result<Self, StoreError> {
         let devices = store
-            .load_json::<DeviceRecord>(KIND)
-            .await?
-            .into_iter()
-            .map(|d| (d.device_id.clone(), d))
-            .collect();
+            .load_json_map(KIND, |d: &DeviceRecord| d.device_id.clone())
+            .await?;
         Ok(DeviceRegistry {
             engine,
             store,
