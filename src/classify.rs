@@ -224,9 +224,9 @@ pub fn classify(
             return Err(invalid(
                 "occurred_at",
                 format!(
-                    "{} is more than {} in the future (server time {})",
+                    "{} is more than {} s in the future (server time {})",
                     t.to_rfc3339(),
-                    humantime::format_duration(limits.max_future_skew),
+                    limits.max_future_skew.as_secs(),
                     now.to_rfc3339()
                 ),
             ));

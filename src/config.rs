@@ -648,11 +648,6 @@ impl Config {
                 "hierarchy.keepalive_timeout must be longer than keepalive_interval".into(),
             ));
         }
-        if h.backoff_max < h.backoff_initial {
-            return Err(ConfigError(
-                "hierarchy.backoff_max must not be shorter than backoff_initial".into(),
-            ));
-        }
         if h.batch_events > 10_000 {
             return Err(ConfigError(
                 "hierarchy.batch_events must be at most 10000 (a primary refuses larger batches)"
@@ -669,8 +664,10 @@ impl Config {
     }
 
     /// Every period and timeout that cannot be zero is at least [`MIN_PERIOD`] (a zero would
-    /// spin a loop or close every connection at once); the flood window is at least a second.
-    fn validate_durations(&self) -> Result<(), ConfigError> {
+    /// spin a loop or close every connection at once); the flood window is at least a second,
+    /// a device certificate valid for at least a day. `server::start` checks this too, for
+    /// configurations built in code.
+    pub fn validate_durations(&self) -> Result<(), ConfigError> {
         let (srv, h) = (&self.server, &self.hierarchy);
         let periods = [
             ("server.handshake_timeout", srv.handshake_timeout),
@@ -695,10 +692,6 @@ impl Config {
                 self.store.retention_sweep_interval,
             ),
             ("auth.refresh_interval", self.auth.refresh_interval),
-            (
-                "auth.device_certificate_validity",
-                self.auth.device_certificate_validity,
-            ),
         ];
         if let Some((name, d)) = periods.iter().find(|(_, d)| *d < MIN_PERIOD) {
             return Err(ConfigError(format!(
@@ -709,6 +702,11 @@ impl Config {
         }
         if self.flood.window < Duration::from_secs(1) {
             return Err(ConfigError("flood.window must be at least 1s".into()));
+        }
+        if self.auth.device_certificate_validity < DAY {
+            return Err(ConfigError(
+                "auth.device_certificate_validity must be at least 1day".into(),
+            ));
         }
         Ok(())
     }
@@ -805,5 +803,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("flood.window must be at least 1s"), "{e}");
+        let e = load("[auth]\ndevice_certificate_validity = \"12h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("auth.device_certificate_validity must be at least 1day"),
+            "{e}"
+        );
     }
 }

@@ -79,6 +79,9 @@ pub enum ServerError {
     /// A start-up check that must pass before serving failed.
     #[error("start-up: {0}")]
     Startup(String),
+    /// The configuration holds a value the server cannot run with.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -173,15 +176,18 @@ struct Parts {
 /// saved state, start the background work, link to the primary, serve the hierarchy port,
 /// serve the client port.
 pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, ServerError> {
+    // The CLI validated the whole file; a configuration built in code gets the checks that
+    // keep periods and timeouts usable.
+    config.validate_durations()?;
     let tls = HierarchyTls::load(&config.hierarchy)?;
     let (data_dir_lock, store, notices) = open_store(&config).await?;
     let shutdown = CancellationToken::new();
-    let parts = restore(&config, store, clock, shutdown.clone()).await?;
-    let client_tls = client_port_tls(&config, &parts.access)?;
+    let (parts, client_tls) = restore(&config, store, clock, shutdown.clone()).await?;
     let background = DetectorRunner::new(parts.engine.clock().clone(), shutdown.clone());
     start_background(&config, &parts, notices, &background);
     // The uplink and the relay sessions: joined at shutdown before the store closes.
     let links = TaskTracker::new();
+    let mut hierarchy_serve = None;
     let serving = async {
         let uplink = start_uplink(&config, &parts, tls.as_ref(), &links).await?;
         let hierarchy = HierarchyServices {
@@ -190,7 +196,8 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             config: &config.hierarchy,
             links: &links,
         };
-        let (hierarchy_addr, hierarchy_serve) =
+        let hierarchy_addr;
+        (hierarchy_addr, hierarchy_serve) =
             serve_hierarchy_port(&hierarchy, tls.as_ref(), &background, &shutdown).await?;
         let client = serve_client_port(
             &config,
@@ -201,14 +208,20 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             &shutdown,
         )
         .await?;
-        Ok::<_, ServerError>((hierarchy_addr, hierarchy_serve, client))
+        Ok::<_, ServerError>((hierarchy_addr, client))
     }
     .await;
-    let (hierarchy_addr, hierarchy_serve, (addr, health, serve)) = match serving {
+    let (hierarchy_addr, (addr, health, serve)) = match serving {
         Ok(s) => s,
         Err(e) => {
-            // Nothing serves: stop what started, close the store, release the directory.
+            // The client port is not served: stop what started, in the order of
+            // `RunningServer::shutdown`, then release the directory.
             shutdown.cancel();
+            if let Some(h) = hierarchy_serve {
+                let _ = tokio::time::timeout(config.server.shutdown_grace, h).await;
+            }
+            links.close();
+            let _ = tokio::time::timeout(config.server.shutdown_grace, links.wait()).await;
             parts.store.shutdown().await;
             background.stopped().await;
             return Err(e);
@@ -253,15 +266,15 @@ async fn open_store(
     Ok((lock, Arc::new(store), notices))
 }
 
-/// Step 2: restore the saved state (catalog, settings version, credentials, blocks, every
-/// registry), delete what expired while the server was down, and check capacity and
-/// certificates once, so what is due is reported before serving.
+/// Step 2: restore the saved state (catalog, settings version, credentials and the client
+/// port's TLS, blocks, every registry), delete what expired while the server was down, and
+/// check capacity and certificates once, so what is due is reported before serving.
 async fn restore(
     config: &Config,
     store: Arc<EventStore>,
     clock: SharedClock,
     shutdown: CancellationToken,
-) -> Result<Parts, ServerError> {
+) -> Result<(Parts, Option<Arc<rustls::ServerConfig>>), ServerError> {
     let catalog = Arc::new(Catalog::with_builtins(config.catalog.unknown_severity));
     for skipped in catalog.restore(store.load_event_types().await?) {
         tracing::error!(event_type = %skipped.name, id = ?skipped.id,
@@ -288,6 +301,7 @@ async fn restore(
             .then_some(config.hierarchy.forward_min_severity),
     });
     let access = start_access(config, &store, &clock).await?;
+    let client_tls = client_port_tls(config, &access)?;
     // A full disk must not keep the server from starting: the sweep is retried periodically.
     match retention_sweep(config, &store, &catalog)
         .check(clock.now())
@@ -354,7 +368,7 @@ async fn restore(
         )
         .await?,
     );
-    Ok(Parts {
+    let parts = Parts {
         catalog: Arc::new(CatalogAdmin::new(catalog, store.clone(), version)),
         blocks,
         devices,
@@ -367,7 +381,8 @@ async fn restore(
         access,
         engine,
         store,
-    })
+    };
+    Ok((parts, client_tls))
 }
 
 /// The retention sweep of `store` by `catalog`'s types, every `store.retention_sweep_interval`.

@@ -7,7 +7,7 @@
 //!   authenticating one call's credential and authorising it against the table.
 //!
 //! Credentials are kept as shared records in the store, so servers sharing one PostgreSQL
-//! database share tokens and revocations (refreshed every `auth.refresh_secs`).
+//! database share tokens and revocations (refreshed every `auth.refresh_interval`).
 
 pub mod audit;
 pub mod pki;

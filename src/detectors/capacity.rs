@@ -108,7 +108,7 @@ pub struct CapacityReport {
     pub raised: Vec<Arc<ClassifiedEvent>>,
 }
 
-/// The capacity monitor: a [`Detector`] checked every `check_interval_secs` and on request.
+/// The capacity monitor: a [`Detector`] checked every `check_interval` and on request.
 pub struct CapacityMonitor {
     engine: Arc<Engine>,
     store: Arc<EventStore>,

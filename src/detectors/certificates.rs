@@ -1,7 +1,7 @@
 //! The certificate registry: MDM certificates (general, mail, VPN) and the APNs certificate.
 //!
 //! - KLSRV_CERTIFICATE_REQUESTED: an MDM certificate inside its reissue window (the last
-//!   `reissue_before_days` before it expires) that may not be reissued automatically, once per
+//!   `reissue_before` before it expires) that may not be reissued automatically, once per
 //!   certificate and expiry date; or a reported failure of an automatic reissue, with its reason.
 //! - KLSRV_CERTIFICATE_REMOVED: an administrator removed an MDM certificate.
 //! - KLSRV_APN_CERTIFICATE_EXPIRES_SOON / _EXPIRED: the uploaded APNs certificate (a real X.509
@@ -130,7 +130,7 @@ struct State {
     apns: Option<ApnsCertificate>,
 }
 
-/// The registry: a [`Detector`] checked every `check_interval_secs` and on request.
+/// The registry: a [`Detector`] checked every `check_interval` and on request.
 pub struct CertificateRegistry {
     engine: Arc<Engine>,
     store: Arc<EventStore>,

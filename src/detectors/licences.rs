@@ -95,7 +95,7 @@ pub struct LicenceUsage {
     pub in_use: u64,
 }
 
-/// The checker: a [`Detector`] checked every `check_interval_secs` and on request.
+/// The checker: a [`Detector`] checked every `check_interval` and on request.
 pub struct LicenceChecker {
     engine: Arc<Engine>,
     store: Arc<EventStore>,

@@ -127,6 +127,8 @@ impl DetectorRunner {
         self.tasks.spawn(async move {
             let every = period.max(Duration::from_millis(10));
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            // A job that overran its period runs again one period later, never in a burst.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
