@@ -26,6 +26,7 @@ use crate::classify::{
 };
 use crate::clock::{SharedClock, Timestamp};
 use crate::flood::{FloodDetector, FloodThresholds, FloodVerdict};
+use crate::recent::RecentKeys;
 use crate::store::{
     AppendOutcome, AppendTicket, EventQuery, EventStore, PageCursor, StoreError, StoredEvent,
     WriteTo,
@@ -37,50 +38,6 @@ pub const SPAM_EVENTS_DETECTED: &str = "KLSRV_EVENT_SPAM_EVENTS_DETECTED";
 /// remembered by identity: a repeat of one of them is answered but not delivered to
 /// subscribers again. About 40 bytes each.
 pub const LIVE_REPEAT_WINDOW: usize = 100_000;
-
-/// The identities (device id, event id) of the most recent live-only client events, up to a
-/// bound; the oldest are forgotten first. Events without a client-chosen id are never
-/// repeats (the server assigned a fresh one).
-struct LiveRepeats {
-    keys: (u64, u64),
-    recent: std::sync::Mutex<(
-        std::collections::HashSet<u128, rustc_hash::FxBuildHasher>,
-        std::collections::VecDeque<u128>,
-    )>,
-    cap: usize,
-}
-
-impl LiveRepeats {
-    fn new(cap: usize) -> Self {
-        LiveRepeats {
-            keys: (fastrand::u64(..), fastrand::u64(..)),
-            recent: Default::default(),
-            cap: cap.max(1),
-        }
-    }
-
-    /// Remembers the event's identity; false when it was remembered already.
-    fn first_time(&self, e: &ClassifiedEvent) -> bool {
-        use std::hash::Hasher;
-        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        h.write(e.device_id.as_bytes());
-        h.write_u8(0xff);
-        h.write(e.event_id.as_bytes());
-        let k = siphasher::sip128::Hasher128::finish128(&h).as_u128();
-        let mut guard = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let (set, order) = &mut *guard;
-        if !set.insert(k) {
-            return false;
-        }
-        order.push_back(k);
-        if order.len() > self.cap
-            && let Some(old) = order.pop_front()
-        {
-            set.remove(&old);
-        }
-        true
-    }
-}
 
 /// Most server events waiting to be stored after the store could not take them.
 pub const MAX_DEFERRED: usize = 256;
@@ -180,8 +137,9 @@ pub struct Engine {
     forward_min: Option<Severity>,
     /// Woken when events entered the outbox, so the uplink sends them promptly.
     outbox_written: tokio::sync::Notify,
-    /// Identities of recent live-only client events, so a resent one is not delivered twice.
-    live_repeats: LiveRepeats,
+    /// Identities (device id, event id) of recent live-only client events, so a resent one
+    /// is not delivered twice; the oldest beyond [`LIVE_REPEAT_WINDOW`] are forgotten.
+    live_repeats: std::sync::Mutex<RecentKeys>,
     /// Whether the store commits; see [`Engine::store_health`].
     store_healthy: tokio::sync::watch::Sender<bool>,
     /// Server events delivered live while the store could not take them, to be stored.
@@ -231,7 +189,7 @@ impl Engine {
             forward_min: p.forward_min,
             outbox_written: tokio::sync::Notify::new(),
             store_healthy: tokio::sync::watch::Sender::new(true),
-            live_repeats: LiveRepeats::new(LIVE_REPEAT_WINDOW),
+            live_repeats: std::sync::Mutex::new(RecentKeys::new(LIVE_REPEAT_WINDOW)),
             deferred: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -366,8 +324,7 @@ impl Engine {
             // answered but not delivered again.
             None => {
                 !pending.event.blocked
-                    && (pending.event.origin != Origin::Client
-                        || self.live_repeats.first_time(&pending.event))
+                    && (pending.event.origin != Origin::Client || self.first_time(&pending.event))
             }
         };
         if publish && pending.forwarded {
@@ -377,6 +334,13 @@ impl Engine {
             self.bus.publish(&pending.event);
         }
         Ok(pending.event)
+    }
+
+    /// Remembers a live-only client event's identity; false when it was remembered already.
+    fn first_time(&self, e: &ClassifiedEvent) -> bool {
+        let mut recent = self.live_repeats.lock().unwrap_or_else(|e| e.into_inner());
+        let key = recent.key(&[&e.device_id, &e.event_id]);
+        recent.insert(key)
     }
 
     /// Notes whether the store could commit: a full store or a lost database marks the

@@ -44,5 +44,6 @@ pub mod fields;
 pub mod flood;
 pub mod hierarchy;
 pub mod maintenance;
+pub mod recent;
 pub mod server;
 pub mod store;

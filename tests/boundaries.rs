@@ -19,6 +19,7 @@ const DOMAIN: &[&str] = &[
     "src/flood.rs",
     "src/hierarchy",
     "src/maintenance.rs",
+    "src/recent.rs",
     "src/store",
 ];
 

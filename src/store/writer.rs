@@ -6,11 +6,9 @@
 //! the bounded memory of relayed events that were not stored (so a resend is still a
 //! duplicate), the outbox level and its notices, and the reports of the cap's trims.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustc_hash::FxBuildHasher;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{AppendOutcome, AppendTicket, RetentionRules, StoreError, StoreNotice, WriteTo};
@@ -18,6 +16,7 @@ use crate::catalog::EventType;
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
 use crate::flood::Block;
+use crate::recent::RecentKeys;
 
 /// How many identities of relayed, not-stored events the writer remembers to drop resends.
 const RECENT_UNSTORED: usize = 1 << 17;
@@ -415,11 +414,11 @@ impl<B: WriteBackend> Writer<B> {
         let mut batch = Vec::with_capacity(appends.len());
         for (a, outcome) in appends.iter().zip(outcomes.iter_mut()) {
             if let Some(relay) = a.event.relay.as_ref().filter(|_| !a.to.events) {
-                let key = self.recent_unstored.key(
+                let key = self.recent_unstored.key(&[
                     &relay.origin_server,
                     &a.event.device_id,
                     &a.event.event_id,
-                );
+                ]);
                 if !self.recent_unstored.insert(key) {
                     *outcome = Some(AppendOutcome::Duplicate);
                     continue;
@@ -555,72 +554,9 @@ impl OutboxGauge {
     }
 }
 
-/// The most recent identities seen, up to a bound: the oldest are forgotten first. Identities
-/// are keyed 128-bit hashes (a random key per process: clients cannot craft collisions).
-struct RecentKeys {
-    hash_key: (u64, u64),
-    set: HashSet<u128, FxBuildHasher>,
-    order: VecDeque<u128>,
-    cap: usize,
-}
-
-impl RecentKeys {
-    fn new(cap: usize) -> Self {
-        let r = uuid::Uuid::new_v4().as_u128();
-        RecentKeys {
-            hash_key: (r as u64, (r >> 64) as u64),
-            set: Default::default(),
-            order: Default::default(),
-            cap: cap.max(1),
-        }
-    }
-
-    /// The identity of (origin server, device, event id).
-    fn key(&self, origin_server: &str, device_id: &str, event_id: &str) -> u128 {
-        use std::hash::Hash;
-        let mut h = siphasher::sip128::SipHasher13::new_with_keys(self.hash_key.0, self.hash_key.1);
-        (origin_server, device_id, event_id).hash(&mut h);
-        siphasher::sip128::Hasher128::finish128(&h).as_u128()
-    }
-
-    /// Remembers `k`; false when it was remembered already.
-    fn insert(&mut self, k: u128) -> bool {
-        if !self.set.insert(k) {
-            return false;
-        }
-        self.order.push_back(k);
-        if self.order.len() > self.cap
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
-    }
-
-    /// Forgets `k` (its transaction failed).
-    fn forget(&mut self, k: u128) {
-        self.set.remove(&k);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recent_keys_forget_the_oldest_beyond_their_bound() {
-        let mut r = RecentKeys::new(2);
-        let (a, b, c) = (
-            r.key("s", "d", "1"),
-            r.key("s", "d", "2"),
-            r.key("s", "d", "3"),
-        );
-        assert!(r.insert(a) && r.insert(b));
-        assert!(!r.insert(a), "a repeat is told");
-        assert!(r.insert(c));
-        assert!(r.insert(a), "the oldest was forgotten");
-        assert_ne!(r.key("s", "d", "1"), r.key("", "sd", "1"));
-    }
 
     #[test]
     fn the_outbox_level_is_reported_once_per_crossing() {
