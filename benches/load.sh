@@ -12,6 +12,9 @@
 #   BASELINE_BIN=/path/to/fleet-events benches/load.sh
 #                                      # also run an older build ("fleet-events-baseline" rows,
 #                                      # same scenarios, same run) to compare against
+#   METRICS=1 benches/load.sh          # also "fleet-events-scraped" rows: the same server with
+#                                      # its Prometheus port on, scraped every second
+#   OPEN_STREAMS=0 benches/load.sh     # skip the memory-per-open-stream measurement
 #
 # Both servers serve TLS by default (fleet-events' default; the echo server with a certificate
 # made by fleet-events), and ghz pins the server's CA and sends fleet-events' admin token as
@@ -39,7 +42,11 @@ APPEND=${APPEND:-1}
 source benches/common.sh
 work=$(mktemp -d)
 pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"; }
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  [ -n "${scraper:-}" ] && kill "$scraper" 2>/dev/null
+  rm -rf "$work"
+}
 trap cleanup EXIT
 bench_build
 BASELINE_BIN=${BASELINE_BIN:-}
@@ -48,12 +55,19 @@ if [ -n "$BASELINE_BIN" ]; then
   cp "$BASELINE_BIN" "$work/bin/fleet-events-baseline"
   servers+=(fleet-events-baseline)
 fi
+[ "${METRICS:-0}" = 1 ] && servers+=(fleet-events-scraped)
+scraper=""
 
 start_server() { # kind -> sets pid, addr, ghz_conn, data
   case "$1" in
-    fleet-events|fleet-events-normal|fleet-events-baseline)
+    fleet-events|fleet-events-normal|fleet-events-baseline|fleet-events-scraped)
       data="$work/data"
       printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
+      local mport=""
+      if [ "$1" = fleet-events-scraped ]; then
+        mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+        printf '[metrics]\nlisten = "127.0.0.1:%s"\n' "$mport" >> "$work/config.toml"
+      fi
       # The same server, committing without an fsync per group commit: shows what fsync costs.
       [ "$1" = fleet-events-normal ] && printf '[store]\ndurability = "normal"\n' >> "$work/config.toml"
       if [ "$1" = fleet-events-baseline ]; then
@@ -65,6 +79,11 @@ start_server() { # kind -> sets pid, addr, ghz_conn, data
         start_fleet "$TRANSPORT" "$data" "$work/config.toml"
       fi
       register_not_stored
+      if [ -n "$mport" ]; then
+        # A Prometheus-like scraper: one full scrape a second for the whole run.
+        (while sleep 1; do curl -sf -o /dev/null "http://127.0.0.1:$mport/metrics" || exit 1; done) &
+        scraper=$!
+      fi
       ;;
     echo) data="$work/echo-certs"; start_echo "$TRANSPORT" ;;
   esac
@@ -74,6 +93,11 @@ stop_server_stats() { # -> prints "cpu_seconds peak_rss_kib"
   local ticks hwm
   ticks=$(cpu_ticks)
   hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+  if [ -n "$scraper" ]; then
+    kill "$scraper" 2>/dev/null || true
+    wait "$scraper" 2>/dev/null || true
+    scraper=""
+  fi
   stop_server
   echo "$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t/hz}') $hwm"
 }
@@ -120,6 +144,7 @@ run "bidi Stream, stored type" fleet-events-normal "$STREAM_MESSAGES" "${stream[
 OPEN_STREAMS=${OPEN_STREAMS:-10000}
 streams_note=""
 for server in echo fleet-events; do
+  [ "$OPEN_STREAMS" -gt 0 ] || break
   start_server "$server"
   if [ "$TRANSPORT" = tls ]; then
     line=$("$open_streams_bin" "$addr" "$OPEN_STREAMS" "$pid" 100 "$data")
@@ -148,6 +173,8 @@ PY
 header=$(results_header "")
 cmd="TRANSPORT=$TRANSPORT DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENCY CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/load.sh"
 cmd="OPEN_STREAMS=$OPEN_STREAMS $cmd"
+[ -n "$BASELINE_BIN" ] && cmd="BASELINE_BIN=<the baseline build> $cmd"
+[ "${METRICS:-0}" = 1 ] && cmd="METRICS=1 $cmd"
 printf '%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note"
 [ "$APPEND" = 0 ] ||
   printf '\n%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note" >> benches/RESULTS.md

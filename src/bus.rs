@@ -15,7 +15,7 @@
 //! each group's members sit behind a mutex of their own, held while an event is handed out.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -128,23 +128,35 @@ impl Group {
     }
 
     /// Puts member `id` back on the active list, adding what it missed while parked to
-    /// what it will be told with its next event.
-    fn unpark(&self, id: u64) {
+    /// what it will be told with its next event. Returns how many it missed.
+    fn unpark(&self, id: u64) -> u64 {
         let mut st = self.lock();
-        if let Some(at) = st.parked.iter().position(|p| p.member.id == id) {
-            let Parked { mut member, since } = st.parked.swap_remove(at);
-            member.pending += st.matched - since;
-            member.parked.store(false, Ordering::Release);
-            st.active.push(member);
-        }
+        let Some(at) = st.parked.iter().position(|p| p.member.id == id) else {
+            return 0;
+        };
+        let Parked { mut member, since } = st.parked.swap_remove(at);
+        let missed = st.matched - since;
+        member.pending += missed;
+        member.parked.store(false, Ordering::Release);
+        st.active.push(member);
+        missed
     }
 
-    /// Removes member `id`; whether the group is empty afterwards.
-    fn remove(&self, id: u64) -> bool {
+    /// Removes member `id`: whether the group is empty afterwards, and how many events the
+    /// member missed while parked (not counted before).
+    fn remove(&self, id: u64) -> (bool, u64) {
         let mut st = self.lock();
         st.active.retain(|m| m.id != id);
-        st.parked.retain(|p| p.member.id != id);
-        st.active.is_empty() && st.parked.is_empty()
+        let mut missed = 0;
+        let matched = st.matched;
+        st.parked.retain(|p| {
+            let keep = p.member.id != id;
+            if !keep {
+                missed = matched - p.since;
+            }
+            keep
+        });
+        (st.active.is_empty() && st.parked.is_empty(), missed)
     }
 }
 
@@ -154,6 +166,9 @@ pub struct Bus {
     /// Serialises changes of the group list; holds the last subscriber id given out.
     changes: Mutex<u64>,
     buffer: usize,
+    /// Events subscribers missed because their queues were full, counted when a subscriber
+    /// catches up or leaves.
+    missed: AtomicU64,
 }
 
 /// A live subscription; unsubscribes when dropped.
@@ -171,7 +186,8 @@ impl Subscription {
         let got = self.queue.recv().await?;
         // There is room now: take part in deliveries again.
         if self.parked.load(Ordering::Acquire) {
-            self.group.unpark(self.id);
+            let missed = self.group.unpark(self.id);
+            self.bus.missed.fetch_add(missed, Ordering::Relaxed);
         }
         Some(got)
     }
@@ -190,6 +206,7 @@ impl Bus {
             groups: ArcSwap::from_pointee(Vec::new()),
             changes: Mutex::new(0),
             buffer: buffer.max(1),
+            missed: AtomicU64::new(0),
         })
     }
 
@@ -242,7 +259,9 @@ impl Bus {
 
     fn remove(&self, group: &Arc<Group>, id: u64) {
         let _changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        if group.remove(id) {
+        let (empty, missed) = group.remove(id);
+        self.missed.fetch_add(missed, Ordering::Relaxed);
+        if empty {
             let list: Vec<_> = self
                 .groups
                 .load()
@@ -264,6 +283,12 @@ impl Bus {
                 st.active.len() + st.parked.len()
             })
             .sum()
+    }
+
+    /// How many events subscribers missed in all because their queues were full (a
+    /// subscriber's misses are counted once it catches up or leaves).
+    pub fn missed(&self) -> u64 {
+        self.missed.load(Ordering::Relaxed)
     }
 
     /// How many distinct filters the subscribers use (each is tested once per event).
@@ -326,10 +351,16 @@ mod tests {
         bus.publish(&event("d", "KLSRV_EVENT_HOSTS_CONFLICT"));
         let (ev, missed) = warn.next().await.unwrap();
         assert_eq!((ev.event_type.id, missed), (Some(4102), 3));
+        assert_eq!(bus.missed(), 3);
         bus.publish(&event("d", "KLSRV_EVENT_HOSTS_CONFLICT"));
         assert_eq!(warn.next().await.unwrap().1, 0);
         assert_eq!(bus.subscriber_count(), 1);
+        // A subscriber that leaves while parked has its misses counted as it goes.
+        for _ in 0..4 {
+            bus.publish(&event("d", "KLSRV_EVENT_HOSTS_CONFLICT"));
+        }
         drop(warn);
+        assert_eq!(bus.missed(), 5);
         assert_eq!(bus.subscriber_count(), 0);
         assert_eq!(bus.filter_count(), 0);
     }
@@ -369,6 +400,7 @@ mod tests {
         missed += m;
         assert_eq!(received + missed, published);
         assert!(missed > 0);
+        assert_eq!(bus.missed(), missed);
     }
 
     /// Subscribers with equal filters share one group; a parked member is off the list the

@@ -98,6 +98,21 @@ pub struct Config {
     pub hierarchy: HierarchyConfig,
     /// Credentials: device certificates, shared credential refresh.
     pub auth: AuthConfig,
+    /// The Prometheus metrics port.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics over HTTP on a port of their own (off unless `listen` is
+/// set). The README lists the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served, e.g. `"127.0.0.1:9464"`. Unset: no metrics port.
+    pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token every scrape must present (Prometheus:
+    /// `authorization: { credentials_file: ... }`). Required when `listen` is not a loopback
+    /// address: the figures say how busy and how healthy the fleet is.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[hierarchy]`: this server's place in a hierarchy of servers. With `upstream` set it is a
@@ -654,6 +669,15 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(addr) = self.metrics.listen
+            && !addr.ip().is_loopback()
+            && self.metrics.token_file.is_none()
+        {
+            return Err(ConfigError(format!(
+                "metrics.listen {addr} is reachable beyond this machine: set metrics.token_file \
+                 (a bearer token Prometheus presents) or listen on 127.0.0.1"
+            )));
+        }
         if h.batch_events == 0 || h.window_batches == 0 || h.outbox_max_events == 0 {
             return Err(ConfigError(
                 "hierarchy.batch_events, window_batches and outbox_max_events must be at least 1"
@@ -810,5 +834,30 @@ mod tests {
             e.contains("auth.device_certificate_validity must be at least 1day"),
             "{e}"
         );
+    }
+
+    /// The metrics port is off by default, may listen on loopback without a token, and needs
+    /// one anywhere else.
+    #[test]
+    fn a_metrics_port_beyond_loopback_needs_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            Config::load(Some(&p))
+        };
+        assert_eq!(Config::default().metrics.listen, None);
+        let c = load("[metrics]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let e = load("[metrics]\nlisten = \"0.0.0.0:9464\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.token_file"), "{e}");
+        load("[metrics]\nlisten = \"0.0.0.0:9464\"\ntoken_file = \"/etc/fleet/metrics.token\"\n")
+            .unwrap();
+        let e = load("[metrics]\nlisten = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen"), "{e}");
     }
 }

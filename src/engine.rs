@@ -13,6 +13,8 @@
 //!    to live subscribers. The answer to the client is built from the settled event, so "answered"
 //!    implies "committed" for stored types.
 
+pub mod stats;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ use crate::store::{
     AppendOutcome, AppendTicket, EventQuery, EventStore, PageCursor, StoreError, StoredEvent,
     WriteTo,
 };
+use stats::{IngestStats, Outcome, Refusal};
 
 /// Type string of the flood detector's event.
 pub const SPAM_EVENTS_DETECTED: &str = "KLSRV_EVENT_SPAM_EVENTS_DETECTED";
@@ -144,6 +147,8 @@ pub struct Engine {
     store_healthy: tokio::sync::watch::Sender<bool>,
     /// Server events delivered live while the store could not take them, to be stored.
     deferred: std::sync::Mutex<Vec<Arc<ClassifiedEvent>>>,
+    /// What became of every event, for the metrics.
+    stats: IngestStats,
 }
 
 /// What [`Engine::new`] needs.
@@ -191,6 +196,7 @@ impl Engine {
             store_healthy: tokio::sync::watch::Sender::new(true),
             live_repeats: std::sync::Mutex::new(RecentKeys::new(LIVE_REPEAT_WINDOW)),
             deferred: std::sync::Mutex::new(Vec::new()),
+            stats: IngestStats::default(),
         })
     }
 
@@ -224,8 +230,36 @@ impl Engine {
         &self.shutdown
     }
 
+    /// What became of the events so far (counts for the metrics).
+    pub fn stats(&self) -> &IngestStats {
+        &self.stats
+    }
+
+    /// How many live subscribers are connected, and how many events they missed in all
+    /// (their queues were full).
+    pub fn subscriber_stats(&self) -> (usize, u64) {
+        (self.bus.subscriber_count(), self.bus.missed())
+    }
+
+    /// Counts a refusal of `result`'s error.
+    fn note_refusal<T>(&self, result: Result<T, EngineError>) -> Result<T, EngineError> {
+        if let Err(e) = &result {
+            self.stats.refused(match e {
+                EngineError::Invalid(_) => Refusal::InvalidArgument,
+                EngineError::ShuttingDown => Refusal::ShuttingDown,
+                EngineError::Store(_) => Refusal::Unavailable,
+            });
+        }
+        result
+    }
+
     /// Stage 1: classify, flood-check and queue one client event. Call in arrival order.
     pub async fn accept(&self, ev: IncomingEvent) -> Result<Pending, EngineError> {
+        let accepted = self.accept_client(ev).await;
+        self.note_refusal(accepted)
+    }
+
+    async fn accept_client(&self, ev: IncomingEvent) -> Result<Pending, EngineError> {
         if self.shutdown.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
@@ -301,8 +335,11 @@ impl Engine {
     /// stored here settles as a duplicate.
     pub async fn accept_relayed(&self, ev: RelayedIncoming) -> Result<Pending, EngineError> {
         let now = self.clock.now();
-        let event = classify_relayed(&self.catalog, &self.limits, ev, now)?;
-        self.queue(Arc::new(event)).await
+        let accepted = match classify_relayed(&self.catalog, &self.limits, ev, now) {
+            Ok(event) => self.queue(Arc::new(event)).await,
+            Err(e) => Err(e.into()),
+        };
+        self.note_refusal(accepted)
     }
 
     /// Stage 2: waits for the commit of a pending event (and of any event it raised), then
@@ -314,19 +351,29 @@ impl Engine {
                 tracing::error!(error = %e, "could not store the frequent-event report");
             }
         }
-        let publish = match pending.ticket {
+        let event = &pending.event;
+        let outcome = match pending.ticket {
             Some(t) => {
-                let outcome = t.committed().await;
-                self.note_commit(&outcome);
-                outcome? == AppendOutcome::Inserted
+                let committed = t.committed().await;
+                self.note_commit(&committed);
+                match committed {
+                    Ok(AppendOutcome::Inserted) if event.stored() => Outcome::Stored,
+                    Ok(AppendOutcome::Inserted) => Outcome::Live,
+                    Ok(AppendOutcome::Duplicate) => Outcome::Duplicate,
+                    Err(e) => {
+                        self.stats.settled(event, Outcome::Failed);
+                        return Err(e.into());
+                    }
+                }
             }
+            None if event.blocked => Outcome::Blocked,
             // A live-only event: its repeat (same device and event id) within the window is
             // answered but not delivered again.
-            None => {
-                !pending.event.blocked
-                    && (pending.event.origin != Origin::Client || self.first_time(&pending.event))
-            }
+            None if event.origin == Origin::Client && !self.first_time(event) => Outcome::Duplicate,
+            None => Outcome::Live,
         };
+        self.stats.settled(event, outcome);
+        let publish = matches!(outcome, Outcome::Stored | Outcome::Live);
         if publish && pending.forwarded {
             self.outbox_written.notify_one();
         }

@@ -88,6 +88,17 @@ pub struct Block {
     pub detected_count: u64,
 }
 
+/// The block table in numbers (see [`FloodDetector::block_counts`]).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    /// Pairs whose events are held back now.
+    pub blocked: usize,
+    /// Pairs an administrator chose to keep receiving.
+    pub unblocked: usize,
+    /// Events held back by the blocks in the table.
+    pub held_back: u64,
+}
+
 /// Why a block action was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FloodError {
@@ -289,6 +300,20 @@ impl FloodDetector {
             .collect();
         v.sort_by(|a, b| (&a.device_id, &a.event_type).cmp(&(&b.device_id, &b.event_type)));
         v
+    }
+
+    /// The block table in numbers: pairs blocked now, pairs an administrator unblocked, and
+    /// the events the current blocks held back.
+    pub fn block_counts(&self) -> BlockCounts {
+        let mut c = BlockCounts::default();
+        for b in self.blocks.iter() {
+            match b.state {
+                BlockState::Blocked { .. } => c.blocked += 1,
+                BlockState::Unblocked => c.unblocked += 1,
+            }
+            c.held_back += b.held_back;
+        }
+        c
     }
 
     /// The block of one pair, if any.
@@ -529,6 +554,15 @@ mod tests {
         assert_eq!(fresh.blocks(None), saved);
         assert_eq!(fresh.observe("b", "T", LIMITS, 1100), FloodVerdict::Held);
         assert_eq!(fresh.observe("a", "T", LIMITS, 1100), FloodVerdict::Pass);
+        // b's block held back its detection and the event just now; a's is unblocked.
+        assert_eq!(
+            fresh.block_counts(),
+            BlockCounts {
+                blocked: 1,
+                unblocked: 1,
+                held_back: saved.iter().map(|b| b.held_back).sum::<u64>() + 1,
+            }
+        );
         let later = FloodDetector::new();
         assert_eq!(later.restore(saved, 60, 1600), 1, "b's block ended at 1600");
     }

@@ -24,6 +24,7 @@
 //! - [`api`]: the tonic services, thin adapters over the engine; errors become `Status` there.
 //! - [`config`]: the `Config` struct, from TOML, environment and flags.
 //! - [`datadir`]: the lock that keeps a data directory to one server.
+//! - [`metrics`]: Prometheus metrics on a port of their own, read from the parts' counters.
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
 
 #![warn(missing_docs)]
@@ -44,6 +45,7 @@ pub mod fields;
 pub mod flood;
 pub mod hierarchy;
 pub mod maintenance;
+pub mod metrics;
 pub mod recent;
 pub mod server;
 pub mod store;

@@ -26,7 +26,7 @@ use crate::api::capacity::CapacityApi;
 use crate::api::catalog::CatalogApi;
 use crate::api::certificates::CertificateApi;
 use crate::api::devices::DeviceApi;
-use crate::api::events::EventApi;
+use crate::api::events::{EventApi, OpenCalls};
 use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
 use crate::api::licences::LicenceApi;
 use crate::api::proto::access_service_server::AccessServiceServer;
@@ -67,6 +67,7 @@ use crate::hierarchy::settings::SettingsVersion;
 use crate::hierarchy::tls::LinkCertificates;
 use crate::hierarchy::upstream::Uplink;
 use crate::maintenance::RetentionSweep;
+use crate::metrics::MetricSources;
 use crate::store::{EventStore, StoreError, StoreNotice};
 use tokio_util::task::TaskTracker;
 
@@ -105,6 +106,9 @@ pub enum ServerError {
     /// The data directory is in use by another server, or could not be locked.
     #[error(transparent)]
     DataDir(#[from] crate::datadir::DataDirError),
+    /// The metrics port's token file could not be read.
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// A client-port service with the message limit and gzip accepted, as every one is served.
@@ -138,6 +142,8 @@ pub struct RunningServer {
     /// Credentials and the checks of every call.
     access: Arc<AccessControl>,
     addr: SocketAddr,
+    /// The Prometheus metrics port, if any.
+    metrics_addr: Option<SocketAddr>,
     /// The mutual-TLS listener for secondaries, if any.
     hierarchy_addr: Option<SocketAddr>,
     hierarchy_serve: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -161,6 +167,7 @@ struct Parts {
     store: Arc<EventStore>,
     engine: Arc<Engine>,
     catalog: Arc<CatalogAdmin>,
+    flood: Arc<FloodDetector>,
     blocks: Arc<BlockKeeper>,
     devices: Arc<DeviceRegistry>,
     licences: Arc<LicenceChecker>,
@@ -180,6 +187,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     // keep periods and timeouts usable.
     config.validate_durations()?;
     let tls = HierarchyTls::load(&config.hierarchy)?;
+    let metrics_token = metrics_token(&config.metrics)?;
     let (data_dir_lock, store, notices) = open_store(&config).await?;
     let shutdown = CancellationToken::new();
     let (parts, client_tls) = restore(&config, store, clock, shutdown.clone()).await?;
@@ -199,7 +207,11 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
         let hierarchy_addr;
         (hierarchy_addr, hierarchy_serve) =
             serve_hierarchy_port(&hierarchy, tls.as_ref(), &background, &shutdown).await?;
-        let client = serve_client_port(
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let (client, calls) = serve_client_port(
             &config,
             &parts,
             &hierarchy,
@@ -208,10 +220,14 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
             &shutdown,
         )
         .await?;
-        Ok::<_, ServerError>((hierarchy_addr, client))
+        let metrics_addr = metrics.map(|(listener, addr)| {
+            serve_metrics_port(&config, &parts, calls, listener, metrics_token, &background);
+            addr
+        });
+        Ok::<_, ServerError>((hierarchy_addr, client, metrics_addr))
     }
     .await;
-    let (hierarchy_addr, (addr, health, serve)) = match serving {
+    let (hierarchy_addr, (addr, health, serve), metrics_addr) = match serving {
         Ok(s) => s,
         Err(e) => {
             // The client port is not served: stop what started, in the order of
@@ -230,6 +246,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<RunningServer, 
     Ok(RunningServer {
         access: parts.access.clone(),
         addr,
+        metrics_addr,
         hierarchy_addr,
         hierarchy_serve,
         links,
@@ -312,7 +329,7 @@ async fn restore(
         Err(e) => tracing::error!(error = %e, "start-up retention sweep failed; retried later"),
     }
     let blocks = Arc::new(BlockKeeper::new(
-        flood,
+        flood.clone(),
         store.clone(),
         catalog.clone(),
         clock.clone(),
@@ -370,6 +387,7 @@ async fn restore(
     );
     let parts = Parts {
         catalog: Arc::new(CatalogAdmin::new(catalog, store.clone(), version)),
+        flood,
         blocks,
         devices,
         licences,
@@ -640,7 +658,7 @@ async fn serve_client_port(
     client_tls: Option<Arc<rustls::ServerConfig>>,
     runner: &DetectorRunner,
     shutdown: &CancellationToken,
-) -> Result<(SocketAddr, HealthReporter, Serving), ServerError> {
+) -> Result<((SocketAddr, HealthReporter, Serving), OpenCalls), ServerError> {
     let (listener, addr) = bind(config.server.listen).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     report_serving(&health).await;
@@ -652,14 +670,16 @@ async fn serve_client_port(
     let (reflection_v1, reflection_v1alpha) = reflection()?;
     let engine = &parts.engine;
     let max = config.server.max_message_bytes;
-    let mut events = EventServiceServer::new(EventApi::new(
+    let event_api = EventApi::new(
         engine.clone(),
         parts.access.clone(),
         config.subscribe.max_subscribers,
         config.subscribe.max_per_connection,
-    ))
-    .max_decoding_message_size(max)
-    .accept_compressed(CompressionEncoding::Gzip);
+    );
+    let calls = event_api.open_calls();
+    let mut events = EventServiceServer::new(event_api)
+        .max_decoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip);
     if config.server.compress_responses {
         events = events.send_compressed(CompressionEncoding::Gzip);
     }
@@ -748,7 +768,55 @@ async fn serve_client_port(
     } else {
         tracing::info!(%addr, ca = %config.ca_files().0.display(), "fleet-events serving (TLS)");
     }
-    Ok((addr, health, serve))
+    Ok(((addr, health, serve), calls))
+}
+
+/// The bearer token of the metrics port, read from `metrics.token_file` when set.
+fn metrics_token(config: &crate::config::MetricsConfig) -> Result<Option<String>, ServerError> {
+    let Some(path) = &config.token_file else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| ServerError::Metrics(format!("token_file {}: {e}", path.display())))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(ServerError::Metrics(format!(
+            "token_file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Some(token.to_owned()))
+}
+
+/// Step 7: the Prometheus metrics on their own port (bound before the client port), on
+/// `runner` until the shutdown signal.
+fn serve_metrics_port(
+    config: &Config,
+    parts: &Parts,
+    calls: OpenCalls,
+    listener: TcpListener,
+    token: Option<String>,
+    runner: &DetectorRunner,
+) {
+    let sources = Arc::new(MetricSources {
+        engine: parts.engine.clone(),
+        store: parts.store.clone(),
+        flood: parts.flood.clone(),
+        calls,
+        database_path: config.database_path(),
+        upstream: config.hierarchy.upstream.clone(),
+        outbox_max: config.hierarchy.outbox_max_events,
+        secondaries: parts.secondaries.clone(),
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, bearer_token = token.is_some(), "metrics served at /metrics");
+    }
+    runner.track(crate::metrics::http::serve(
+        listener,
+        sources,
+        token,
+        parts.engine.shutdown_signal().clone(),
+    ));
 }
 
 /// How often an unhealthy store is probed with a small write.
@@ -901,6 +969,11 @@ impl RunningServer {
     /// The address the server listens on (the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the Prometheus metrics port, if it has one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address of the hierarchy listener (secondaries connect here), if it has one.

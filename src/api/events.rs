@@ -21,6 +21,7 @@ use super::status::decode_status;
 use super::validate::Checked;
 use crate::auth::{AccessControl, Principal};
 use crate::classify::ClassifiedEvent;
+use crate::engine::stats::Refusal;
 use crate::engine::{Engine, EngineError, Pending, QueryRequest, subscriber_filter};
 
 /// Events of one `Stream` call accepted but not yet answered. Bounds the memory of a stream and
@@ -34,6 +35,8 @@ pub struct EventApi {
     access: Arc<AccessControl>,
     /// Bounds on open `Subscribe` calls.
     subscribers: Arc<SubscriberSlots>,
+    /// `Stream` calls open now.
+    streams: Arc<AtomicUsize>,
 }
 
 impl EventApi {
@@ -54,12 +57,55 @@ impl EventApi {
                 per_connection: DashMap::new(),
                 max_per_connection,
             }),
+            streams: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// `Subscribe` calls open now.
-    pub fn open_subscribers(&self) -> usize {
-        self.subscribers.total.load(Ordering::Relaxed)
+    /// The counts of its open long-lived calls, for the metrics.
+    pub fn open_calls(&self) -> OpenCalls {
+        OpenCalls {
+            subscribers: self.subscribers.clone(),
+            streams: self.streams.clone(),
+        }
+    }
+}
+
+/// How many `Stream` and `Subscribe` calls are open (see [`EventApi::open_calls`]).
+#[derive(Clone)]
+pub struct OpenCalls {
+    subscribers: Arc<SubscriberSlots>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl OpenCalls {
+    /// `Stream` calls open now.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    /// `Subscribe` calls open now (a refused one is never counted).
+    pub fn subscribers(&self) -> usize {
+        // A refused call holds a slot for an instant before giving it back.
+        self.subscribers
+            .total
+            .load(Ordering::Relaxed)
+            .min(self.subscribers.max_total)
+    }
+}
+
+/// Counts one open `Stream` call while it lives.
+struct OpenStream(Arc<AtomicUsize>);
+
+impl OpenStream {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenStream(count.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -137,8 +183,9 @@ impl EventService for EventApi {
     ) -> Result<Response<Classification>, Status> {
         let who = principal(&request);
         let mut event = request.into_inner();
-        speak_for(&who, "device_id", &mut event.device_id)?;
-        let event = convert::incoming(event)?;
+        let event = speak_for(&who, "device_id", &mut event.device_id)
+            .and_then(|()| convert::incoming(event))
+            .inspect_err(|s| count_refusal(&self.engine, s))?;
         let classified = self.engine.ingest(event).await?;
         Ok(Response::new(convert::answer(&classified)))
     }
@@ -151,13 +198,18 @@ impl EventService for EventApi {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let who = principal(&request);
-        let task = tokio::spawn(run_stream(
+        let open = OpenStream::new(&self.streams);
+        let run = run_stream(
             self.engine.clone(),
             self.access.clone(),
             who,
             request.into_inner(),
             tx,
-        ));
+        );
+        let task = tokio::spawn(async move {
+            let _open = open;
+            run.await
+        });
         Ok(Response::new(guarded(rx, task, "Stream")))
     }
 
@@ -253,6 +305,14 @@ impl EventService for EventApi {
     }
 }
 
+/// Counts an event refused before the engine saw it (the engine counts its own refusals).
+fn count_refusal(engine: &Engine, status: &Status) {
+    engine.stats().refused(match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Refusal::PermissionDenied,
+        _ => Refusal::InvalidArgument,
+    });
+}
+
 /// The response stream of a call served by `task`: what the task sends, and then, if the task
 /// ended by panicking, an INTERNAL status. Without it a panic would drop the sender and end
 /// the call with OK, answers missing; with it the client knows to resend from its first
@@ -334,7 +394,10 @@ async fn run_stream(
                             .and_then(|()| convert::incoming(event))
                         {
                             Ok(ev) => engine.accept(ev).await.map_err(Status::from),
-                            Err(s) => Err(s),
+                            Err(s) => {
+                                count_refusal(&engine, &s);
+                                Err(s)
+                            }
                         };
                         match accepted {
                             Ok(p) => in_flight.push_back(settle(engine.clone(), p)),

@@ -145,7 +145,8 @@ fn volume_space(dir: &Path) -> Result<(u64, u64), CapacityError> {
     ))
 }
 
-fn database_size(db: &Path) -> u64 {
+/// The size of the SQLite database at `db` on disk: its file and its write-ahead log.
+pub fn database_size(db: &Path) -> u64 {
     let mut total = 0;
     for suffix in ["", "-wal"] {
         let mut p = db.as_os_str().to_owned();

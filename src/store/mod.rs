@@ -19,6 +19,7 @@
 mod codec;
 pub mod postgres;
 pub mod sqlite;
+pub mod stats;
 mod writer;
 
 use std::collections::HashMap;
@@ -448,6 +449,17 @@ impl EventStore {
     /// How many events wait in the outbox.
     pub fn outbox_len(&self) -> u64 {
         self.writer.outbox_len()
+    }
+
+    /// Commands waiting in the write queue now, and its capacity: a queue that stays full
+    /// means ingest waits for the disk.
+    pub fn write_queue(&self) -> (usize, usize) {
+        self.writer.queue()
+    }
+
+    /// How many events the group commits wrote and how long they took, so far.
+    pub fn commit_stats(&self) -> &stats::CommitStats {
+        self.writer.stats()
     }
 
     /// One page of stored events matching `query`.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::stats::CommitStats;
 use super::{AppendOutcome, AppendTicket, RetentionRules, StoreError, StoreNotice, WriteTo};
 use crate::catalog::EventType;
 use crate::classify::ClassifiedEvent;
@@ -210,6 +211,7 @@ pub(crate) struct WriterHandle {
     commands: mpsc::Sender<Command>,
     outbox_len: Arc<AtomicU64>,
     stopped: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    stats: Arc<CommitStats>,
 }
 
 /// Enforces the cap once, then starts the writer loop over `backend`. The receiver gets the
@@ -221,7 +223,9 @@ pub(crate) async fn start<B: WriteBackend>(
 ) -> Result<(WriterHandle, mpsc::UnboundedReceiver<StoreNotice>), StoreError> {
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let outbox_len = Arc::new(AtomicU64::new(options.outbox_len));
+    let stats = Arc::new(CommitStats::default());
     let mut writer = Writer {
+        stats: stats.clone(),
         backend,
         batch_max: options.batch_max.max(1),
         max_events: options.max_events,
@@ -259,6 +263,7 @@ pub(crate) async fn start<B: WriteBackend>(
             commands,
             outbox_len,
             stopped: tokio::sync::Mutex::new(Some(stopped)),
+            stats,
         },
         notice_rx,
     ))
@@ -296,6 +301,17 @@ impl WriterHandle {
         self.outbox_len.load(Ordering::Relaxed)
     }
 
+    /// Commands waiting in the write queue, and its capacity.
+    pub fn queue(&self) -> (usize, usize) {
+        let max = self.commands.max_capacity();
+        (max - self.commands.capacity(), max)
+    }
+
+    /// The sizes and durations of the group commits so far.
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
     /// Commits everything queued, then stops the writer and waits for it.
     pub async fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown).await;
@@ -321,6 +337,8 @@ struct Writer<B> {
     notices: mpsc::UnboundedSender<StoreNotice>,
     /// Identities of the latest relayed events of types not stored here.
     recent_unstored: RecentKeys,
+    /// Sizes and durations of the group commits.
+    stats: Arc<CommitStats>,
 }
 
 impl<B: WriteBackend> Writer<B> {
@@ -442,15 +460,14 @@ impl<B: WriteBackend> Writer<B> {
                 trim: None,
             })
         } else {
-            self.backend
-                .write(
-                    &batch,
-                    Limits {
-                        cap: self.max_events,
-                        room,
-                    },
-                )
-                .await
+            let started = std::time::Instant::now();
+            let limits = Limits {
+                cap: self.max_events,
+                room,
+            };
+            let written = self.backend.write(&batch, limits).await;
+            self.stats.record(batch.len(), started.elapsed());
+            written
         };
         drop(batch);
         match written {
