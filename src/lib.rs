@@ -25,6 +25,7 @@
 //! - [`config`]: the `Config` struct, from TOML, environment and flags.
 //! - [`datadir`]: the lock that keeps a data directory to one server.
 //! - [`metrics`]: Prometheus metrics on a port of their own, read from the parts' counters.
+//! - [`notify`]: notification rules per event type (templates so far).
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
 
 #![warn(missing_docs)]
@@ -46,6 +47,7 @@ pub mod flood;
 pub mod hierarchy;
 pub mod maintenance;
 pub mod metrics;
+pub mod notify;
 pub mod recent;
 pub mod server;
 pub mod store;

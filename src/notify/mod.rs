@@ -1,0 +1,12 @@
+//! Notifications: what an administrator sets per event type beside storage (the seed's own
+//! words), and their delivery. The domain parts so far, free of I/O:
+//! - [`template`]: message templates with the original product's placeholders, checked when
+//!   a rule is saved;
+//! - [`rules`]: the rule of one event type (channels, subject and body, limit per recipient);
+//! - [`limit`]: the limit per recipient and the digest of what it held back;
+//! - [`channels`]: email (SMTP), webhook and program channels, checked when saved.
+
+pub mod channels;
+pub mod limit;
+pub mod rules;
+pub mod template;
