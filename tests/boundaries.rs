@@ -14,11 +14,13 @@ const DOMAIN: &[&str] = &[
     "src/clock.rs",
     "src/config.rs",
     "src/detectors",
+    "src/engine",
     "src/engine.rs",
     "src/fields.rs",
     "src/flood.rs",
     "src/hierarchy",
     "src/maintenance.rs",
+    "src/notify",
     "src/recent.rs",
     "src/store",
 ];
