@@ -4,9 +4,12 @@
 //!   a rule is saved;
 //! - [`rules`]: the rule of one event type (channels, subject and body, limit per recipient);
 //! - [`limit`]: the limit per recipient and the digest of what it held back;
-//! - [`channels`]: email (SMTP), webhook and program channels, checked when saved.
+//! - [`channels`]: email (SMTP), webhook and program channels, checked when saved;
+//! - [`program`]: delivery through a program channel (no shell, a clean environment, a
+//!   deadline that kills the process group).
 
 pub mod channels;
 pub mod limit;
+pub mod program;
 pub mod rules;
 pub mod template;
