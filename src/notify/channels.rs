@@ -65,6 +65,10 @@ pub struct WebhookChannel {
     /// Its value.
     #[serde(default)]
     pub secret: String,
+    /// A PEM file of the CA(s) to trust for this URL instead of the system's roots (a receiver
+    /// with a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A local program, run without a shell, with the event's fields in its environment.
@@ -239,6 +243,24 @@ fn check_webhook(w: &WebhookChannel) -> Result<(), FieldError> {
         http::HeaderValue::from_str(&w.secret)
             .map_err(|_| FieldError::new("webhook.secret", "not a valid HTTP header value"))?;
     }
+    if let Some(ca) = &w.ca_file {
+        if !https {
+            return Err(FieldError::new(
+                "webhook.ca_file",
+                "a CA file is for https:// URLs",
+            ));
+        }
+        let pem = std::fs::read_to_string(ca)
+            .map_err(|e| FieldError::new("webhook.ca_file", format!("{}: {e}", ca.display())))?;
+        let roots = super::webhook::roots(Some(&pem))
+            .map_err(|e| FieldError::new("webhook.ca_file", e.to_string()))?;
+        if roots.is_empty() {
+            return Err(FieldError::new(
+                "webhook.ca_file",
+                format!("{} holds no PEM certificate", ca.display()),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -342,6 +364,7 @@ mod tests {
                 url: url.into(),
                 secret_header: header.into(),
                 secret: secret.into(),
+                ca_file: None,
             })
         };
         Channel {
@@ -369,6 +392,35 @@ mod tests {
         assert_eq!(
             field(hook("https://h.example/", "Bad Header", "s")),
             "webhook.secret_header"
+        );
+        let with_ca = |url: &str, ca: &std::path::Path| {
+            ChannelKind::Webhook(WebhookChannel {
+                url: url.into(),
+                secret_header: String::new(),
+                secret: String::new(),
+                ca_file: Some(ca.to_owned()),
+            })
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let pem = dir.path().join("good.pem");
+        let ca = rcgen::generate_simple_self_signed(vec!["h.example".into()]).unwrap();
+        std::fs::write(&pem, ca.cert.pem()).unwrap();
+        Channel {
+            name: "hook".into(),
+            kind: with_ca("https://h.example/", &pem),
+        }
+        .check()
+        .unwrap();
+        assert_eq!(field(with_ca("http://h.example/", &pem)), "webhook.ca_file");
+        assert_eq!(
+            field(with_ca("https://h.example/", &dir.path().join("none.pem"))),
+            "webhook.ca_file"
+        );
+        assert_eq!(
+            field(with_ca("https://h.example/", &not_pem)),
+            "webhook.ca_file"
         );
     }
 

@@ -6,10 +6,13 @@
 //! - [`limit`]: the limit per recipient and the digest of what it held back;
 //! - [`channels`]: email (SMTP), webhook and program channels, checked when saved;
 //! - [`program`]: delivery through a program channel (no shell, a clean environment, a
-//!   deadline that kills the process group).
+//!   deadline that kills the process group);
+//! - [`webhook`]: delivery through a webhook (one POST of the event as JSON, TLS to the
+//!   system's roots or the channel's CA, a deadline).
 
 pub mod channels;
 pub mod limit;
 pub mod program;
 pub mod rules;
 pub mod template;
+pub mod webhook;
