@@ -16,3 +16,32 @@ pub mod program;
 pub mod rules;
 pub mod template;
 pub mod webhook;
+
+/// What the tests of the notification parts share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::catalog::{Catalog, Severity};
+    use crate::classify::{ClassifiedEvent, Origin};
+    use crate::clock::Timestamp;
+
+    /// A KLSRV_EVENT_HOSTS_CONFLICT (4102, WARNING) from `device` sent by "agent", that
+    /// happened at 2026-11-25T00:00:00Z and was received a second later.
+    pub fn event(event_id: &str, device: &str, params: &[(&str, &str)]) -> ClassifiedEvent {
+        let catalog = Catalog::with_builtins(Severity::Info);
+        ClassifiedEvent {
+            event_id: event_id.into(),
+            device_id: device.into(),
+            event_type: catalog.by_name("KLSRV_EVENT_HOSTS_CONFLICT").unwrap(),
+            occurred_at: Timestamp::from_secs(1_795_564_800),
+            received_at: Timestamp::from_secs(1_795_564_801),
+            application: "agent".into(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            origin: Origin::Client,
+            blocked: false,
+            relay: None,
+        }
+    }
+}

@@ -173,28 +173,12 @@ fn kill_group(group: Option<u32>) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::time::Instant;
 
     use super::*;
-    use crate::catalog::{Catalog, Severity};
-    use crate::classify::Origin;
-    use crate::clock::Timestamp;
 
     fn event() -> ClassifiedEvent {
-        let catalog = Catalog::with_builtins(Severity::Info);
-        ClassifiedEvent {
-            event_id: "e-7".into(),
-            device_id: "laptop; rm -rf /".into(),
-            event_type: catalog.by_name("KLSRV_EVENT_HOSTS_CONFLICT").unwrap(),
-            occurred_at: Timestamp::from_secs(1_795_564_800),
-            received_at: Timestamp::from_secs(1_795_564_800),
-            application: "agent".into(),
-            params: HashMap::from([("error-code".to_owned(), "$(reboot)".to_owned())]),
-            origin: Origin::Client,
-            blocked: false,
-            relay: None,
-        }
+        crate::notify::testing::event("e-7", "laptop; rm -rf /", &[("error-code", "$(reboot)")])
     }
 
     fn script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {

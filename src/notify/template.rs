@@ -207,27 +207,11 @@ pub fn value(p: &Placeholder, event: &ClassifiedEvent, server_id: &str) -> Strin
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
-    use crate::catalog::{Catalog, Severity};
-    use crate::classify::Origin;
-    use crate::clock::Timestamp;
 
     fn event() -> ClassifiedEvent {
-        let catalog = Catalog::with_builtins(Severity::Info);
-        ClassifiedEvent {
-            event_id: "e-1".into(),
-            device_id: "laptop-42".into(),
-            event_type: catalog.by_name("KLSRV_EVENT_HOSTS_CONFLICT").unwrap(),
-            occurred_at: Timestamp::from_secs(1_795_564_800),
-            received_at: Timestamp::from_secs(1_795_564_801),
-            application: "agent".into(),
-            params: HashMap::from([("code".to_owned(), "503".to_owned())]),
-            origin: Origin::Client,
-            blocked: false,
-            relay: None,
-        }
+        crate::notify::testing::event("e-1", "laptop-42", &[("code", "503")])
     }
 
     #[test]

@@ -236,7 +236,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::convert::Infallible;
 
     use hyper::body::Incoming;
@@ -244,9 +243,6 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::catalog::{Catalog, Severity};
-    use crate::classify::Origin;
-    use crate::clock::Timestamp;
 
     /// What the test receiver saw of one call.
     #[derive(Debug)]
@@ -314,19 +310,7 @@ mod tests {
     }
 
     fn event() -> ClassifiedEvent {
-        let catalog = Catalog::with_builtins(Severity::Info);
-        ClassifiedEvent {
-            event_id: "e-9".into(),
-            device_id: "laptop-9".into(),
-            event_type: catalog.by_name("KLSRV_EVENT_HOSTS_CONFLICT").unwrap(),
-            occurred_at: Timestamp::from_secs(1_795_564_800),
-            received_at: Timestamp::from_secs(1_795_564_801),
-            application: "agent".into(),
-            params: HashMap::from([("code".to_owned(), "503".to_owned())]),
-            origin: Origin::Client,
-            blocked: false,
-            relay: None,
-        }
+        crate::notify::testing::event("e-9", "laptop-9", &[("code", "503")])
     }
 
     fn hook(url: String, secret: &str) -> WebhookChannel {
