@@ -26,6 +26,7 @@
 //! - [`datadir`]: the lock that keeps a data directory to one server.
 //! - [`metrics`]: Prometheus metrics on a port of their own, read from the parts' counters.
 //! - [`notify`]: notification rules per event type (templates so far).
+//! - [`siem`]: SIEM export formats (RFC 5424, CEF, LEEF) and framings.
 //! - [`server`]: start-up, health, reflection and graceful shutdown.
 
 #![warn(missing_docs)]
@@ -50,4 +51,5 @@ pub mod metrics;
 pub mod notify;
 pub mod recent;
 pub mod server;
+pub mod siem;
 pub mod store;

@@ -22,6 +22,7 @@ const DOMAIN: &[&str] = &[
     "src/maintenance.rs",
     "src/notify",
     "src/recent.rs",
+    "src/siem",
     "src/store",
 ];
 
