@@ -100,6 +100,39 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The Prometheus metrics port.
     pub metrics: MetricsConfig,
+    /// Notification delivery.
+    pub notify: NotifyConfig,
+}
+
+/// `[notify]`: how queued notifications are delivered. The rules themselves are catalog
+/// settings and the channels are set over gRPC (`NotificationService`), both at run time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Most notifications waiting for delivery; beyond it the oldest are dropped, counted in
+    /// `fleet_notifications_dropped_total` and logged (ingest is never refused for it).
+    pub queue_max: u64,
+    /// The first retry of a failed delivery waits this long; each next one twice as long.
+    #[serde(with = "human")]
+    pub retry_initial: Duration,
+    /// The longest wait between two retries (a delivery is retried until it succeeds or the
+    /// queue's limit drops it).
+    #[serde(with = "human")]
+    pub retry_max: Duration,
+    /// How long one SMTP conversation or one webhook call may take.
+    #[serde(with = "human")]
+    pub timeout: Duration,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            queue_max: 100_000,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[metrics]`: Prometheus metrics over HTTP on a port of their own (off unless `listen` is
@@ -584,6 +617,9 @@ impl Config {
         if self.store.max_events == 0 {
             return Err(ConfigError("store.max_events must be at least 1".into()));
         }
+        if self.notify.queue_max == 0 {
+            return Err(ConfigError("notify.queue_max must be at least 1".into()));
+        }
         if self.flood.threshold == 0 {
             return Err(ConfigError("flood.threshold must be at least 1".into()));
         }
@@ -716,6 +752,9 @@ impl Config {
                 self.store.retention_sweep_interval,
             ),
             ("auth.refresh_interval", self.auth.refresh_interval),
+            ("notify.retry_initial", self.notify.retry_initial),
+            ("notify.retry_max", self.notify.retry_max),
+            ("notify.timeout", self.notify.timeout),
         ];
         if let Some((name, d)) = periods.iter().find(|(_, d)| *d < MIN_PERIOD) {
             return Err(ConfigError(format!(

@@ -74,6 +74,8 @@ pub struct Pending {
     ticket: Option<AppendTicket>,
     /// The event entered the hierarchy outbox (once committed).
     forwarded: bool,
+    /// The event queued a notification (once committed).
+    notified: bool,
     /// An event that this one caused the server to raise (the flood report).
     raised: Option<Box<Pending>>,
 }
@@ -140,6 +142,8 @@ pub struct Engine {
     forward_min: Option<Severity>,
     /// Woken when events entered the outbox, so the uplink sends them promptly.
     outbox_written: tokio::sync::Notify,
+    /// Woken when notifications were queued, so the delivery worker sends them promptly.
+    notifications_queued: Arc<tokio::sync::Notify>,
     /// Identities (device id, event id) of recent live-only client events, so a resent one
     /// is not delivered twice; the oldest beyond [`LIVE_REPEAT_WINDOW`] are forgotten.
     live_repeats: std::sync::Mutex<RecentKeys>,
@@ -193,6 +197,7 @@ impl Engine {
             observer: p.observer,
             forward_min: p.forward_min,
             outbox_written: tokio::sync::Notify::new(),
+            notifications_queued: Arc::new(tokio::sync::Notify::new()),
             store_healthy: tokio::sync::watch::Sender::new(true),
             live_repeats: std::sync::Mutex::new(RecentKeys::new(LIVE_REPEAT_WINDOW)),
             deferred: std::sync::Mutex::new(Vec::new()),
@@ -203,6 +208,11 @@ impl Engine {
     /// Whether this server forwards to a primary.
     pub fn forwards(&self) -> bool {
         self.forward_min.is_some()
+    }
+
+    /// What the engine wakes when a committed event queued a notification.
+    pub fn notifications_queued(&self) -> Arc<tokio::sync::Notify> {
+        self.notifications_queued.clone()
     }
 
     /// Waits until events entered the outbox since the last call.
@@ -302,8 +312,9 @@ impl Engine {
         Ok(pending)
     }
 
-    /// Queues a classified event for the store if it is to be stored, and for the hierarchy
-    /// outbox if it is to be forwarded (not blocked, at or above the forwarding severity).
+    /// Queues a classified event for the store if it is to be stored, for the hierarchy
+    /// outbox if it is to be forwarded (not blocked, at or above the forwarding severity), and
+    /// for notification if its type has a rule (not blocked, not relayed).
     async fn queue(&self, event: Arc<ClassifiedEvent>) -> Result<Pending, EngineError> {
         let to = WriteTo {
             events: event.stored(),
@@ -314,10 +325,12 @@ impl Engine {
                 && self
                     .forward_min
                     .is_some_and(|min| event.event_type.severity >= min),
+            // Notified where the event entered the hierarchy, not again on each primary.
+            notify: !event.blocked && event.relay.is_none() && event.event_type.settings.notifies(),
         };
         // Relayed events always pass the writer: it drops a secondary's resends also of types
         // that are not stored here.
-        let ticket = if to.events || to.outbox || event.relay.is_some() {
+        let ticket = if to.anywhere() || event.relay.is_some() {
             Some(self.store.enqueue(event.clone(), to).await?)
         } else {
             None
@@ -326,6 +339,7 @@ impl Engine {
             event,
             ticket,
             forwarded: to.outbox,
+            notified: to.notify,
             raised: None,
         })
     }
@@ -376,6 +390,9 @@ impl Engine {
         let publish = matches!(outcome, Outcome::Stored | Outcome::Live);
         if publish && pending.forwarded {
             self.outbox_written.notify_one();
+        }
+        if publish && pending.notified {
+            self.notifications_queued.notify_one();
         }
         if publish {
             self.bus.publish(&pending.event);

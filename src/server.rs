@@ -29,6 +29,7 @@ use crate::api::devices::DeviceApi;
 use crate::api::events::{EventApi, OpenCalls};
 use crate::api::hierarchy::{HierarchyApi, HierarchyApiParts};
 use crate::api::licences::LicenceApi;
+use crate::api::notify::NotificationApi;
 use crate::api::proto::access_service_server::AccessServiceServer;
 use crate::api::proto::capacity_service_server::CapacityServiceServer;
 use crate::api::proto::catalog_service_server::CatalogServiceServer;
@@ -38,6 +39,7 @@ use crate::api::proto::enrollment_service_server::EnrollmentServiceServer;
 use crate::api::proto::event_service_server::EventServiceServer;
 use crate::api::proto::hierarchy_service_server::HierarchyServiceServer;
 use crate::api::proto::licence_service_server::LicenceServiceServer;
+use crate::api::proto::notification_service_server::NotificationServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
 use crate::api::proto::update_service_server::UpdateServiceServer;
 use crate::api::push::PushApi;
@@ -68,6 +70,8 @@ use crate::hierarchy::tls::LinkCertificates;
 use crate::hierarchy::upstream::Uplink;
 use crate::maintenance::RetentionSweep;
 use crate::metrics::MetricSources;
+use crate::notify::registry::ChannelRegistry;
+use crate::notify::worker::Notifier;
 use crate::store::{EventStore, StoreError, StoreNotice};
 use tokio_util::task::TaskTracker;
 
@@ -177,6 +181,8 @@ struct Parts {
     push: Arc<PushResults>,
     secondaries: Arc<Secondaries>,
     access: Arc<AccessControl>,
+    channels: Arc<ChannelRegistry>,
+    notifier: Arc<Notifier>,
 }
 
 /// Starts a server with `config`, reading time from `clock`: open the store, restore the
@@ -385,7 +391,19 @@ async fn restore(
         )
         .await?,
     );
+    let channels = Arc::new(ChannelRegistry::load(store.clone()).await?);
+    let notifier = Arc::new(Notifier::new(
+        store.clone(),
+        catalog.clone(),
+        channels.clone(),
+        clock.clone(),
+        config.server.server_id.clone(),
+        config.notify.clone(),
+        engine.notifications_queued(),
+    ));
     let parts = Parts {
+        channels,
+        notifier,
         catalog: Arc::new(CatalogAdmin::new(catalog, store.clone(), version)),
         flood,
         blocks,
@@ -443,6 +461,7 @@ fn start_background(
     parts.devices.spawn(runner);
     runner.spawn(parts.certificates.clone());
     runner.spawn(parts.capacity.clone());
+    runner.track(parts.notifier.clone().run(engine.shutdown_signal().clone()));
     let access = parts.access.clone();
     runner.every(
         "re-reading shared credentials",
@@ -613,6 +632,7 @@ async fn report_serving(health: &HealthReporter) {
         UpdateServiceServer::<UpdateApi>::NAME,
         CertificateServiceServer::<CertificateApi>::NAME,
         LicenceServiceServer::<LicenceApi>::NAME,
+        NotificationServiceServer::<NotificationApi>::NAME,
         AccessServiceServer::<AccessApi>::NAME,
         EnrollmentServiceServer::<AccessApi>::NAME,
         HierarchyServiceServer::<HierarchyApi>::NAME,
@@ -741,6 +761,15 @@ async fn serve_client_port(
             LicenceServiceServer::new(LicenceApi::new(parts.licences.clone(), engine.clone())),
             max
         ))
+        .add_service(client_service!(
+            NotificationServiceServer::new(NotificationApi::new(
+                engine.clone(),
+                parts.catalog.catalog().clone(),
+                parts.channels.clone(),
+                config.notify.timeout,
+            )),
+            max
+        ))
         .add_service(hierarchy.service(false));
     let incoming = crate::api::auth::incoming(
         listener,
@@ -807,6 +836,7 @@ fn serve_metrics_port(
         upstream: config.hierarchy.upstream.clone(),
         outbox_max: config.hierarchy.outbox_max_events,
         secondaries: parts.secondaries.clone(),
+        notifications: parts.notifier.stats(),
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, bearer_token = token.is_some(), "metrics served at /metrics");
@@ -974,6 +1004,11 @@ impl RunningServer {
     /// The address of the Prometheus metrics port, if it has one.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Notifications waiting for delivery, and how many the queue's limit dropped since start.
+    pub fn notify_queue(&self) -> (u64, u64) {
+        self.parts.store.notify_queue()
     }
 
     /// The address of the hierarchy listener (secondaries connect here), if it has one.

@@ -23,17 +23,21 @@ use fleet_events::store::{
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 
-const STORED: WriteTo = WriteTo {
-    events: true,
-    outbox: false,
-};
+const STORED: WriteTo = WriteTo::STORED;
 const NOWHERE: WriteTo = WriteTo {
     events: false,
     outbox: false,
+    notify: false,
 };
 const FORWARDED: WriteTo = WriteTo {
     events: true,
     outbox: true,
+    notify: false,
+};
+const NOTIFIED: WriteTo = WriteTo {
+    events: true,
+    outbox: false,
+    notify: true,
 };
 
 fn kind(name: &str, severity: Severity) -> Arc<EventType> {
@@ -339,6 +343,7 @@ async fn the_outbox_takes_new_events_only_acks_and_drops_its_oldest_when_full() 
         let only_outbox = WriteTo {
             events: false,
             outbox: true,
+            notify: false,
         };
         append(
             &s,
@@ -362,6 +367,61 @@ async fn the_outbox_takes_new_events_only_acks_and_drops_its_oldest_when_full() 
     s.shutdown().await;
     let (s, _n) = open(&config).await;
     assert_eq!(s.outbox_len(), 10, "the outbox survives a restart");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_notification_queue_takes_new_events_only_and_keeps_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.notify.queue_max = 6;
+    let (s, _n) = open(&config).await;
+    let warn = kind("CONF_NOTE", Severity::Warning);
+    for i in 0..4 {
+        let ev = event(&warn, "d", &format!("n{i}"), Duration::ZERO);
+        assert_eq!(append(&s, ev, NOTIFIED).await, AppendOutcome::Inserted);
+    }
+    // A resend is not queued twice; a live-only event with a rule is queued without a row.
+    let dup = event(&warn, "d", "n0", Duration::ZERO);
+    assert_eq!(append(&s, dup, NOTIFIED).await, AppendOutcome::Duplicate);
+    let live_only = WriteTo {
+        events: false,
+        outbox: false,
+        notify: true,
+    };
+    let live = event(&warn, "d", "live", Duration::ZERO);
+    assert_eq!(append(&s, live, live_only).await, AppendOutcome::Inserted);
+    assert_eq!(s.notify_queue(), (5, 0));
+    let queued = s.read_notifications(0, 100).await.unwrap();
+    let ids: Vec<_> = queued.iter().map(|e| e.event.event_id.as_str()).collect();
+    assert_eq!(ids, ["n0", "n1", "n2", "n3", "live"]);
+    assert_eq!(queued[1].event.params["k"], "v \"quoted\" ✓");
+    assert_eq!(
+        s.read_notifications(queued[3].position, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Delivered out of order: each removed by its own position.
+    let removed = s
+        .remove_notifications(vec![queued[1].position, queued[3].position, 999_999])
+        .await
+        .unwrap();
+    assert_eq!(removed, 2);
+    assert_eq!(s.notify_queue(), (3, 0));
+    for i in 0..5 {
+        let ev = event(&warn, "d", &format!("m{i}"), Duration::ZERO);
+        append(&s, ev, NOTIFIED).await;
+    }
+    assert_eq!(s.notify_queue(), (6, 2), "the limit dropped the two oldest");
+    let left = s.read_notifications(0, 100).await.unwrap();
+    let ids: Vec<_> = left.iter().map(|e| e.event.event_id.as_str()).collect();
+    assert_eq!(ids, ["live", "m0", "m1", "m2", "m3", "m4"]);
+    s.shutdown().await;
+    let (s, _n) = open(&config).await;
+    assert_eq!(s.notify_queue(), (6, 0), "the queue survives a restart");
+    assert_eq!(s.read_notifications(0, 100).await.unwrap().len(), 6);
     s.shutdown().await;
 }
 

@@ -146,6 +146,7 @@ impl CatalogService for CatalogApi {
             retention_days: r.retention_days,
             notify: r.notify,
             flood: r.flood.map(convert::flood_change),
+            notification: r.notification.map(convert::rule_change),
         };
         let asked = format!("{change:?}");
         let t = self

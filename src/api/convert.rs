@@ -11,6 +11,7 @@ use crate::clock::Timestamp;
 use crate::engine::QueriedEvent;
 use crate::flood::{Block, BlockState};
 use crate::hierarchy::relay::{RelayError, RelayedItem};
+use crate::notify::rules::RuleSettings;
 use crate::store::OutboxEntry;
 
 /// Wire timestamp to domain, naming `field` when it is malformed.
@@ -229,6 +230,7 @@ pub fn event_type_from_pb(t: proto::EventType) -> Result<EventType, Status> {
             retention_days: t.retention_days,
             notify: t.notify,
             flood: t.flood.and_then(flood_change),
+            notification: t.notification.and_then(rule_change),
         },
         raised_by: if t.raised_by == proto::RaisedBy::Server as i32 || t.builtin {
             RaisedBy::Server
@@ -259,6 +261,7 @@ pub fn event_type(t: &EventType) -> proto::EventType {
             window_secs: f.window_secs,
             block_secs: f.block_secs,
         }),
+        notification: t.settings.notification.as_ref().map(pb_rule),
         builtin: t.builtin,
         application: t.application.clone(),
         raised_by: match t.raised_by {
@@ -295,5 +298,48 @@ pub fn block(b: Block) -> proto::FrequentEventBlock {
         blocked_until: until,
         held_back: b.held_back,
         detected_count: b.detected_count,
+    }
+}
+
+/// A wire notification rule as domain settings: `None` when it names no channel (removes the
+/// rule); 0 and empty fields take the defaults. Checked by the catalog.
+pub fn rule_change(r: proto::NotificationRule) -> Option<RuleSettings> {
+    if r.channels.is_empty() {
+        return None;
+    }
+    let defaults = RuleSettings::default();
+    Some(RuleSettings {
+        channels: r.channels,
+        subject: if r.subject.is_empty() {
+            defaults.subject
+        } else {
+            r.subject
+        },
+        body: if r.body.is_empty() {
+            defaults.body
+        } else {
+            r.body
+        },
+        max_messages: if r.max_messages == 0 {
+            defaults.max_messages
+        } else {
+            r.max_messages
+        },
+        period: if r.period_secs == 0 {
+            defaults.period
+        } else {
+            std::time::Duration::from_secs(u64::from(r.period_secs))
+        },
+    })
+}
+
+/// A notification rule.
+pub fn pb_rule(r: &RuleSettings) -> proto::NotificationRule {
+    proto::NotificationRule {
+        channels: r.channels.clone(),
+        subject: r.subject.clone(),
+        body: r.body.clone(),
+        max_messages: r.max_messages,
+        period_secs: u32::try_from(r.period.as_secs()).unwrap_or(u32::MAX),
     }
 }

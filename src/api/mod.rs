@@ -13,6 +13,7 @@ pub mod events;
 pub mod guard;
 pub mod hierarchy;
 pub mod licences;
+pub mod notify;
 pub mod paging;
 pub mod push;
 pub mod relay_client;

@@ -97,7 +97,64 @@ impl Checked for proto::RegisterEventTypeRequest {
 
 impl Checked for proto::UpdateEventTypeSettingsRequest {
     fn check(&self) -> Result<(), FieldError> {
-        text("event_type", &self.event_type, TYPE_BYTES)
+        text("event_type", &self.event_type, TYPE_BYTES)?;
+        if let Some(rule) = &self.notification {
+            list("notification.channels", rule.channels.len())?;
+            for (i, c) in rule.channels.iter().enumerate() {
+                id(&format!("notification.channels[{i}]"), c)?;
+            }
+            text("notification.subject", &rule.subject, TEXT_BYTES)?;
+            text("notification.body", &rule.body, TEXT_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+impl Checked for proto::NotificationChannel {
+    fn check(&self) -> Result<(), FieldError> {
+        use proto::notification_channel::Kind;
+        id("name", &self.name)?;
+        match &self.kind {
+            Some(Kind::Email(e)) => {
+                text("email.host", &e.host, NAME_BYTES)?;
+                text("email.username", &e.username, NAME_BYTES)?;
+                text("email.password", &e.password, NAME_BYTES)?;
+                text("email.from", &e.from, NAME_BYTES)?;
+                list("email.to", e.to.len())?;
+                for (i, to) in e.to.iter().enumerate() {
+                    text(&format!("email.to[{i}]"), to, NAME_BYTES)?;
+                }
+            }
+            Some(Kind::Webhook(w)) => {
+                text("webhook.url", &w.url, TEXT_BYTES)?;
+                text("webhook.secret_header", &w.secret_header, NAME_BYTES)?;
+                text("webhook.secret", &w.secret, TEXT_BYTES)?;
+                text("webhook.ca_file", &w.ca_file, TEXT_BYTES)?;
+            }
+            Some(Kind::Program(p)) => {
+                text("program.path", &p.path, TEXT_BYTES)?;
+                list("program.args", p.args.len())?;
+                for (i, a) in p.args.iter().enumerate() {
+                    text(&format!("program.args[{i}]"), a, TEXT_BYTES)?;
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+impl Checked for proto::RemoveChannelRequest {
+    fn check(&self) -> Result<(), FieldError> {
+        id("name", &self.name)
+    }
+}
+
+impl Checked for proto::TestNotificationRequest {
+    fn check(&self) -> Result<(), FieldError> {
+        text("event_type", &self.event_type, TYPE_BYTES)?;
+        id("channel", &self.channel)?;
+        id("device_id", &self.device_id)
     }
 }
 

@@ -137,6 +137,14 @@ pub const TABLE: &[(&str, &str, Callers)] = &[
     ("fleetevents.v1.LicenceService", "PutLicence", ADMIN),
     ("fleetevents.v1.LicenceService", "ListLicences", VIEW),
     ("fleetevents.v1.LicenceService", "CheckLicences", OPERATE),
+    ("fleetevents.v1.NotificationService", "PutChannel", ADMIN),
+    ("fleetevents.v1.NotificationService", "ListChannels", ADMIN),
+    ("fleetevents.v1.NotificationService", "RemoveChannel", ADMIN),
+    (
+        "fleetevents.v1.NotificationService",
+        "TestNotification",
+        ADMIN,
+    ),
     (
         "fleetevents.v1.HierarchyService",
         "Relay",

@@ -13,6 +13,7 @@ mod builtin;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::notify::rules::{NotificationRule, RuleSettings};
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -97,10 +98,21 @@ pub struct TypeSettings {
     pub store: bool,
     /// Days stored events of this type are kept.
     pub retention_days: u32,
-    /// Whether events of this type go to notifications.
+    /// Whether events of this type go to notifications (when they have a rule).
     pub notify: bool,
     /// Flood thresholds for this type; `None` means the server defaults.
     pub flood: Option<FloodOverride>,
+    /// How events of this type are notified: channels, templates, limit. `None`: no rule, so
+    /// nothing is sent even with `notify` on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<RuleSettings>,
+}
+
+impl TypeSettings {
+    /// Whether an event of this type is queued for notification: `notify` on and a rule set.
+    pub fn notifies(&self) -> bool {
+        self.notify && self.notification.is_some()
+    }
 }
 
 /// One event type of the catalog.
@@ -165,6 +177,7 @@ impl EventType {
                 retention_days: severity.default_retention_days(),
                 notify: false,
                 flood: None,
+                notification: None,
             },
             builtin: false,
             application: String::new(),
@@ -210,6 +223,8 @@ pub struct SettingsChange {
     pub notify: Option<bool>,
     /// New flood thresholds: `Some(None)` clears the override.
     pub flood: Option<Option<FloodOverride>>,
+    /// New notification rule: `Some(None)` removes the rule.
+    pub notification: Option<Option<RuleSettings>>,
 }
 
 /// Why a catalog change was refused.
@@ -317,6 +332,7 @@ impl Catalog {
                         .unwrap_or(b.severity.default_retention_days()),
                     notify: true,
                     flood: None,
+                    notification: None,
                 },
                 builtin: true,
                 application: String::new(),
@@ -405,6 +421,7 @@ impl Catalog {
                     .unwrap_or(new.severity.default_retention_days()),
                 notify: true,
                 flood: None,
+                notification: None,
             },
             builtin: false,
             application: new.application,
@@ -450,6 +467,15 @@ impl Catalog {
                 });
             }
             t.settings.flood = flood;
+        }
+        if let Some(rule) = &change.notification {
+            if let Some(settings) = rule {
+                NotificationRule::new(settings.clone()).map_err(|e| CatalogError::Invalid {
+                    field: "notification",
+                    reason: e.to_string(),
+                })?;
+            }
+            t.settings.notification = rule.clone();
         }
         Ok(t)
     }

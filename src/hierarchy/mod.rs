@@ -85,6 +85,7 @@ pub async fn apply_pushed_settings(
                         retention_days: Some(t.settings.retention_days),
                         notify: Some(t.settings.notify),
                         flood: Some(t.settings.flood),
+                        notification: Some(t.settings.notification.clone()),
                     },
                 )
                 .await?;

@@ -11,6 +11,7 @@
 pub mod http;
 pub mod process;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::engine::Engine;
 use crate::engine::stats::{Outcome, Refusal, SEVERITIES, TypeCount};
 use crate::flood::{BlockCounts, FloodDetector};
 use crate::hierarchy::secondaries::{Secondaries, SecondaryInfo};
+use crate::notify::worker::{ChannelCounts, NotifyStats};
 use crate::store::EventStore;
 use crate::store::stats::HistogramSnapshot;
 
@@ -51,6 +53,8 @@ pub struct MetricSources {
     pub outbox_max: u64,
     /// The secondaries linked to this server (on a primary).
     pub secondaries: Arc<Secondaries>,
+    /// The notification worker's counts by channel.
+    pub notifications: Arc<NotifyStats>,
 }
 
 /// Everything one scrape reports, read at one moment.
@@ -86,6 +90,10 @@ pub struct Sample {
     pub outbox: Option<(String, u64, u64)>,
     /// The secondaries this server knows (on a primary).
     pub secondaries: Vec<SecondaryInfo>,
+    /// Notifications by channel.
+    pub notifications: BTreeMap<String, ChannelCounts>,
+    /// Notifications queued, and how many the queue's limit dropped.
+    pub notify_queue: (u64, u64),
     /// The process's own figures.
     pub process: process::ProcessStats,
 }
@@ -131,6 +139,8 @@ impl Sample {
                 .clone()
                 .map(|link| (link, s.store.outbox_len(), s.outbox_max)),
             secondaries: s.secondaries.list(),
+            notifications: s.notifications.by_channel(),
+            notify_queue: s.store.notify_queue(),
             process: process::ProcessStats::read(),
         }
     }
@@ -336,6 +346,7 @@ impl Collector for Sample {
         if !self.secondaries.is_empty() {
             self.encode_secondaries(&mut e)?;
         }
+        self.encode_notifications(&mut e)?;
         let mut f = family(
             &mut e,
             "fleet_build_info",
@@ -348,6 +359,40 @@ impl Collector for Sample {
 }
 
 impl Sample {
+    /// The notification families: outcomes by channel (the server's channels, at most 64,
+    /// and `(unknown)` for rules naming a channel it has not got), the queue and its drops.
+    fn encode_notifications(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let mut f = family(
+            e,
+            "fleet_notifications",
+            "Notification deliveries by channel and result (sent, failed: each failed attempt, \
+             held_back: by the rule's limit, summed in a digest; digest: digests sent).",
+            MetricType::Counter,
+        )?;
+        for (channel, c) in &self.notifications {
+            for (result, n) in [
+                ("sent", c.sent),
+                ("failed", c.failed),
+                ("held_back", c.held_back),
+                ("digest", c.digests),
+            ] {
+                f.counter(&[("channel", channel.as_str()), ("result", result)], n)?;
+            }
+        }
+        gauge(
+            e,
+            "fleet_notification_queue_events",
+            "Notifications queued for delivery (sent, or retried after a failure).",
+            self.notify_queue.0,
+        )?;
+        counter(
+            e,
+            "fleet_notifications_dropped",
+            "Queued notifications dropped because the queue was at notify.queue_max.",
+            self.notify_queue.1,
+        )
+    }
+
     /// The primary's view of each linked secondary, labelled by its server id (secondaries
     /// are admitted by certificate, so the label set is the hierarchy's size).
     fn encode_secondaries(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
@@ -431,6 +476,18 @@ mod tests {
                 disconnect_reported: false,
                 events_received: 40,
             }],
+            notifications: [(
+                "ops-mail".to_owned(),
+                ChannelCounts {
+                    sent: 3,
+                    failed: 1,
+                    held_back: 12,
+                    digests: 1,
+                },
+            )]
+            .into_iter()
+            .collect(),
+            notify_queue: (2, 0),
             process: process::ProcessStats::default(),
         }
     }
@@ -459,6 +516,11 @@ mod tests {
             "fleet_hierarchy_secondary_connected{secondary=\"branch-1\"} 1",
             "fleet_hierarchy_secondary_backlog_events{secondary=\"branch-1\"} 12",
             "fleet_hierarchy_secondary_received_events_total{secondary=\"branch-1\"} 40",
+            "fleet_notifications_total{channel=\"ops-mail\",result=\"sent\"} 3",
+            "fleet_notifications_total{channel=\"ops-mail\",result=\"held_back\"} 12",
+            "fleet_notifications_total{channel=\"ops-mail\",result=\"digest\"} 1",
+            "fleet_notification_queue_events 2",
+            "fleet_notifications_dropped_total 0",
             "# EOF",
         ] {
             assert!(

@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::clock::Timestamp;
 
 /// At most `max` messages per `period` to one recipient.
@@ -21,7 +23,7 @@ pub struct RateLimit {
 }
 
 /// Whom a limit counts for: one recipient of one rule.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Recipient {
     /// The rule (its event type).
     pub rule: String,
@@ -73,12 +75,20 @@ impl Digest {
     }
 }
 
-#[derive(Debug)]
-struct Window {
-    started: Timestamp,
-    period: Duration,
-    sent: u32,
-    held: BTreeMap<String, u64>,
+/// One recipient's current period, as saved so that a restart forgets nothing it held back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    /// Whose.
+    pub recipient: Recipient,
+    /// When the period began.
+    pub started: Timestamp,
+    /// Its length.
+    #[serde(with = "crate::config::human")]
+    pub period: Duration,
+    /// Messages sent in it.
+    pub sent: u32,
+    /// Held back in it, by event type.
+    pub held: BTreeMap<String, u64>,
 }
 
 /// The limits of every recipient, and what they hold back.
@@ -88,6 +98,40 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// The periods under way, to save: only those that hold something back matter to a
+    /// restart (the others would at worst let a few messages more through).
+    pub fn holding(&self) -> Vec<Window> {
+        let mut w: Vec<Window> = self
+            .windows
+            .values()
+            .filter(|w| !w.held.is_empty())
+            .cloned()
+            .collect();
+        w.sort_by(|a, b| a.recipient.cmp(&b.recipient));
+        w
+    }
+
+    /// A limiter that continues the saved periods (two saved for one recipient are merged:
+    /// the earlier start, the held-back counts summed).
+    pub fn restore(saved: Vec<Window>) -> Self {
+        let mut windows: HashMap<Recipient, Window> = HashMap::new();
+        for w in saved {
+            match windows.get_mut(&w.recipient) {
+                Some(into) => {
+                    into.started = into.started.min(w.started);
+                    into.sent = into.sent.max(w.sent);
+                    for (t, n) in w.held {
+                        *into.held.entry(t).or_insert(0) += n;
+                    }
+                }
+                None => {
+                    windows.insert(w.recipient.clone(), w);
+                }
+            }
+        }
+        Limiter { windows }
+    }
+
     /// Decides one notification of `event_type` to `recipient` under `limit` at `now`.
     pub fn admit(
         &mut self,
@@ -100,6 +144,7 @@ impl Limiter {
             .windows
             .entry(recipient.clone())
             .or_insert_with(|| Window {
+                recipient: recipient.clone(),
                 started: now,
                 period: limit.period,
                 sent: 0,

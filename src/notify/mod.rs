@@ -8,14 +8,24 @@
 //! - [`program`]: delivery through a program channel (no shell, a clean environment, a
 //!   deadline that kills the process group);
 //! - [`webhook`]: delivery through a webhook (one POST of the event as JSON, TLS to the
-//!   system's roots or the channel's CA, a deadline).
+//!   system's roots or the channel's CA, a deadline);
+//! - [`email`]: delivery through SMTP (lettre over rustls, STARTTLS required unless the
+//!   channel is plain, the event's id in a header);
+//! - [`deliver`]: one message through any channel, one report;
+//! - [`registry`]: the server's channels, saved in the store;
+//! - [`worker`]: the delivery worker over the durable queue the writer fills in the event's
+//!   own transaction (retries with backoff, limits, digests, at least once).
 
 pub mod channels;
+pub mod deliver;
+pub mod email;
 pub mod limit;
 pub mod program;
+pub mod registry;
 pub mod rules;
 pub mod template;
 pub mod webhook;
+pub mod worker;
 
 /// What the tests of the notification parts share.
 #[cfg(test)]

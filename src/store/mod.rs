@@ -14,7 +14,9 @@
 //! - retention deletes per type, by the time the server received the event;
 //! - an event bound for the hierarchy outbox enters it in the transaction that stores it, so a
 //!   committed event is never missing from the outbox; the outbox keeps at most its limit,
-//!   dropping its oldest entries (reported) rather than refusing ingest.
+//!   dropping its oldest entries (reported) rather than refusing ingest;
+//! - a notification enters the notification queue in the same transaction, the same way (its
+//!   limit drops the oldest, counted in `notify_queue()` and logged, never refusing ingest).
 
 mod codec;
 pub mod postgres;
@@ -101,9 +103,46 @@ pub struct WriteTo {
     /// Into the hierarchy outbox, for relay to the primary. When `events` is also set, only
     /// an event that is not a duplicate enters the outbox.
     pub outbox: bool,
+    /// Into the notification queue, for the notification worker. When `events` is also set,
+    /// only an event that is not a duplicate is queued.
+    pub notify: bool,
 }
 
-/// One event waiting in the hierarchy outbox.
+impl WriteTo {
+    /// The events table only.
+    pub const STORED: WriteTo = WriteTo {
+        events: true,
+        outbox: false,
+        notify: false,
+    };
+
+    /// Whether it goes anywhere at all.
+    pub fn anywhere(self) -> bool {
+        self.events || self.outbox || self.notify
+    }
+}
+
+/// The durable queues the writer fills in the transaction that stores an event: each a table
+/// of whole events by a position that only grows.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Queue {
+    /// The hierarchy outbox: events waiting for the primary.
+    Outbox,
+    /// Notifications waiting for delivery.
+    Notify,
+}
+
+impl Queue {
+    /// Its table.
+    pub(crate) fn table(self) -> &'static str {
+        match self {
+            Queue::Outbox => "outbox",
+            Queue::Notify => "notify_queue",
+        }
+    }
+}
+
+/// One event waiting in a durable queue (the hierarchy outbox, the notification queue).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxEntry {
     /// Its position: strictly increasing, never reused.
@@ -328,8 +367,13 @@ impl StoreError {
 pub(crate) trait ReadBackend: Send + Sync + 'static {
     /// Runs a `SELECT position, EVENT_COLUMNS` statement of the shared query model.
     async fn select_events(&self, select: Select) -> Result<Vec<StoredEvent>, StoreError>;
-    /// Up to `limit` outbox entries of this server after position `after`, in order.
-    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Up to `limit` entries of this server's `queue` after position `after`, in order.
+    async fn read_queue(
+        &self,
+        queue: Queue,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
     /// The saved catalog entries, as JSON, by name.
     async fn event_types(&self) -> Result<Vec<String>, StoreError>;
     /// This server's saved blocks.
@@ -367,6 +411,8 @@ pub async fn open(config: &Config) -> Result<OpenedStore, StoreError> {
         max_events: store.max_events,
         outbox_max: config.hierarchy.outbox_max_events,
         outbox_len: 0,
+        notify_max: config.notify.queue_max,
+        notify_len: 0,
     };
     match &store.url {
         Some(url) => {
@@ -428,7 +474,42 @@ impl EventStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows = self.reader.read_outbox(after, limit).await?;
+        self.read_queue(Queue::Outbox, after, limit).await
+    }
+
+    /// Up to `limit` queued notifications after position `after`, in position order.
+    pub async fn read_notifications(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read_queue(Queue::Notify, after, limit).await
+    }
+
+    /// Deletes the queued notifications at `positions` (delivered, or counted in a saved
+    /// digest); returns how many were deleted.
+    pub async fn remove_notifications(&self, positions: Vec<u64>) -> Result<u64, StoreError> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        self.writer
+            .call(|done| Command::RemoveNotifications { positions, done })
+            .await
+    }
+
+    /// How many notifications wait in the queue, and how many the queue's limit dropped
+    /// since start.
+    pub fn notify_queue(&self) -> (u64, u64) {
+        self.writer.notify_queue()
+    }
+
+    async fn read_queue(
+        &self,
+        queue: Queue,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let rows = self.reader.read_queue(queue, after, limit).await?;
         Ok(rows
             .into_iter()
             .map(|event| OutboxEntry {

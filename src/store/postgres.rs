@@ -30,9 +30,12 @@ use super::codec::{
     self, BLOCK_COLUMNS, BlockRow, Columns, EVENT_COLUMNS, EventRow, Select, SqlValue,
 };
 use super::writer::{
-    Append, Limits, Owner, RecordSwap, Records, RunOn, Trim, WriteBackend, WriterOptions, Written,
+    Append, Limits, Owner, QueueRoom, RecordSwap, Records, RunOn, Trim, WriteBackend,
+    WriterOptions, Written,
 };
-use super::{AppendOutcome, OpenedStore, ReadBackend, RetentionRules, StoreError, StoredEvent};
+use super::{
+    AppendOutcome, OpenedStore, Queue, ReadBackend, RetentionRules, StoreError, StoredEvent,
+};
 use crate::catalog::EventType;
 use crate::clock::Timestamp;
 use crate::flood::Block;
@@ -124,6 +127,8 @@ const MIGRATIONS: &[&str] = &[
      );",
     // version 2: retention deletes the identities of a dropped day by arrival time
     "CREATE INDEX event_keys_by_arrival ON event_keys (received_at);",
+    // version 3: notifications waiting for delivery, queued with their event
+    "CREATE TABLE notify_queue (LIKE outbox INCLUDING ALL);",
 ];
 
 /// Advisory lock key serialising migrations and partition creation across servers.
@@ -344,6 +349,18 @@ pub(crate) async fn open(
         .map_err(pg_err)?
         .get(0);
     writer.outbox_len = outbox.max(0) as u64;
+    let notify: i64 = pool
+        .get()
+        .await
+        .map_err(pool_err)?
+        .query_one(
+            "SELECT count(*) FROM notify_queue WHERE owner = $1",
+            &[&opts.server_id],
+        )
+        .await
+        .map_err(pg_err)?
+        .get(0);
+    writer.notify_len = notify.max(0) as u64;
     let reader = PgReader {
         pool,
         server_id: opts.server_id.clone(),
@@ -468,10 +485,16 @@ impl ReadBackend for PgReader {
             .collect()
     }
 
-    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn read_queue(
+        &self,
+        queue: Queue,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let table = queue.table();
         self.rows(
             &format!(
-                "SELECT pos, {EVENT_COLUMNS} FROM outbox WHERE owner = $1 AND pos > $2
+                "SELECT pos, {EVENT_COLUMNS} FROM {table} WHERE owner = $1 AND pos > $2
                  ORDER BY pos LIMIT $3"
             ),
             &[
@@ -598,10 +621,53 @@ impl PgWriter {
         Ok(())
     }
 
+    /// Inserts `rows` into `queue` in `tx` and drops the queue's oldest beyond `room`;
+    /// returns how many it dropped.
+    async fn enqueue_in(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        queue: Queue,
+        rows: &EventArrays,
+        room: QueueRoom,
+    ) -> Result<u64, StoreError> {
+        if rows.len() == 0 {
+            return Ok(0);
+        }
+        let table = queue.table();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.server_id];
+        params.extend(rows.params());
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} (owner, {EVENT_COLUMNS}) SELECT $1, * FROM {}",
+                unnest(2)
+            ),
+            &params,
+        )
+        .await
+        .map_err(pg_err)?;
+        let excess = room.excess(rows.len() as u64);
+        if excess == 0 {
+            return Ok(0);
+        }
+        tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE owner = $1 AND pos IN (
+                    SELECT pos FROM {table} WHERE owner = $1 ORDER BY pos LIMIT $2)"
+            ),
+            &[&self.server_id, &(excess.min(i64::MAX as u64) as i64)],
+        )
+        .await
+        .map_err(pg_err)
+    }
+
     async fn try_write(
         &mut self,
         batch: &[Append<'_>],
-        Limits { cap, room }: Limits,
+        Limits {
+            cap,
+            room,
+            notify_room,
+        }: Limits,
     ) -> Result<Written, StoreError> {
         let days: HashSet<i64> = batch
             .iter()
@@ -658,6 +724,7 @@ impl PgWriter {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut events = EventArrays::default();
         let mut outbox = EventArrays::default();
+        let mut notify = EventArrays::default();
         for (a, row) in batch.iter().zip(&rows) {
             if a.to.events {
                 let key = (
@@ -676,6 +743,9 @@ impl PgWriter {
             }
             if a.to.outbox {
                 outbox.push(row);
+            }
+            if a.to.notify {
+                notify.push(row);
             }
             outcomes.push(AppendOutcome::Inserted);
         }
@@ -702,36 +772,17 @@ impl PgWriter {
                 .get(0);
             trim = trim_in(&tx, count.max(0) as u64, cap).await?;
         }
-        let mut outbox_dropped = 0;
-        if outbox.len() > 0 {
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.server_id];
-            params.extend(outbox.params());
-            tx.execute(
-                &format!(
-                    "INSERT INTO outbox (owner, {EVENT_COLUMNS}) SELECT $1, * FROM {}",
-                    unnest(2)
-                ),
-                &params,
-            )
-            .await
-            .map_err(pg_err)?;
-            let excess = room.excess(outbox.len() as u64);
-            if excess > 0 {
-                outbox_dropped = tx
-                    .execute(
-                        "DELETE FROM outbox WHERE owner = $1 AND pos IN (
-                            SELECT pos FROM outbox WHERE owner = $1 ORDER BY pos LIMIT $2)",
-                        &[&self.server_id, &(excess as i64)],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-            }
-        }
+        let outbox_dropped = self.enqueue_in(&tx, Queue::Outbox, &outbox, room).await?;
+        let notify_dropped = self
+            .enqueue_in(&tx, Queue::Notify, &notify, notify_room)
+            .await?;
         tx.commit().await.map_err(pg_err)?;
         Ok(Written {
             outcomes,
             outbox_added: outbox.len() as u64,
             outbox_dropped,
+            notify_added: notify.len() as u64,
+            notify_dropped,
             trim,
         })
     }
@@ -815,6 +866,21 @@ impl WriteBackend for PgWriter {
         let trim = trim_in(&tx, count.max(0) as u64, cap).await?;
         tx.commit().await.map_err(pg_err)?;
         Ok(trim)
+    }
+
+    async fn remove_notifications(&mut self, positions: &[u64]) -> Result<u64, StoreError> {
+        let positions: Vec<i64> = positions
+            .iter()
+            .map(|p| (*p).min(i64::MAX as u64) as i64)
+            .collect();
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM notify_queue WHERE owner = $1 AND pos = ANY($2)",
+                &[&self.server_id, &positions],
+            )
+            .await
+            .map_err(pg_err)
     }
 
     async fn ack_outbox(&mut self, upto: u64) -> Result<u64, StoreError> {

@@ -30,7 +30,9 @@ use super::codec::{
 use super::writer::{
     Append, Limits, Owner, RecordSwap, Records, RunOn, Trim, WriteBackend, WriterOptions, Written,
 };
-use super::{AppendOutcome, OpenedStore, ReadBackend, RetentionRules, StoreError, StoredEvent};
+use super::{
+    AppendOutcome, OpenedStore, Queue, ReadBackend, RetentionRules, StoreError, StoredEvent,
+};
 use crate::catalog::EventType;
 use crate::clock::Timestamp;
 use crate::flood::Block;
@@ -61,7 +63,8 @@ pub struct SqliteOptions {
 /// The file name of the event database inside the data directory.
 pub const DB_FILE: &str = "events.sqlite3";
 
-const SCHEMA_VERSION: i64 = 5;
+/// The schema version this server writes: one per migration.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const MIGRATIONS: &[&str] = &[
     // version 1
@@ -112,6 +115,23 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE events ADD COLUMN origin_server TEXT NOT NULL DEFAULT '';
      ALTER TABLE events ADD COLUMN server_chain TEXT NOT NULL DEFAULT '';
      CREATE TABLE outbox (
+        pos INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        event_type_id INTEGER,
+        severity INTEGER NOT NULL,
+        known INTEGER NOT NULL,
+        origin INTEGER NOT NULL,
+        occurred_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        application TEXT NOT NULL,
+        params TEXT NOT NULL,
+        origin_server TEXT NOT NULL,
+        server_chain TEXT NOT NULL
+     );",
+    // version 6: notifications waiting for delivery, queued with their event
+    "CREATE TABLE notify_queue (
         pos INTEGER PRIMARY KEY AUTOINCREMENT,
         event_id TEXT NOT NULL,
         device_id TEXT NOT NULL,
@@ -226,6 +246,8 @@ pub(crate) async fn open(
     let count: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
     let outbox: i64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
     writer.outbox_len = outbox as u64;
+    let notify: i64 = conn.query_row("SELECT count(*) FROM notify_queue", [], |r| r.get(0))?;
+    writer.notify_len = notify as u64;
     let count = Arc::new(AtomicU64::new(count as u64));
     let dedupe = DedupeKeys::load(&conn)?;
     let reader = SqliteReader {
@@ -316,9 +338,17 @@ impl ReadBackend for SqliteReader {
             .await
     }
 
-    async fn read_outbox(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn read_queue(
+        &self,
+        queue: Queue,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let table = queue.table();
         self.rows(
-            format!("SELECT pos, {EVENT_COLUMNS} FROM outbox WHERE pos > ?1 ORDER BY pos LIMIT ?2"),
+            format!(
+                "SELECT pos, {EVENT_COLUMNS} FROM {table} WHERE pos > ?1 ORDER BY pos LIMIT ?2"
+            ),
             vec![
                 Value::Integer(after.min(i64::MAX as u64) as i64),
                 Value::Integer(limit as i64),
@@ -495,6 +525,24 @@ fn bind<'a>(row: &'a EventRow<'_>) -> [&'a dyn ToSql; 13] {
     ]
 }
 
+/// Deletes the `excess` oldest entries of `queue` in `tx`; returns how many went.
+fn drop_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    queue: Queue,
+    excess: u64,
+) -> Result<u64, StoreError> {
+    if excess == 0 {
+        return Ok(0);
+    }
+    let table = queue.table();
+    Ok(tx.execute(
+        &format!(
+            "DELETE FROM {table} WHERE pos IN (SELECT pos FROM {table} ORDER BY pos LIMIT ?1)"
+        ),
+        [excess.min(i64::MAX as u64) as i64],
+    )? as u64)
+}
+
 /// What one write transaction did, besides its outcomes.
 struct TxResult {
     written: Written,
@@ -512,12 +560,17 @@ impl SqliteWriter {
     fn write_tx(
         &mut self,
         batch: &[Append<'_>],
-        Limits { cap, room }: Limits,
+        Limits {
+            cap,
+            room,
+            notify_room,
+        }: Limits,
         added: &mut Vec<u128>,
     ) -> Result<TxResult, StoreError> {
         let tx = self.conn.transaction()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut outbox_added = 0u64;
+        let mut notify_added = 0u64;
         {
             let mut events = tx.prepare_cached(&format!(
                 "INSERT INTO events ({EVENT_COLUMNS}, dedupe_hi, dedupe_lo)
@@ -525,6 +578,10 @@ impl SqliteWriter {
             ))?;
             let mut outbox = tx.prepare_cached(&format!(
                 "INSERT INTO outbox ({EVENT_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ))?;
+            let mut notify = tx.prepare_cached(&format!(
+                "INSERT INTO notify_queue ({EVENT_COLUMNS})
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))?;
             for a in batch {
@@ -548,18 +605,15 @@ impl SqliteWriter {
                     outbox.execute(rusqlite::params_from_iter(bind(&row)))?;
                     outbox_added += 1;
                 }
+                if a.to.notify {
+                    notify.execute(rusqlite::params_from_iter(bind(&row)))?;
+                    notify_added += 1;
+                }
                 outcomes.push(AppendOutcome::Inserted);
             }
         }
-        let excess = room.excess(outbox_added);
-        let outbox_dropped = if excess > 0 {
-            tx.execute(
-                "DELETE FROM outbox WHERE pos IN (SELECT pos FROM outbox ORDER BY pos LIMIT ?1)",
-                [excess as i64],
-            )? as u64
-        } else {
-            0
-        };
+        let outbox_dropped = drop_oldest(&tx, Queue::Outbox, room.excess(outbox_added))?;
+        let notify_dropped = drop_oldest(&tx, Queue::Notify, notify_room.excess(notify_added))?;
         let count = self.count.load(Ordering::Relaxed) + added.len() as u64;
         let (trim, trimmed) = match codec::over_cap(count, cap) {
             Some(n) => {
@@ -582,6 +636,8 @@ impl SqliteWriter {
                 outcomes,
                 outbox_added,
                 outbox_dropped,
+                notify_added,
+                notify_dropped,
                 trim,
             },
             trimmed,
@@ -651,6 +707,19 @@ impl WriteBackend for SqliteWriter {
             .conn
             .prepare_cached("DELETE FROM outbox WHERE pos <= ?1")?
             .execute([upto.min(i64::MAX as u64) as i64])? as u64)
+    }
+
+    async fn remove_notifications(&mut self, positions: &[u64]) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut deleted = 0;
+        {
+            let mut stmt = tx.prepare_cached("DELETE FROM notify_queue WHERE pos = ?1")?;
+            for p in positions {
+                deleted += stmt.execute([(*p).min(i64::MAX as u64) as i64])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 
     async fn sweep(&mut self, now: Timestamp, rules: &RetentionRules) -> Result<u64, StoreError> {

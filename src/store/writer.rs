@@ -42,29 +42,31 @@ pub(crate) struct Append<'a> {
     pub to: WriteTo,
 }
 
-/// Room in the hierarchy outbox, for the transaction that adds to it.
+/// Room in a durable queue (outbox, notifications), for the transaction that adds to it.
 #[derive(Copy, Clone, Debug)]
-pub(crate) struct OutboxRoom {
+pub(crate) struct QueueRoom {
     /// Entries in it before this transaction.
     pub len: u64,
     /// Its limit.
     pub max: u64,
 }
 
-impl OutboxRoom {
+impl QueueRoom {
     /// How many of its oldest entries to drop after `added` more.
     pub fn excess(self, added: u64) -> u64 {
         (self.len + added).saturating_sub(self.max)
     }
 }
 
-/// What bounds a group commit: the event cap and the room in the outbox.
+/// What bounds a group commit: the event cap and the room in the queues.
 #[derive(Copy, Clone, Debug)]
 pub(crate) struct Limits {
     /// The event cap.
     pub cap: u64,
     /// Room in the outbox.
-    pub room: OutboxRoom,
+    pub room: QueueRoom,
+    /// Room in the notification queue.
+    pub notify_room: QueueRoom,
 }
 
 /// Records of one kind and owner to upsert in one transaction.
@@ -108,6 +110,10 @@ pub(crate) struct Written {
     pub outbox_added: u64,
     /// Oldest outbox entries it dropped to stay within the limit.
     pub outbox_dropped: u64,
+    /// Notifications it queued.
+    pub notify_added: u64,
+    /// Oldest queued notifications it dropped to stay within the limit.
+    pub notify_dropped: u64,
     /// The cap's trim, when the batch took the count over it.
     pub trim: Option<Trim>,
 }
@@ -118,7 +124,8 @@ pub(crate) struct Written {
 pub(crate) trait WriteBackend: Send + 'static {
     /// Writes one group commit in one transaction: each event not stored yet (by identity)
     /// into `events` when `to.events`; into the outbox when `to.outbox` (and, with `events`,
-    /// only if it was new), dropping the outbox's oldest beyond its room; and, when the count
+    /// only if it was new), dropping the outbox's oldest beyond its room; the same for the
+    /// notification queue and `to.notify`; and, when the count
     /// goes over the cap, deletes the oldest events down to [`super::codec::cap_target`].
     async fn write(&mut self, batch: &[Append<'_>], limits: Limits) -> Result<Written, StoreError>;
 
@@ -128,6 +135,9 @@ pub(crate) trait WriteBackend: Send + 'static {
 
     /// Deletes the outbox entries at or below `upto`; returns how many.
     async fn ack_outbox(&mut self, upto: u64) -> Result<u64, StoreError>;
+
+    /// Deletes the queued notifications at `positions`; returns how many.
+    async fn remove_notifications(&mut self, positions: &[u64]) -> Result<u64, StoreError>;
 
     /// Deletes events older than their type's retention at `now`; returns how many.
     async fn sweep(&mut self, now: Timestamp, rules: &RetentionRules) -> Result<u64, StoreError>;
@@ -158,6 +168,10 @@ pub(crate) enum Command {
     },
     AckOutbox {
         upto: u64,
+        done: Reply<u64>,
+    },
+    RemoveNotifications {
+        positions: Vec<u64>,
         done: Reply<u64>,
     },
     Sweep {
@@ -196,6 +210,10 @@ pub(crate) struct WriterOptions {
     pub outbox_max: u64,
     /// Entries in the outbox at start-up.
     pub outbox_len: u64,
+    /// The notification queue's limit.
+    pub notify_max: u64,
+    /// Notifications queued at start-up.
+    pub notify_len: u64,
 }
 
 /// Where the writer loop runs.
@@ -210,6 +228,7 @@ pub(crate) enum RunOn {
 pub(crate) struct WriterHandle {
     commands: mpsc::Sender<Command>,
     outbox_len: Arc<AtomicU64>,
+    notify: Arc<NotifyGauge>,
     stopped: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     stats: Arc<CommitStats>,
 }
@@ -224,7 +243,13 @@ pub(crate) async fn start<B: WriteBackend>(
     let (notices, notice_rx) = mpsc::unbounded_channel();
     let outbox_len = Arc::new(AtomicU64::new(options.outbox_len));
     let stats = Arc::new(CommitStats::default());
+    let notify = Arc::new(NotifyGauge {
+        len: AtomicU64::new(options.notify_len),
+        dropped: AtomicU64::new(0),
+        max: options.notify_max.max(1),
+    });
     let mut writer = Writer {
+        notify: notify.clone(),
         stats: stats.clone(),
         backend,
         batch_max: options.batch_max.max(1),
@@ -262,6 +287,7 @@ pub(crate) async fn start<B: WriteBackend>(
         WriterHandle {
             commands,
             outbox_len,
+            notify,
             stopped: tokio::sync::Mutex::new(Some(stopped)),
             stats,
         },
@@ -301,6 +327,14 @@ impl WriterHandle {
         self.outbox_len.load(Ordering::Relaxed)
     }
 
+    /// Notifications queued now, and how many the queue's limit dropped since start.
+    pub fn notify_queue(&self) -> (u64, u64) {
+        (
+            self.notify.len.load(Ordering::Relaxed),
+            self.notify.dropped.load(Ordering::Relaxed),
+        )
+    }
+
     /// Commands waiting in the write queue, and its capacity.
     pub fn queue(&self) -> (usize, usize) {
         let max = self.commands.max_capacity();
@@ -334,6 +368,7 @@ struct Writer<B> {
     batch_max: usize,
     max_events: u64,
     outbox: OutboxGauge,
+    notify: Arc<NotifyGauge>,
     notices: mpsc::UnboundedSender<StoreNotice>,
     /// Identities of the latest relayed events of types not stored here.
     recent_unstored: RecentKeys,
@@ -393,6 +428,13 @@ impl<B: WriteBackend> Writer<B> {
                     }
                     let _ = done.send(r);
                 }
+                Command::RemoveNotifications { positions, done } => {
+                    let r = b.remove_notifications(&positions).await;
+                    if let Ok(deleted) = r {
+                        self.notify.change(0, deleted);
+                    }
+                    let _ = done.send(r);
+                }
                 Command::Sweep { now, rules, done } => {
                     let r = b.sweep(now, &rules).await;
                     if let Ok(deleted @ 1..) = r {
@@ -448,15 +490,21 @@ impl<B: WriteBackend> Writer<B> {
                 to: a.to,
             });
         }
-        let room = OutboxRoom {
+        let room = QueueRoom {
             len: self.outbox.len(),
             max: self.outbox.max,
+        };
+        let notify_room = QueueRoom {
+            len: self.notify.len.load(Ordering::Relaxed),
+            max: self.notify.max,
         };
         let written = if batch.is_empty() {
             Ok(Written {
                 outcomes: Vec::new(),
                 outbox_added: 0,
                 outbox_dropped: 0,
+                notify_added: 0,
+                notify_dropped: 0,
                 trim: None,
             })
         } else {
@@ -464,6 +512,7 @@ impl<B: WriteBackend> Writer<B> {
             let limits = Limits {
                 cap: self.max_events,
                 room,
+                notify_room,
             };
             let written = self.backend.write(&batch, limits).await;
             self.stats.record(batch.len(), started.elapsed());
@@ -487,6 +536,17 @@ impl<B: WriteBackend> Writer<B> {
                     self.outbox
                         .change(w.outbox_added, w.outbox_dropped, &self.notices);
                 }
+                if w.notify_dropped > 0 {
+                    tracing::error!(
+                        dropped = w.notify_dropped,
+                        max = self.notify.max,
+                        "notification queue full: its oldest notifications were dropped (counted in fleet_notifications_dropped_total)"
+                    );
+                    self.notify
+                        .dropped
+                        .fetch_add(w.notify_dropped, Ordering::Relaxed);
+                }
+                self.notify.change(w.notify_added, w.notify_dropped);
                 self.report_trim(w.trim, "event cap reached: oldest events deleted");
                 let mut written = w.outcomes.into_iter();
                 for (a, outcome) in appends.drain(..).zip(outcomes) {
@@ -523,6 +583,21 @@ impl<B: WriteBackend> Writer<B> {
             remaining: t.remaining,
             cap,
         });
+    }
+}
+
+/// The notification queue's length and what its limit dropped (shared with the metrics).
+struct NotifyGauge {
+    len: AtomicU64,
+    dropped: AtomicU64,
+    max: u64,
+}
+
+impl NotifyGauge {
+    fn change(&self, added: u64, removed: u64) {
+        let len = self.len.load(Ordering::Relaxed);
+        self.len
+            .store((len + added).saturating_sub(removed), Ordering::Relaxed);
     }
 }
 
