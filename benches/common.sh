@@ -113,6 +113,31 @@ if r["statusCodeDistribution"].get("OK") != 1:
 PY
 }
 
+ghz_once() { # CALL JSON: one unary call with the admin token, which must succeed
+  ghz "${ghz_conn[@]}" --call "$1" -n 1 -c 1 -d "$2" -O json -o "$work/once.json" "$addr"
+  python3 - "$work/once.json" "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if r["statusCodeDistribution"].get("OK") != 1:
+    sys.exit(f"{sys.argv[2]} failed: {r['statusCodeDistribution']} {[d.get('error') for d in r.get('details') or []]}")
+PY
+}
+
+# Every output on: a webhook channel to a local receiver that answers 200, and a notification
+# rule on both bench types (at most 10 000 messages a minute; what is over it is held back and
+# summed up in digests). Needs $hook_url.
+enable_outputs() {
+  ghz_once fleetevents.v1.NotificationService/PutChannel \
+    "{\"name\":\"bench-hook\",\"webhook\":{\"url\":\"$hook_url\"}}"
+  ghz_once fleetevents.v1.CatalogService/RegisterEventType \
+    "{\"event_type\":\"$STORED_TYPE\",\"severity\":\"INFO\",\"application\":\"bench\"}"
+  local t
+  for t in "$STORED_TYPE" "$NOT_STORED_TYPE"; do
+    ghz_once fleetevents.v1.CatalogService/UpdateEventTypeSettings \
+      "{\"event_type\":\"$t\",\"notify\":true,\"notification\":{\"channels\":[\"bench-hook\"],\"max_messages\":10000,\"period_secs\":60}}"
+  done
+}
+
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; } # utime+stime of the server so far
 
 stop_server() {

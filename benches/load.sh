@@ -15,6 +15,10 @@
 #   METRICS=1 benches/load.sh          # also "fleet-events-scraped" rows: the same server with
 #                                      # its Prometheus port on, scraped every second
 #   OPEN_STREAMS=0 benches/load.sh     # skip the memory-per-open-stream measurement
+#   OUTPUTS=1 benches/load.sh          # also "fleet-events-outputs" rows: the same server with
+#                                      # notifications on for both bench types (a webhook to a
+#                                      # local receiver, at most 10 000 a minute, the rest held
+#                                      # back into digests)
 #
 # Both servers serve TLS by default (fleet-events' default; the echo server with a certificate
 # made by fleet-events), and ghz pins the server's CA and sends fleet-events' admin token as
@@ -45,6 +49,7 @@ pid=""
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null
   [ -n "${scraper:-}" ] && kill "$scraper" 2>/dev/null
+  [ -n "${hook_pid:-}" ] && kill "$hook_pid" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -57,10 +62,28 @@ if [ -n "$BASELINE_BIN" ]; then
 fi
 [ "${METRICS:-0}" = 1 ] && servers+=(fleet-events-scraped)
 scraper=""
+hook_pid=""
+if [ "${OUTPUTS:-0}" = 1 ]; then
+  servers+=(fleet-events-outputs)
+  # The webhook receiver: answers 200 to every POST, on a port of its own.
+  hook_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  python3 - "$hook_port" <<'PY' &
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+  hook_pid=$!
+  hook_url="http://127.0.0.1:$hook_port/hook"
+fi
 
 start_server() { # kind -> sets pid, addr, ghz_conn, data
   case "$1" in
-    fleet-events|fleet-events-normal|fleet-events-baseline|fleet-events-scraped)
+    fleet-events|fleet-events-normal|fleet-events-baseline|fleet-events-scraped|fleet-events-outputs)
       data="$work/data"
       printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
       local mport=""
@@ -79,6 +102,7 @@ start_server() { # kind -> sets pid, addr, ghz_conn, data
         start_fleet "$TRANSPORT" "$data" "$work/config.toml"
       fi
       register_not_stored
+      if [ "$1" = fleet-events-outputs ]; then enable_outputs; fi
       if [ -n "$mport" ]; then
         # A Prometheus-like scraper: one full scrape a second for the whole run.
         (while sleep 1; do curl -sf -o /dev/null "http://127.0.0.1:$mport/metrics" || exit 1; done) &
@@ -175,6 +199,7 @@ cmd="TRANSPORT=$TRANSPORT DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENC
 cmd="OPEN_STREAMS=$OPEN_STREAMS $cmd"
 [ -n "$BASELINE_BIN" ] && cmd="BASELINE_BIN=<the baseline build> $cmd"
 [ "${METRICS:-0}" = 1 ] && cmd="METRICS=1 $cmd"
+[ "${OUTPUTS:-0}" = 1 ] && cmd="OUTPUTS=1 $cmd"
 printf '%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note"
 [ "$APPEND" = 0 ] ||
   printf '\n%s\n\n`%s`\n\n%s\n\nOpen streams held at once:\n%s' "$header" "$cmd" "$table" "$streams_note" >> benches/RESULTS.md

@@ -34,6 +34,29 @@ fn recorder(dir: &Path) -> (PathBuf, PathBuf) {
     (script, out)
 }
 
+/// The notification lines of one scrape of the server's metrics port (loopback: no token).
+async fn notification_metrics(s: &TestServer) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = s.server.metrics_addr().expect("a metrics port");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.unwrap();
+    raw.lines()
+        .filter(|l| l.starts_with("fleet_notification"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A test config with the metrics port on loopback.
+fn config_with_metrics(dir: &Path) -> fleet_events::config::Config {
+    let mut c = test_config(dir);
+    c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    c
+}
+
 fn runs(out: &Path) -> Vec<String> {
     std::fs::read_to_string(out)
         .unwrap_or_default()
@@ -78,7 +101,7 @@ async fn wire(s: &TestServer, script: &Path, event_type: &str, max_messages: u32
 async fn the_limit_holds_back_and_one_digest_sums_it_up_when_the_period_ends() {
     let dir = tempfile::tempdir().unwrap();
     let (script, out) = recorder(dir.path());
-    let s = TestServer::start(test_config(&dir.path().join("data"))).await;
+    let s = TestServer::start(config_with_metrics(&dir.path().join("data"))).await;
     register_test_types(&s).await;
     wire(&s, &script, APP_WARN, 2).await;
     for i in 0..5 {
@@ -104,10 +127,20 @@ async fn the_limit_holds_back_and_one_digest_sums_it_up_when_the_period_ends() {
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(runs(&out).len(), 2);
+    let m = notification_metrics(&s).await;
+    for line in [
+        "fleet_notifications_total{channel=\"recorder\",result=\"sent\"} 2",
+        "fleet_notifications_total{channel=\"recorder\",result=\"held_back\"} 3",
+        "fleet_notifications_total{channel=\"recorder\",result=\"failed\"} 0",
+        "fleet_notification_queue_events 0",
+        "fleet_notifications_dropped_total 0",
+    ] {
+        assert!(m.iter().any(|l| l == line), "{line} not in {m:?}");
+    }
 
     // The period ends on the server's clock, and survives a restart before it does.
     let (data, clock) = s.stop().await;
-    let s = TestServer::start_with_clock(test_config(&data), clock).await;
+    let s = TestServer::start_with_clock(config_with_metrics(&data), clock).await;
     s.clock.advance(Duration::from_secs(601));
     let all = eventually(20, "the digest", || async {
         let r = runs(&out);
@@ -128,6 +161,9 @@ async fn the_limit_holds_back_and_one_digest_sums_it_up_when_the_period_ends() {
     s.clock.advance(Duration::from_secs(601));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(runs(&out).len(), 3);
+    let m = notification_metrics(&s).await;
+    let digest_line = "fleet_notifications_total{channel=\"recorder\",result=\"digest\"} 1";
+    assert!(m.iter().any(|l| l == digest_line), "{m:?}");
     s.stop().await;
 }
 

@@ -918,3 +918,166 @@ fn an_invalid_log_filter_is_refused_before_starting() {
         );
     }
 }
+
+/// Notifications with the real binary: `notify put-channel` saves a program channel given as
+/// JSON, `notify set-rule` sets a type's rule, `notify rule` shows it, `notify test` runs the
+/// program and prints the answer, an event of the type runs it again (the program writes what
+/// it was given to a file), `notify channels` lists it; a bad template is refused naming the
+/// placeholder, a failing delivery makes `notify test` exit non-zero, and `clear-rule` and
+/// `remove-channel` undo it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_through_the_cli() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), "");
+    let admin = admin(&server);
+    let out_file = dir.path().join("notified.txt");
+    let script = dir.path().join("notify.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$FLEET_EVENT_ID $FLEET_COMPUTER $1\" >> {}\n",
+            out_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let channel = serde_json::json!({
+        "name": "cli-prog",
+        "kind": {"program": {"path": script, "args": ["%EVENT_TYPE%"], "timeout": "10s"}}
+    })
+    .to_string();
+    let out = cli_with(&["notify", "put-channel"], &admin, &[&channel], None);
+    assert_success(&out, "notify put-channel");
+    let out = cli_with(&["notify", "channels"], &admin, &[], None);
+    assert_success(&out, "notify channels");
+    assert!(stdout_of(&out).contains("cli-prog"), "{}", stdout_of(&out));
+    assert!(stdout_of(&out).contains("program"), "{}", stdout_of(&out));
+
+    let out = cli_with(
+        &["notify", "set-rule"],
+        &admin,
+        &[
+            "KLSRV_EVENT_HOSTS_CONFLICT",
+            "--channel",
+            "cli-prog",
+            "--body",
+            "%BOGUS%",
+        ],
+        None,
+    );
+    assert_failure(&out, "a rule with an unknown placeholder", "%BOGUS%");
+    // Rules are set on catalog types: the administrator registers the type (grpcurl).
+    let bearer = format!(
+        "authorization: Bearer {}",
+        std::fs::read_to_string(data_dir(&server).join("admin.token"))
+            .unwrap()
+            .trim()
+    );
+    let out = grpcurl(
+        &data_dir(&server).join("ca.pem"),
+        &[
+            "-H",
+            &bearer,
+            "-d",
+            r#"{"event_type":"APP_CLI_NOTE","severity":"WARNING"}"#,
+            &host_port(&server),
+            "fleetevents.v1.CatalogService/RegisterEventType",
+        ],
+    );
+    assert_success(&out, "grpcurl RegisterEventType");
+    let out = cli_with(
+        &["notify", "set-rule"],
+        &admin,
+        &[
+            "APP_CLI_NOTE",
+            "--channel",
+            "cli-prog",
+            "--max-messages",
+            "5",
+            "--period",
+            "1h",
+        ],
+        None,
+    );
+    assert_success(&out, "notify set-rule");
+    let out = cli_with(&["notify", "rule"], &admin, &["APP_CLI_NOTE"], None);
+    assert_success(&out, "notify rule");
+    assert!(
+        stdout_of(&out).contains("5 per 3600s"),
+        "{}",
+        stdout_of(&out)
+    );
+
+    let out = cli_with(
+        &["notify", "test"],
+        &admin,
+        &["APP_CLI_NOTE", "--device", "pc-test"],
+        None,
+    );
+    assert_success(&out, "notify test");
+    assert!(
+        stdout_of(&out).contains("exit code 0"),
+        "{}",
+        stdout_of(&out)
+    );
+    let out = cli_with(
+        &["send"],
+        &admin,
+        &[],
+        Some("{\"event_id\":\"c1\",\"device_id\":\"pc-cli\",\"event_type\":\"APP_CLI_NOTE\"}\n"),
+    );
+    assert_success(&out, "send");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&out_file).unwrap_or_default();
+        if text.lines().any(|l| l == "c1 pc-cli APP_CLI_NOTE") {
+            assert!(
+                text.lines().any(|l| l.ends_with(" pc-test APP_CLI_NOTE")),
+                "{text}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not notified: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let failing = serde_json::json!({
+        "name": "cli-false",
+        "kind": {"program": {"path": "/bin/false", "timeout": "5s"}}
+    })
+    .to_string();
+    assert_success(
+        &cli_with(&["notify", "put-channel"], &admin, &[&failing], None),
+        "put-channel /bin/false",
+    );
+    let out = cli_with(
+        &["notify", "test"],
+        &admin,
+        &["APP_CLI_NOTE", "--channel", "cli-false"],
+        None,
+    );
+    assert_failure(&out, "a failing test delivery", "exit code 1");
+    let out = cli_with(&["notify", "put-channel"], &admin, &["{not json"], None);
+    assert_failure(&out, "put-channel with bad JSON", "not valid JSON");
+
+    assert_success(
+        &cli_with(&["notify", "clear-rule"], &admin, &["APP_CLI_NOTE"], None),
+        "clear-rule",
+    );
+    let out = cli_with(&["notify", "rule"], &admin, &["APP_CLI_NOTE"], None);
+    assert!(
+        stdout_of(&out).contains("no notification rule"),
+        "{}",
+        stdout_of(&out)
+    );
+    for name in ["cli-prog", "cli-false"] {
+        assert_success(
+            &cli_with(&["notify", "remove-channel"], &admin, &[name], None),
+            "remove-channel",
+        );
+    }
+    let out = cli_with(&["notify", "remove-channel"], &admin, &["cli-prog"], None);
+    assert_failure(&out, "removing it twice", "no notification channel");
+    assert_eq!(server.terminate().code(), Some(0));
+}

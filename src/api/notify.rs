@@ -105,8 +105,8 @@ fn channel(c: proto::NotificationChannel) -> Result<Channel, Status> {
     Ok(Channel { name: c.name, kind })
 }
 
-/// A channel as listed.
-fn pb_channel(c: Channel) -> proto::NotificationChannel {
+/// A domain channel on the wire (as listed; the CLI sends one this way).
+pub fn pb_channel(c: Channel) -> proto::NotificationChannel {
     let kind = match c.kind {
         ChannelKind::Email(e) => Kind::Email(proto::EmailChannel {
             host: e.host,

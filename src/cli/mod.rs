@@ -1,9 +1,10 @@
 //! The command line: `serve` runs the server; `send`, `tail`, `types`, `query`, `token`,
-//! `enroll-token`, `device` and `enroll` are clients of a running server (TLS pinned to the
+//! `enroll-token`, `device`, `enroll` and `notify` are clients of a running server (TLS pinned to the
 //! server's CA, a bearer token or a device certificate). `anyhow` is used here, at the binary's edge, and nowhere in the library.
 
 mod access;
 mod logging;
+mod notify;
 mod query;
 mod send;
 mod serve;
@@ -118,6 +119,9 @@ enum Command {
     Device(access::DeviceCommand),
     /// Enrol this machine as a device: make a key, get a certificate signed by the server.
     Enroll(access::EnrollArgs),
+    /// Notification channels, rules and test deliveries (admin).
+    #[command(subcommand)]
+    Notify(notify::NotifyCommand),
 }
 
 /// Parses arguments and runs the command; errors are printed with their causes.
@@ -144,6 +148,7 @@ pub fn main() -> ExitCode {
             Command::EnrollToken(c) => access::enroll_token(c).await,
             Command::Device(c) => access::device(c).await,
             Command::Enroll(a) => access::enroll(a).await,
+            Command::Notify(c) => notify::run(c).await,
         }
     });
     match result {

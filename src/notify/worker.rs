@@ -222,11 +222,8 @@ impl Notifier {
             // The rule was removed (or turned off) since the event was queued.
             _ => return (true, false),
         };
-        let message = Message {
-            event: &f.event,
-            subject: rule.subject().render(&f.event, &self.server_id),
-            body: rule.body().render(&f.event, &self.server_id),
-        };
+        // Rendered once, and only when a recipient is admitted (most of a storm is held back).
+        let mut message: Option<Message<'_>> = None;
         let mut complete = true;
         let mut held = false;
         for name in &rule.settings().channels {
@@ -257,10 +254,15 @@ impl Notifier {
                     f.done.insert(key);
                     continue;
                 }
+                let message = message.get_or_insert_with(|| Message {
+                    event: &f.event,
+                    subject: rule.subject().render(&f.event, &self.server_id),
+                    body: rule.body().render(&f.event, &self.server_id),
+                });
                 let d = deliver(
                     &channel,
                     &address,
-                    &message,
+                    message,
                     &self.server_id,
                     self.settings.timeout,
                 )

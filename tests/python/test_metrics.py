@@ -36,6 +36,8 @@ FAMILIES = {
     "fleet_flood_blocks": "gauge",
     "fleet_flood_held_back_events": "gauge",
     "fleet_build_info": "gauge",
+    "fleet_notification_queue_events": "gauge",
+    "fleet_notifications_dropped": "counter",
     "process_cpu_seconds": "counter",
     "process_resident_memory_bytes": "gauge",
     "process_open_fds": "gauge",
