@@ -11,9 +11,13 @@
 //!   out of range; timestamps from `i64::MIN` to `i64::MAX`, years 0 and 10000, nanos out of
 //!   range; maps and repeated fields with thousands of entries) and sends them through the
 //!   generated clients, RPC by RPC; then sequences of calls across all services, so that the
-//!   state one call leaves behind meets the next. `Relay` runs on the client port and, with a
-//!   server certificate, on the hierarchy listener; `Renew`, `Classify` and `ReportHeartbeat`
-//!   also run with a device certificate (mutual TLS).
+//!   state one call leaves behind meets the next, and sequences of the notification calls
+//!   (channels, rules, events of the types with rules, test deliveries). `Relay` runs on the
+//!   client port and, with a server certificate, on the hierarchy listener; `Renew`, `Classify`
+//!   and `ReportHeartbeat` also run with a device certificate (mutual TLS). Notifications are
+//!   really delivered (by `TestNotification` and the server's worker), so the channels the
+//!   harness saves are harmless by construction: loopback port 1 for email and webhooks,
+//!   `/bin/true` and `/bin/false` for programs (see [`HARMLESS_PROGRAMS`]).
 //! - [`stream_answers_every_accepted_event_in_order`]: sequences of 1..50 events, mostly valid
 //!   (registered and unknown types, by string and by numeric ID), sometimes with an invalid one
 //!   (bad timestamp, empty or over-long fields, unknown ID, server-only type), on one `Stream`
@@ -36,6 +40,11 @@
 //! - a timestamp with nanos outside 0..999 999 999 is refused with INVALID_ARGUMENT wherever it
 //!   is sent, and so is one outside 0001-01-01..9999-12-31 in an event; in the other requests
 //!   that carry timestamps, the same holds once [`TIMESTAMP_RANGE_CHECKED`] is set (see there);
+//! - a notification channel that cannot be valid (no kind, and every host, URL, CA file and
+//!   program but the harmless ones) is refused with INVALID_ARGUMENT, and a rule that cannot be
+//!   valid (a `%` never closed, a channel twice, limits out of bounds) is refused ([`Refusal`]);
+//!   a test delivery is reported delivered only from a program that exited 0 (nothing listens
+//!   where the harness's email and webhook channels point);
 //! - `Stream`: every event the server accepted is answered, in order, one answer per event; an
 //!   OK end means every event was answered; an invalid event ends the call with its status
 //!   (INVALID_ARGUMENT, or PERMISSION_DENIED for a server-only type) after exactly the events
@@ -92,7 +101,8 @@ use fleet_events::api::proto::{
     certificate_service_client::CertificateServiceClient,
     device_service_client::DeviceServiceClient, enrollment_service_client::EnrollmentServiceClient,
     event_service_client::EventServiceClient, hierarchy_service_client::HierarchyServiceClient,
-    licence_service_client::LicenceServiceClient, push_service_client::PushServiceClient,
+    licence_service_client::LicenceServiceClient, notification_channel,
+    notification_service_client::NotificationServiceClient, push_service_client::PushServiceClient,
     relay_down, relay_up, update_service_client::UpdateServiceClient,
 };
 use fleet_events::client::ClientOptions;
@@ -411,6 +421,8 @@ const LICENCES: &[&str] = &["fz-lic-1", "fz-lic-2"];
 const TOKEN_NAMES: &[&str] = &["fz-token-1", "fz-token-2"];
 /// Server ids for relay hellos and chains: the test certificate's names, the primary's own.
 const SERVER_IDS: &[&str] = &["sec-fuzz", "localhost", "fuzz-primary", "test-server"];
+/// Notification channel names shared by the channel calls, the rules and the test deliveries.
+const CHANNELS: &[&str] = &["fz-mail", "fz-hook", "fz-prog", "fz-ch-1"];
 
 /// A `uint32` field: small, around the limits the server knows of, the extremes, anything.
 fn num_u32() -> Strat<u32> {
@@ -705,6 +717,404 @@ fn relay_stream() -> Strat<Vec<proto::RelayUp>> {
     .boxed()
 }
 
+// ---- Notification channels and rules ----
+//
+// `TestNotification` and the server's delivery worker really deliver through the channels the
+// harness saves, so the channels it generates are harmless by construction, whatever proptest
+// draws or shrinks to: email only to loopback port 1 (nothing listens there: refused at once,
+// and no DNS lookup but `localhost`), webhooks only to `http(s)://127.0.0.1:1/`, programs only
+// `/bin/true`, `/bin/false` or `/usr/bin/true`. Every other host, URL or program it sends is
+// one the save check must refuse (empty, with spaces, no scheme, not absolute, not an
+// executable file, under a directory that does not exist), and the oracle checks that it is
+// ([`Refusal`]), so none is ever delivered to. The raw-body test sends no channel that flipped
+// bytes could turn into another ([`defused`]).
+
+/// Email hosts a channel may be saved with: loopback, where nothing listens on port 1.
+const LOOPBACK_HOSTS: &[&str] = &["127.0.0.1", "localhost"];
+/// The one port email channels are saved with: nothing listens on it, a connection is refused
+/// at once.
+const CLOSED_PORT: u32 = 1;
+/// The beginnings of the webhook URLs a channel may be saved with: loopback port 1.
+const LOOPBACK_URLS: &[&str] = &["http://127.0.0.1:1/", "https://127.0.0.1:1/"];
+/// The programs a channel may be saved with: they exit at once and do nothing.
+const HARMLESS_PROGRAMS: &[&str] = &["/bin/true", "/bin/false", "/usr/bin/true"];
+
+/// A channel name: one of the shared ones (weight `shared`), one of a hundred and ten
+/// (`many`: `PutChannel` draws them more often than `RemoveChannel`, so that the limit of 64
+/// channels is reached), or any string.
+fn channel_name(shared: u32, many: u32) -> Strat<String> {
+    prop_oneof![
+        shared => select(CHANNELS).prop_map(str::to_owned),
+        many => "fz-ch-[0-9]{1,2}",
+        2 => text(),
+    ]
+    .boxed()
+}
+
+/// Pieces of templates: every placeholder, `%PARAM:..%`, literal and stray `%`, unknown
+/// placeholders, header injections, multi-byte text.
+const TEMPLATE_PARTS: &[&str] = &[
+    "%EVENT%",
+    "%EVENT_TYPE%",
+    "%EVENT_TYPE_ID%",
+    "%EVENT_ID%",
+    "%SEVERITY%",
+    "%COMPUTER%",
+    "%DESCR%",
+    "%RISE_TIME%",
+    "%RECEIVED_TIME%",
+    "%KL_PRODUCT%",
+    "%SERVER%",
+    "%PARAM:x%",
+    "%PARAM:description%",
+    "%PARAM:test%",
+    "%PARAM:日本%",
+    "%PARAM:%",
+    "%PARAM:a b%",
+    "%%",
+    "%",
+    "%NOPE%",
+    "%event%",
+    "%EVENT",
+    "100% done",
+    "%%%",
+    "Subject: x\r\nBcc: evil@127.0.0.1\r\n",
+    "\r\n.\r\n",
+    "端末 ",
+    "😀",
+    "\0",
+    " ",
+];
+
+/// A template (rule subject and body, program arguments): empty, pieces of
+/// [`TEMPLATE_PARTS`] and text, any string, around the 8 KiB limit, thousands of placeholders.
+fn template() -> Strat<String> {
+    prop_oneof![
+        3 => Just(String::new()),
+        6 => vec(
+            prop_oneof![
+                3 => select(TEMPLATE_PARTS).prop_map(str::to_owned),
+                1 => "[a-zA-Z0-9 ]{0,8}",
+            ],
+            0..8,
+        )
+        .prop_map(|parts| parts.concat()),
+        2 => text(),
+        1 => sized_text(),
+        1 => (select(TEMPLATE_PARTS), 8180usize..8200)
+            .prop_map(|(p, n)| format!("{p}{}", "x".repeat(n.saturating_sub(p.len())))),
+        1 => select(vec![819usize, 820, 5000]).prop_map(|n| "%COMPUTER%".repeat(n)),
+    ]
+    .boxed()
+}
+
+/// A notification rule: no channel (removes the rule), a few shared names, 16 and 17 names,
+/// thousands; templates of [`template`]; limits at their edges and anything.
+fn notification_rule() -> Strat<proto::NotificationRule> {
+    (
+        prop_oneof![
+            2 => Just(Vec::new()),
+            6 => vec(channel_name(5, 2), 1..4),
+            1 => Just(CHANNELS.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>()),
+            1 => (15usize..=17).prop_map(|n| (0..n).map(|i| format!("fz-ch-{i}")).collect()),
+            1 => Just(vec!["fz-mail".to_owned(); 2]),
+            1 => select(vec![1000usize, 1001, 20_000])
+                .prop_map(|n| (0..n).map(|i| format!("fz-ch-{i}")).collect()),
+        ],
+        template(),
+        template(),
+        prop_oneof![
+            3 => Just(0u32),
+            2 => select(vec![1u32, 2, 9_999, 10_000, 10_001, u32::MAX]),
+            1 => num_u32(),
+        ],
+        prop_oneof![
+            3 => Just(0u32),
+            2 => select(vec![1u32, 59, 60, 61, 600, 604_799, 604_800, 604_801, u32::MAX]),
+            1 => num_u32(),
+        ],
+    )
+        .prop_map(
+            |(channels, subject, body, max_messages, period_secs)| proto::NotificationRule {
+                channels,
+                subject,
+                body,
+                max_messages,
+                period_secs,
+                ..Default::default()
+            },
+        )
+        .boxed()
+}
+
+/// A mail address: local ones, malformed ones (display names, line breaks, several `@`), any
+/// string. Never looked up: mail goes to the channel's host.
+fn mailbox() -> Strat<String> {
+    prop_oneof![
+        8 => select(vec!["fleet@127.0.0.1", "ops@localhost", "a@b", "é@日本"]).prop_map(str::to_owned),
+        2 => select(vec![
+            "", "nobody", "@localhost", "a@", "a@b@c", "Fleet <f@localhost>", "a b@c",
+            "a@x\r\nBcc: evil@localhost", "a@b,c@d",
+        ])
+        .prop_map(str::to_owned),
+        1 => text(),
+    ]
+    .boxed()
+}
+
+/// An email channel: a loopback host or one the save check refuses; port 1 or an invalid
+/// one; any security number, credentials, sender and recipients (none, a few, 100, 101, 1001).
+fn email_channel() -> Strat<proto::EmailChannel> {
+    let host = prop_oneof![
+        8 => select(LOOPBACK_HOSTS).prop_map(str::to_owned),
+        2 => select(vec![
+            "", " ", "127.0.0.1 ", " localhost", "local host", "127.0.0.1\tx", "127.0.0.1\0",
+            "localhost\n", "127.0.0.1\u{3000}",
+        ])
+        .prop_map(str::to_owned),
+        // Whitespace: refused whatever follows (and over 256 bytes refused for its length).
+        1 => sized_text().prop_map(|s| format!("127.0.0.1 {s}")),
+    ];
+    let port = prop_oneof![
+        8 => Just(CLOSED_PORT),
+        1 => select(vec![0u32, 65_536, 100_000, u32::MAX]),
+    ];
+    let to = prop_oneof![
+        1 => Just(Vec::new()),
+        6 => vec(mailbox(), 1..3),
+        1 => select(vec![100usize, 101, 1001])
+            .prop_map(|n| (0..n).map(|i| format!("r{i}@localhost")).collect()),
+    ];
+    // A user name and its password: none, a pair, the listed password, anything.
+    let credentials = prop_oneof![
+        4 => Just((String::new(), String::new())),
+        2 => Just(("fleet".to_owned(), "pw".to_owned())),
+        1 => Just(("fleet".to_owned(), "***".to_owned())),
+        1 => (text(), text()),
+    ];
+    (host, port, enum_num(3), credentials, mailbox(), to)
+        .prop_map(
+            |(host, port, security, (username, password), from, to)| proto::EmailChannel {
+                host,
+                port,
+                security,
+                username,
+                password,
+                from,
+                to,
+                ..Default::default()
+            },
+        )
+        .boxed()
+}
+
+/// A webhook channel: `http(s)://127.0.0.1:1/...`, or a URL the save check refuses (no scheme,
+/// another scheme, no host, garbage without a `:`, over 8 KiB); any secret and header; a CA
+/// file that does not exist, or none.
+fn webhook_channel() -> Strat<proto::WebhookChannel> {
+    let url = prop_oneof![
+        8 => (select(LOOPBACK_URLS), "[a-zA-Z0-9/_.%?=&-]{0,24}")
+            .prop_map(|(base, path)| format!("{base}{path}")),
+        1 => (select(LOOPBACK_URLS), sized_text()).prop_map(|(base, s)| format!("{base}{s}")),
+        2 => select(vec![
+            "", "127.0.0.1:1", "//127.0.0.1:1/", "ftp://127.0.0.1:1/", "file:///etc/passwd",
+            "http://", "https://", "https://:1/", "http:// 127.0.0.1:1/", "http:/127.0.0.1:1/",
+            "mailto:fleet@localhost", "not a url",
+        ])
+        .prop_map(str::to_owned),
+        // Without a ':' no string is an absolute URL.
+        1 => text().prop_map(|s| s.replace(':', "_")),
+    ];
+    // A secret header and its value: none, a pair, the listed secret, bad names, anything.
+    let secret = prop_oneof![
+        4 => Just((String::new(), String::new())),
+        2 => Just(("X-Fleet-Secret".to_owned(), "s3cret".to_owned())),
+        1 => Just(("X-Fleet-Secret".to_owned(), "***".to_owned())),
+        1 => (
+            select(vec!["Bad Header", "Host", "content-length", "x\r\ny", ""]).prop_map(str::to_owned),
+            prop_oneof![Just("s".to_owned()), Just("a\r\nb".to_owned()), Just(String::new())],
+        ),
+        1 => (text(), text()),
+    ];
+    let ca_file = prop_oneof![
+        6 => Just(String::new()),
+        1 => select(vec!["/nonexistent/fz-ca.pem", "fz-no-such-ca.pem"]).prop_map(str::to_owned),
+        1 => sized_text().prop_map(|s| format!("/nonexistent/{s}")),
+    ];
+    (url, secret, ca_file)
+        .prop_map(
+            |(url, (secret_header, secret), ca_file)| proto::WebhookChannel {
+                url,
+                secret_header,
+                secret,
+                ca_file,
+                ..Default::default()
+            },
+        )
+        .boxed()
+}
+
+/// A program channel: a harmless program, or a path the save check refuses (relative, absent,
+/// a directory, not executable, NUL, garbage, huge); arguments of [`template`] (to the
+/// harmless programs only), around the limit of 64 and thousands; timeouts at their edges.
+fn program_channel() -> Strat<proto::ProgramChannel> {
+    let path = prop_oneof![
+        8 => select(HARMLESS_PROGRAMS).prop_map(str::to_owned),
+        3 => select(vec![
+            "", "true", "./true", "bin/true", "/nonexistent/fz-program", "/etc/passwd", "/bin",
+            "/", "/bin/true\0", "/bin/true ", " /bin/true", "/bin/true/",
+        ])
+        .prop_map(str::to_owned),
+        // Relative: refused whatever the string.
+        1 => text().prop_map(|s| format!("fz-garbage-{s}")),
+        1 => sized_text().prop_map(|s| format!("/nonexistent/{s}")),
+    ];
+    let args = prop_oneof![
+        3 => Just(Vec::new()),
+        4 => vec(template(), 1..5),
+        1 => (63usize..=65).prop_map(|n| vec!["%COMPUTER%".to_owned(); n]),
+        1 => select(vec![1000usize, 1001]).prop_map(|n| vec!["-".to_owned(); n]),
+    ];
+    let timeout = prop_oneof![
+        3 => select(vec![0u32, 1, 2, 30, 600, 601, u32::MAX]),
+        1 => num_u32(),
+    ];
+    (path, args, timeout)
+        .prop_map(|(path, args, timeout_secs)| proto::ProgramChannel {
+            path,
+            args,
+            timeout_secs,
+            ..Default::default()
+        })
+        .boxed()
+}
+
+/// A notification channel of any kind, or of none.
+fn notification_channel() -> Strat<proto::NotificationChannel> {
+    let kind = prop_oneof![
+        1 => Just(None),
+        3 => email_channel().prop_map(|e| Some(notification_channel::Kind::Email(e))),
+        3 => webhook_channel().prop_map(|w| Some(notification_channel::Kind::Webhook(w))),
+        3 => program_channel().prop_map(|p| Some(notification_channel::Kind::Program(p))),
+    ];
+    (channel_name(5, 5), kind)
+        .prop_map(|(name, kind)| proto::NotificationChannel {
+            name,
+            kind,
+            ..Default::default()
+        })
+        .boxed()
+}
+
+/// An ordinary valid channel of each kind, harmless like all: so that channels are there for
+/// the rules, the test deliveries and the limit of 64.
+fn plain_channel() -> Strat<proto::NotificationChannel> {
+    use notification_channel::Kind;
+    let email =
+        (select(LOOPBACK_HOSTS), 0..=3, vec(mailbox(), 1..3)).prop_map(|(host, security, to)| {
+            Kind::Email(proto::EmailChannel {
+                host: host.to_owned(),
+                port: CLOSED_PORT,
+                security,
+                from: "fleet@localhost".into(),
+                to,
+                ..Default::default()
+            })
+        });
+    let webhook = (select(LOOPBACK_URLS), any::<bool>()).prop_map(|(url, secret)| {
+        // A secret only over https.
+        let secret = secret && url.starts_with("https");
+        Kind::Webhook(proto::WebhookChannel {
+            url: format!("{url}fleet"),
+            secret_header: if secret {
+                "X-Fleet-Secret".into()
+            } else {
+                String::new()
+            },
+            secret: if secret {
+                "s3cret".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        })
+    });
+    let program = (select(HARMLESS_PROGRAMS), vec(template(), 0..3), 0u32..=600).prop_map(
+        |(path, args, timeout_secs)| {
+            Kind::Program(proto::ProgramChannel {
+                path: path.to_owned(),
+                args,
+                timeout_secs,
+                ..Default::default()
+            })
+        },
+    );
+    (channel_name(2, 5), prop_oneof![email, webhook, program])
+        .prop_map(|(name, kind)| proto::NotificationChannel {
+            name,
+            kind: Some(kind),
+            ..Default::default()
+        })
+        .boxed()
+}
+
+/// Whether `s` can be no identifier: empty, over 256 bytes, or with a control character.
+fn not_an_id(s: &str) -> bool {
+    s.is_empty() || s.len() > 256 || s.chars().any(char::is_control)
+}
+
+/// Whether the save check must refuse `c`, whatever is saved: no kind, a name that is no
+/// identifier, an invalid port or security, and every host, URL, CA file and program that is
+/// not one of the harmless ones.
+fn channel_must_be_refused(c: &proto::NotificationChannel) -> bool {
+    use notification_channel::Kind;
+    not_an_id(&c.name)
+        || match &c.kind {
+            None => true,
+            Some(Kind::Email(e)) => {
+                !LOOPBACK_HOSTS.contains(&e.host.as_str())
+                    || !(1..=65_535).contains(&e.port)
+                    || !(0..=3).contains(&e.security)
+            }
+            Some(Kind::Webhook(w)) => {
+                !LOOPBACK_URLS.iter().any(|u| w.url.starts_with(u)) || !w.ca_file.is_empty()
+            }
+            Some(Kind::Program(p)) => !HARMLESS_PROGRAMS.contains(&p.path.as_str()),
+        }
+}
+
+/// Whether a catalog change must refuse `rule`: it names channels (so it is no removal) and
+/// cannot be a rule: a template with an odd number of `%` (one is never closed) or over
+/// 8 KiB, a channel name empty or twice, more than 16 channels, limits out of their bounds.
+fn rule_must_be_refused(rule: &proto::NotificationRule) -> bool {
+    let bad_template = |t: &str| t.matches('%').count() % 2 == 1 || t.len() > 8 * 1024;
+    let mut names = BTreeSet::new();
+    !rule.channels.is_empty()
+        && (bad_template(&rule.subject)
+            || bad_template(&rule.body)
+            || rule.channels.len() > 16
+            || rule
+                .channels
+                .iter()
+                .any(|c| c.is_empty() || !names.insert(c))
+            || rule.max_messages > 10_000
+            || (rule.period_secs != 0 && !(60..=604_800).contains(&rule.period_secs)))
+}
+
+/// `call` for the raw-body test, whose flipped bytes and appended garbage could turn a
+/// channel's harmless host, URL or program into another: a `PutChannel` that is mutated
+/// keeps its name only.
+fn defused(call: Call, mutated: bool) -> Call {
+    match call {
+        Call::PutChannel(c) if mutated => Call::PutChannel(proto::NotificationChannel {
+            name: c.name,
+            kind: None,
+            ..Default::default()
+        }),
+        other => other,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Calls
 
@@ -748,6 +1158,10 @@ enum Call {
     PutLicence(proto::Licence),
     ListLicences(proto::ListLicencesRequest),
     CheckLicences(proto::CheckLicencesRequest),
+    PutChannel(proto::NotificationChannel),
+    ListChannels(proto::ListChannelsRequest),
+    RemoveChannel(proto::RemoveChannelRequest),
+    TestNotification(proto::TestNotificationRequest),
     /// `Relay` on the client port (refused there).
     RelayOnClientPort(Vec<proto::RelayUp>),
     /// `Relay` on the hierarchy listener, with the server certificate of `sec-fuzz`.
@@ -819,6 +1233,10 @@ impl Call {
             Call::PutLicence(_) => "LicenceService/PutLicence",
             Call::ListLicences(_) => "LicenceService/ListLicences",
             Call::CheckLicences(_) => "LicenceService/CheckLicences",
+            Call::PutChannel(_) => "NotificationService/PutChannel",
+            Call::ListChannels(_) => "NotificationService/ListChannels",
+            Call::RemoveChannel(_) => "NotificationService/RemoveChannel",
+            Call::TestNotification(_) => "NotificationService/TestNotification",
             Call::RelayOnClientPort(_) | Call::RelayOnLink(_) => "HierarchyService/Relay",
             Call::ListSecondaries(_) => "HierarchyService/ListSecondaries",
             Call::GetUplinkStatus(_) => "HierarchyService/GetUplinkStatus",
@@ -883,6 +1301,10 @@ impl Call {
             Call::PutLicence(m) => m.encode_to_vec(),
             Call::ListLicences(m) => m.encode_to_vec(),
             Call::CheckLicences(m) => m.encode_to_vec(),
+            Call::PutChannel(m) => m.encode_to_vec(),
+            Call::ListChannels(m) => m.encode_to_vec(),
+            Call::RemoveChannel(m) => m.encode_to_vec(),
+            Call::TestNotification(m) => m.encode_to_vec(),
             Call::RelayOnClientPort(m) | Call::RelayOnLink(m) => {
                 m.first().map(Message::encode_to_vec).unwrap_or_default()
             }
@@ -953,6 +1375,39 @@ impl Call {
             _ => TimestampRule::Free,
         }
     }
+
+    /// What the call's other fields oblige the server to answer, whatever its state.
+    fn refusal(&self) -> Refusal {
+        match self {
+            Call::PutChannel(c) if channel_must_be_refused(c) => {
+                Refusal::Codes(&[Code::InvalidArgument])
+            }
+            Call::RemoveChannel(r) if not_an_id(&r.name) => {
+                Refusal::Codes(&[Code::InvalidArgument, Code::NotFound])
+            }
+            Call::TestNotification(r) if r.event_type.is_empty() => {
+                Refusal::Codes(&[Code::InvalidArgument])
+            }
+            Call::UpdateEventTypeSettings(r)
+                if r.notification.as_ref().is_some_and(rule_must_be_refused) =>
+            {
+                Refusal::Any
+            }
+            _ => Refusal::Free,
+        }
+    }
+}
+
+/// What a call's fields other than timestamps oblige the server to answer whatever its state:
+/// so far, that a notification channel or rule that cannot be valid is refused, and so never
+/// saved, nor delivered to (see [`channel_must_be_refused`], [`rule_must_be_refused`]).
+enum Refusal {
+    /// Nothing: any answer but the forbidden ones.
+    Free,
+    /// One of these codes (or RESOURCE_EXHAUSTED for a message over the size limit).
+    Codes(&'static [Code]),
+    /// Some non-OK status.
+    Any,
 }
 
 /// What the generated calls need from the running server: an enrolment token and CSRs for
@@ -1188,14 +1643,16 @@ fn rpc_strategies(f: &Fixtures) -> Vec<(&'static str, Strat<Call>)> {
                         ..Default::default()
                     })
                     .boxed()),
+                prop_oneof![2 => Just(None), 1 => notification_rule().prop_map(Some)],
             )
-                .prop_map(|(event_type, store, retention_days, notify, flood)| {
+                .prop_map(|(event_type, store, retention_days, notify, flood, notification)| {
                     Call::UpdateEventTypeSettings(proto::UpdateEventTypeSettingsRequest {
                         event_type,
                         store,
                         retention_days,
                         notify,
                         flood,
+                        notification,
                         ..Default::default()
                     })
                 })
@@ -1406,6 +1863,39 @@ fn rpc_strategies(f: &Fixtures) -> Vec<(&'static str, Strat<Call>)> {
             "LicenceService/CheckLicences",
             Just(Call::CheckLicences(Default::default())).boxed(),
         ),
+        (
+            "NotificationService/PutChannel",
+            prop_oneof![notification_channel(), plain_channel()]
+                .prop_map(Call::PutChannel)
+                .boxed(),
+        ),
+        (
+            "NotificationService/ListChannels",
+            Just(Call::ListChannels(Default::default())).boxed(),
+        ),
+        (
+            "NotificationService/TestNotification",
+            (
+                prop_oneof![6 => select(TYPES).prop_map(str::to_owned), 1 => Just(String::new()), 2 => text()],
+                prop_oneof![2 => Just(String::new()), 3 => channel_name(5, 2)],
+                prop_oneof![2 => Just(String::new()), 3 => pooled(DEVICES)],
+            )
+                .prop_map(|(event_type, channel, device_id)| {
+                    Call::TestNotification(proto::TestNotificationRequest {
+                        event_type,
+                        channel,
+                        device_id,
+                        ..Default::default()
+                    })
+                })
+                .boxed(),
+        ),
+        (
+            "NotificationService/RemoveChannel",
+            channel_name(1, 1)
+                .prop_map(|name| Call::RemoveChannel(proto::RemoveChannelRequest { name, ..Default::default() }))
+                .boxed(),
+        ),
         ("HierarchyService/Relay", prop_oneof![
             1 => relay_stream().prop_map(Call::RelayOnClientPort),
             3 => relay_stream().prop_map(Call::RelayOnLink),
@@ -1513,6 +2003,31 @@ fn rpc_strategies(f: &Fixtures) -> Vec<(&'static str, Strat<Call>)> {
 /// Any call of any RPC.
 fn any_call(f: &Fixtures) -> Strat<Call> {
     proptest::strategy::Union::new(rpc_strategies(f).into_iter().map(|(_, s)| s)).boxed()
+}
+
+/// The RPCs whose calls meet in the notification sequences: channels, rules, the events that
+/// are delivered through them (by the server's worker), and test deliveries.
+const NOTIFICATION_RPCS: &[&str] = &[
+    "NotificationService/PutChannel",
+    "NotificationService/ListChannels",
+    "NotificationService/RemoveChannel",
+    "NotificationService/TestNotification",
+    "CatalogService/UpdateEventTypeSettings",
+    "CatalogService/GetEventType",
+    "CatalogService/RegisterEventType",
+    "EventService/Classify",
+    "EventService/Stream",
+];
+
+/// Any call of [`NOTIFICATION_RPCS`].
+fn notification_call(f: &Fixtures) -> Strat<Call> {
+    proptest::strategy::Union::new(
+        rpc_strategies(f)
+            .into_iter()
+            .filter(|(m, _)| NOTIFICATION_RPCS.contains(m))
+            .map(|(_, s)| s),
+    )
+    .boxed()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1732,6 +2247,25 @@ impl Harness {
             Call::PutLicence(r) => unary!(LicenceServiceClient, a, put_licence, r),
             Call::ListLicences(r) => unary!(LicenceServiceClient, a, list_licences, r),
             Call::CheckLicences(r) => unary!(LicenceServiceClient, a, check_licences, r),
+            Call::PutChannel(r) => unary!(NotificationServiceClient, a, put_channel, r),
+            Call::ListChannels(r) => unary!(NotificationServiceClient, a, list_channels, r),
+            Call::RemoveChannel(r) => unary!(NotificationServiceClient, a, remove_channel, r),
+            Call::TestNotification(r) => Box::pin(async move {
+                let reports = match NotificationServiceClient::new(a).test_notification(r).await {
+                    Ok(resp) => resp.into_inner().deliveries,
+                    Err(st) => return Ok(Err(st)),
+                };
+                // Nothing listens on loopback port 1: only a program delivers, by exiting 0.
+                match reports
+                    .iter()
+                    .find(|d| d.delivered != (d.exit_code == Some(0)))
+                {
+                    Some(d) => Err(format!(
+                        "TestNotification: a delivery through a harmless channel reported {d:?}"
+                    )),
+                    None => Ok(Ok(())),
+                }
+            }),
             Call::RelayOnClientPort(ups) => {
                 Box::pin(async move { Ok(relay(HierarchyServiceClient::new(a), ups).await) })
             }
@@ -1818,10 +2352,12 @@ impl Harness {
         for call in calls {
             let what = call.what();
             let rule = call.timestamp_rule();
+            let refusal = call.refusal();
             let size = call.size();
             let hits = KNOWN_BUG_HITS.load(Ordering::SeqCst);
             let got = self.exec(call).await?;
             judge(&what, &got, &rule, size)?;
+            judge_refusal(&what, &got, &refusal, size)?;
             no_new_panic(before)?;
             self.alive_after(hits).await?;
         }
@@ -1911,6 +2447,37 @@ fn judge(
             }
         )),
     }
+}
+
+/// The oracle of [`Refusal`] for one answer (forbidden statuses are [`judge`]'s). `size` is
+/// the largest message of the request.
+fn judge_refusal(
+    method: &str,
+    got: &Result<(), Status>,
+    refusal: &Refusal,
+    size: usize,
+) -> Result<(), String> {
+    let ok = match (refusal, got) {
+        (Refusal::Free, _) => true,
+        (_, Err(st)) if size > MAX_MESSAGE_BYTES && st.code() == Code::ResourceExhausted => true,
+        (Refusal::Codes(codes), Err(st)) => codes.contains(&st.code()),
+        (Refusal::Any, Err(_)) => true,
+        (_, Ok(())) => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let (want, got) = match (refusal, got) {
+        (Refusal::Codes(codes), got) => (format!("{codes:?}"), got),
+        (_, got) => ("a refusal".to_owned(), got),
+    };
+    Err(format!(
+        "{method}: an input that must be refused with {want} got {}",
+        match got {
+            Ok(()) => "OK".to_owned(),
+            Err(st) => show(st),
+        }
+    ))
 }
 
 /// Tonic's own INTERNAL answers to a body that is not a gRPC message of the method (bad framing,
@@ -2080,8 +2647,14 @@ fn every_rpc_with_generated_requests() {
     }) {
         failures.push(e);
     }
+    let notifying = vec(notification_call(&h.fixtures), 1..8);
+    if let Err(e) = run_property("sequences of notification calls", n, &notifying, |calls| {
+        rt.block_on(h.case(calls))
+    }) {
+        failures.push(e);
+    }
     eprintln!(
-        "fuzz: every RPC, {n} cases each, and {n} sequences in {:.1?}{}",
+        "fuzz: every RPC, {n} cases each, {n} sequences and {n} notification sequences in {:.1?}{}",
         started.elapsed(),
         known_bug_note()
     );
@@ -2586,7 +3159,7 @@ impl Codec for RawCodec {
 }
 
 /// A payload: random bytes, or an encoded request of some RPC with bytes flipped and unknown
-/// fields appended.
+/// fields appended (a notification channel only when no byte was flipped: see [`defused`]).
 fn payload(f: &Fixtures) -> Strat<Vec<u8>> {
     let mutated = (
         any_call(f),
@@ -2594,7 +3167,8 @@ fn payload(f: &Fixtures) -> Strat<Vec<u8>> {
         prop_oneof![3 => Just(Vec::new()), 1 => vec(any::<u8>(), 1..12)],
     )
         .prop_map(|(call, flips, tail)| {
-            let mut bytes = call.encode();
+            let mutated = !flips.is_empty() || !tail.is_empty();
+            let mut bytes = defused(call, mutated).encode();
             if !bytes.is_empty() {
                 for (at, x) in flips {
                     let i = at.index(bytes.len());

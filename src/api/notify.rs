@@ -26,6 +26,9 @@ use crate::notify::deliver::{Delivery, Message, deliver};
 use crate::notify::registry::{ChannelError, ChannelRegistry};
 use crate::notify::rules::{NotificationRule, RuleSettings};
 
+/// How much longer than one delivery's timeout a whole `TestNotification` may take.
+const TEST_GRACE: Duration = Duration::from_secs(10);
+
 /// A program channel's timeout when the request gives none.
 const DEFAULT_PROGRAM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -263,17 +266,33 @@ impl NotificationService for NotificationApi {
             subject: rule.subject().render(&event, &server_id),
             body: rule.body().render(&event, &server_id),
         };
-        let mut deliveries = Vec::new();
+        let mut targets = Vec::new();
         for name in &rule.settings().channels {
             let c = self
                 .channels
                 .get(name)
                 .ok_or_else(|| Status::not_found(format!("no notification channel {name:?}")))?;
             for address in c.recipients() {
-                deliveries.push(report(
-                    deliver(&c, &address, &message, &server_id, self.timeout).await,
-                ));
+                targets.push((c.clone(), address));
             }
+        }
+        // One deadline for the whole call: a relay that accepts and never answers must not
+        // hold it for a timeout per recipient.
+        let deadline = tokio::time::Instant::now() + self.timeout + TEST_GRACE;
+        let mut deliveries = Vec::new();
+        for (c, address) in targets {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let d = if left.is_zero() {
+                Delivery {
+                    channel: c.name.clone(),
+                    recipient: address,
+                    detail: "not tried: the test's deadline passed".into(),
+                    ..Delivery::default()
+                }
+            } else {
+                deliver(&c, &address, &message, &server_id, left.min(self.timeout)).await
+            };
+            deliveries.push(report(d));
         }
         Ok(Response::new(TestNotificationResponse { deliveries }))
     }

@@ -250,8 +250,7 @@ fn check_webhook(w: &WebhookChannel) -> Result<(), FieldError> {
                 "a CA file is for https:// URLs",
             ));
         }
-        let pem = std::fs::read_to_string(ca)
-            .map_err(|e| FieldError::new("webhook.ca_file", format!("{}: {e}", ca.display())))?;
+        let pem = read_ca_file(ca).map_err(|e| FieldError::new("webhook.ca_file", e))?;
         let roots = super::webhook::roots(Some(&pem))
             .map_err(|e| FieldError::new("webhook.ca_file", e.to_string()))?;
         if roots.is_empty() {
@@ -262,6 +261,25 @@ fn check_webhook(w: &WebhookChannel) -> Result<(), FieldError> {
         }
     }
     Ok(())
+}
+
+/// Reads a CA file: a regular file of at most [`fields::PEM_BYTES`] (never a device, a FIFO
+/// or a huge file), so neither a save nor a delivery can hang or run out of memory on it.
+pub fn read_ca_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    if !meta.is_file() || meta.len() > fields::PEM_BYTES as u64 {
+        return Err(format!(
+            "{shown}: must be a regular file of at most {} bytes",
+            fields::PEM_BYTES
+        ));
+    }
+    let mut pem = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(fields::PEM_BYTES as u64).read_to_string(&mut pem))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    Ok(pem)
 }
 
 fn check_program(p: &ProgramChannel) -> Result<(), FieldError> {

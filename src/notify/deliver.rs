@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::channels::{Channel, ChannelKind};
+use super::channels::{Channel, ChannelKind, read_ca_file};
 use super::{email, program, webhook};
 use crate::classify::ClassifiedEvent;
 
@@ -76,13 +76,14 @@ pub async fn deliver(
         }
         ChannelKind::Webhook(w) => {
             let roots = match &w.ca_file {
-                Some(path) => match tokio::fs::read_to_string(path).await {
-                    Ok(pem) => webhook::roots(Some(&pem)).map(Arc::new),
-                    Err(e) => Err(webhook::WebhookError::Url(format!(
-                        "ca_file {}: {e}",
-                        path.display()
-                    ))),
-                },
+                Some(path) => {
+                    let path = path.clone();
+                    match tokio::task::spawn_blocking(move || read_ca_file(&path)).await {
+                        Ok(Ok(pem)) => webhook::roots(Some(&pem)).map(Arc::new),
+                        Ok(Err(e)) => Err(webhook::WebhookError::Url(format!("ca_file {e}"))),
+                        Err(e) => Err(webhook::WebhookError::Url(format!("ca_file: {e}"))),
+                    }
+                }
                 None => Ok(system_roots()),
             };
             let json = webhook::payload(message.event, server_id, &message.subject, &message.body);

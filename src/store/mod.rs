@@ -360,6 +360,9 @@ impl StoreError {
     }
 }
 
+/// Rows of events as a backend reads them.
+pub(crate) type EventRows = Result<Vec<StoredEvent>, StoreError>;
+
 /// A backend's reading side: its SQL for each read, on its own connections (SQLite's
 /// read-only pool, PostgreSQL's pool), never waiting for the writer. Rows are decoded by the
 /// shared decoders of [`codec`].
@@ -368,12 +371,7 @@ pub(crate) trait ReadBackend: Send + Sync + 'static {
     /// Runs a `SELECT position, EVENT_COLUMNS` statement of the shared query model.
     async fn select_events(&self, select: Select) -> Result<Vec<StoredEvent>, StoreError>;
     /// Up to `limit` entries of this server's `queue` after position `after`, in order.
-    async fn read_queue(
-        &self,
-        queue: Queue,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn read_queue(&self, q: Queue, after: u64, n: usize) -> EventRows;
     /// The saved catalog entries, as JSON, by name.
     async fn event_types(&self) -> Result<Vec<String>, StoreError>;
     /// This server's saved blocks.

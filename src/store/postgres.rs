@@ -34,7 +34,8 @@ use super::writer::{
     WriterOptions, Written,
 };
 use super::{
-    AppendOutcome, OpenedStore, Queue, ReadBackend, RetentionRules, StoreError, StoredEvent,
+    AppendOutcome, EventRows, OpenedStore, Queue, ReadBackend, RetentionRules, StoreError,
+    StoredEvent,
 };
 use crate::catalog::EventType;
 use crate::clock::Timestamp;
@@ -485,13 +486,8 @@ impl ReadBackend for PgReader {
             .collect()
     }
 
-    async fn read_queue(
-        &self,
-        queue: Queue,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        let table = queue.table();
+    async fn read_queue(&self, q: Queue, after: u64, n: usize) -> EventRows {
+        let (table, limit) = (q.table(), n);
         self.rows(
             &format!(
                 "SELECT pos, {EVENT_COLUMNS} FROM {table} WHERE owner = $1 AND pos > $2

@@ -31,7 +31,8 @@ use super::writer::{
     Append, Limits, Owner, RecordSwap, Records, RunOn, Trim, WriteBackend, WriterOptions, Written,
 };
 use super::{
-    AppendOutcome, OpenedStore, Queue, ReadBackend, RetentionRules, StoreError, StoredEvent,
+    AppendOutcome, EventRows, OpenedStore, Queue, ReadBackend, RetentionRules, StoreError,
+    StoredEvent,
 };
 use crate::catalog::EventType;
 use crate::clock::Timestamp;
@@ -338,13 +339,8 @@ impl ReadBackend for SqliteReader {
             .await
     }
 
-    async fn read_queue(
-        &self,
-        queue: Queue,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        let table = queue.table();
+    async fn read_queue(&self, q: Queue, after: u64, n: usize) -> EventRows {
+        let (table, limit) = (q.table(), n);
         self.rows(
             format!(
                 "SELECT pos, {EVENT_COLUMNS} FROM {table} WHERE pos > ?1 ORDER BY pos LIMIT ?2"
