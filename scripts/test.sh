@@ -33,6 +33,22 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
+step "rsyslog for the SIEM export tests (Debian's package, only when missing)"
+# tests/python/test_siem.py starts its own rsyslogd (plain TCP, TLS through the gtls driver,
+# UDP) on loopback ports under a temp dir; the package's own service is never used.
+rsyslog_present() {
+  { command -v rsyslogd >/dev/null 2>&1 || [ -x /usr/sbin/rsyslogd ]; } &&
+    compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null
+}
+if ! rsyslog_present; then
+  echo "installing rsyslog rsyslog-gnutls"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null
+  rsyslog_present
+fi
+
 step "format and lints"
 cargo fmt --check
 cargo clippy --release --all-targets --locked -- -D warnings

@@ -33,6 +33,9 @@ pub struct SubscriberFilter {
     pub event_types: HashSet<String>,
     /// Only these devices.
     pub device_ids: HashSet<String>,
+    /// Only events that are not stored (live-only types): how the SIEM export takes what its
+    /// cursor over the store cannot see.
+    pub live_only: bool,
 }
 
 impl SubscriberFilter {
@@ -42,6 +45,7 @@ impl SubscriberFilter {
             .is_none_or(|min| ev.event_type.severity >= min)
             && (self.event_types.is_empty() || self.event_types.contains(&ev.event_type.name))
             && (self.device_ids.is_empty() || self.device_ids.contains(&ev.device_id))
+            && !(self.live_only && ev.stored())
     }
 
     /// A canonical form: two filters with the same key select the same events.
@@ -50,11 +54,12 @@ impl SubscriberFilter {
             self.min_severity,
             self.event_types.iter().cloned().collect(),
             self.device_ids.iter().cloned().collect(),
+            self.live_only,
         )
     }
 }
 
-type FilterKey = (Option<Severity>, BTreeSet<String>, BTreeSet<String>);
+type FilterKey = (Option<Severity>, BTreeSet<String>, BTreeSet<String>, bool);
 
 /// What a subscriber's queue carries: an event and how many matching events were missed
 /// just before it.

@@ -102,6 +102,44 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Notification delivery.
     pub notify: NotifyConfig,
+    /// SIEM export.
+    pub siem: SiemConfig,
+}
+
+/// `[siem]`: how events are exported to SIEM destinations. The destinations themselves are
+/// set over gRPC (`SiemService`) at run time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiemConfig {
+    /// Most events read from the store and sent in one batch.
+    pub batch: usize,
+    /// How long a connect, a TLS handshake or a send (until the receiver's TCP stack
+    /// acknowledged it) may take.
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    /// The first retry after a failure waits this long; each next one twice as long.
+    #[serde(with = "human")]
+    pub retry_initial: Duration,
+    /// The longest wait between two retries.
+    #[serde(with = "human")]
+    pub retry_max: Duration,
+    /// What a receiver acknowledged within this window before its connection broke is sent
+    /// again (a receiver can lose what it acknowledged but had not written yet); the saved
+    /// cursor lags the sent position by this much.
+    #[serde(with = "human")]
+    pub replay: Duration,
+}
+
+impl Default for SiemConfig {
+    fn default() -> Self {
+        SiemConfig {
+            batch: 500,
+            timeout: Duration::from_secs(10),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            replay: Duration::from_secs(2),
+        }
+    }
 }
 
 /// `[notify]`: how queued notifications are delivered. The rules themselves are catalog
@@ -617,6 +655,9 @@ impl Config {
         if self.store.max_events == 0 {
             return Err(ConfigError("store.max_events must be at least 1".into()));
         }
+        if !(1..=10_000).contains(&self.siem.batch) {
+            return Err(ConfigError("siem.batch must be 1 to 10000".into()));
+        }
         if self.notify.queue_max == 0 {
             return Err(ConfigError("notify.queue_max must be at least 1".into()));
         }
@@ -755,6 +796,9 @@ impl Config {
             ("notify.retry_initial", self.notify.retry_initial),
             ("notify.retry_max", self.notify.retry_max),
             ("notify.timeout", self.notify.timeout),
+            ("siem.timeout", self.siem.timeout),
+            ("siem.retry_initial", self.siem.retry_initial),
+            ("siem.retry_max", self.siem.retry_max),
         ];
         if let Some((name, d)) = periods.iter().find(|(_, d)| *d < MIN_PERIOD) {
             return Err(ConfigError(format!(

@@ -611,5 +611,6 @@ pub fn subscriber_filter(
         min_severity,
         event_types: event_types.into_iter().collect::<HashSet<_>>(),
         device_ids: device_ids.into_iter().collect::<HashSet<_>>(),
+        live_only: false,
     }
 }

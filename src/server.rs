@@ -41,9 +41,11 @@ use crate::api::proto::hierarchy_service_server::HierarchyServiceServer;
 use crate::api::proto::licence_service_server::LicenceServiceServer;
 use crate::api::proto::notification_service_server::NotificationServiceServer;
 use crate::api::proto::push_service_server::PushServiceServer;
+use crate::api::proto::siem_service_server::SiemServiceServer;
 use crate::api::proto::update_service_server::UpdateServiceServer;
 use crate::api::push::PushApi;
 use crate::api::relay_client::GrpcRelayTransport;
+use crate::api::siem::SiemApi;
 use crate::api::updates::UpdateApi;
 use crate::api::{proto, status};
 use crate::auth::AccessControl;
@@ -72,6 +74,7 @@ use crate::maintenance::RetentionSweep;
 use crate::metrics::MetricSources;
 use crate::notify::registry::ChannelRegistry;
 use crate::notify::worker::Notifier;
+use crate::siem::exporter::SiemExporter;
 use crate::store::{EventStore, StoreError, StoreNotice};
 use tokio_util::task::TaskTracker;
 
@@ -183,6 +186,7 @@ struct Parts {
     access: Arc<AccessControl>,
     channels: Arc<ChannelRegistry>,
     notifier: Arc<Notifier>,
+    siem: Arc<SiemExporter>,
 }
 
 /// Starts a server with `config`, reading time from `clock`: open the store, restore the
@@ -316,7 +320,7 @@ async fn restore(
         limits: config.limits.clone(),
         subscriber_buffer: config.subscribe.buffer,
         server_id: config.server.server_id.clone(),
-        shutdown,
+        shutdown: shutdown.clone(),
         forward_min: config
             .hierarchy
             .upstream
@@ -401,9 +405,21 @@ async fn restore(
         config.notify.clone(),
         engine.notifications_queued(),
     ));
+    let siem = Arc::new(
+        SiemExporter::load(
+            store.clone(),
+            catalog.clone(),
+            engine.clone(),
+            config.server.server_id.clone(),
+            config.siem.clone(),
+            shutdown.clone(),
+        )
+        .await?,
+    );
     let parts = Parts {
         channels,
         notifier,
+        siem,
         catalog: Arc::new(CatalogAdmin::new(catalog, store.clone(), version)),
         flood,
         blocks,
@@ -462,6 +478,7 @@ fn start_background(
     runner.spawn(parts.certificates.clone());
     runner.spawn(parts.capacity.clone());
     runner.track(parts.notifier.clone().run(engine.shutdown_signal().clone()));
+    runner.track(parts.siem.clone().run());
     let access = parts.access.clone();
     runner.every(
         "re-reading shared credentials",
@@ -633,6 +650,7 @@ async fn report_serving(health: &HealthReporter) {
         CertificateServiceServer::<CertificateApi>::NAME,
         LicenceServiceServer::<LicenceApi>::NAME,
         NotificationServiceServer::<NotificationApi>::NAME,
+        SiemServiceServer::<SiemApi>::NAME,
         AccessServiceServer::<AccessApi>::NAME,
         EnrollmentServiceServer::<AccessApi>::NAME,
         HierarchyServiceServer::<HierarchyApi>::NAME,
@@ -770,6 +788,10 @@ async fn serve_client_port(
             )),
             max
         ))
+        .add_service(client_service!(
+            SiemServiceServer::new(SiemApi::new(engine.clone(), parts.siem.clone())),
+            max
+        ))
         .add_service(hierarchy.service(false));
     let incoming = crate::api::auth::incoming(
         listener,
@@ -837,6 +859,7 @@ fn serve_metrics_port(
         outbox_max: config.hierarchy.outbox_max_events,
         secondaries: parts.secondaries.clone(),
         notifications: parts.notifier.stats(),
+        siem: parts.siem.clone(),
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, bearer_token = token.is_some(), "metrics served at /metrics");
@@ -1085,6 +1108,8 @@ impl RunningServer {
         {
             tracing::warn!("hierarchy links did not stop in time");
         }
+        // The SIEM tasks stop and their cursors are saved while the store still writes.
+        self.parts.siem.stop().await;
         if let Err(e) = self.parts.devices.flush().await {
             tracing::error!(error = %e, "saving devices at shutdown failed");
         }

@@ -17,6 +17,7 @@ pub mod notify;
 pub mod paging;
 pub mod push;
 pub mod relay_client;
+pub mod siem;
 pub mod status;
 pub mod updates;
 pub mod validate;

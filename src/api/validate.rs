@@ -294,3 +294,28 @@ pub const LIMITS: &[(&str, usize)] = &[
     ("PEM documents", PEM_BYTES),
     ("list elements", LIST_ITEMS),
 ];
+
+impl Checked for proto::SiemDestination {
+    fn check(&self) -> Result<(), FieldError> {
+        text("name", &self.name, NAME_BYTES)?;
+        text("host", &self.host, ID_BYTES)?;
+        list("event_types", self.event_types.len())?;
+        for (i, t) in self.event_types.iter().enumerate() {
+            text(&format!("event_types[{i}]"), t, TYPE_BYTES)?;
+        }
+        text("ca_file", &self.ca_file, ID_BYTES)?;
+        text("server_name", &self.server_name, ID_BYTES)
+    }
+}
+
+impl Checked for proto::RemoveDestinationRequest {
+    fn check(&self) -> Result<(), FieldError> {
+        text("name", &self.name, NAME_BYTES)
+    }
+}
+
+impl Checked for proto::TestDestinationRequest {
+    fn check(&self) -> Result<(), FieldError> {
+        text("name", &self.name, NAME_BYTES)
+    }
+}

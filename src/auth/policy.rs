@@ -145,6 +145,10 @@ pub const TABLE: &[(&str, &str, Callers)] = &[
         "TestNotification",
         ADMIN,
     ),
+    ("fleetevents.v1.SiemService", "PutDestination", ADMIN),
+    ("fleetevents.v1.SiemService", "ListDestinations", ADMIN),
+    ("fleetevents.v1.SiemService", "RemoveDestination", ADMIN),
+    ("fleetevents.v1.SiemService", "TestDestination", ADMIN),
     (
         "fleetevents.v1.HierarchyService",
         "Relay",

@@ -29,6 +29,7 @@ use crate::engine::stats::{Outcome, Refusal, SEVERITIES, TypeCount};
 use crate::flood::{BlockCounts, FloodDetector};
 use crate::hierarchy::secondaries::{Secondaries, SecondaryInfo};
 use crate::notify::worker::{ChannelCounts, NotifyStats};
+use crate::siem::exporter::{DestinationStatus, SiemExporter};
 use crate::store::EventStore;
 use crate::store::stats::HistogramSnapshot;
 
@@ -55,6 +56,8 @@ pub struct MetricSources {
     pub secondaries: Arc<Secondaries>,
     /// The notification worker's counts by channel.
     pub notifications: Arc<NotifyStats>,
+    /// The SIEM destinations and their export.
+    pub siem: Arc<SiemExporter>,
 }
 
 /// Everything one scrape reports, read at one moment.
@@ -94,6 +97,8 @@ pub struct Sample {
     pub notifications: BTreeMap<String, ChannelCounts>,
     /// Notifications queued, and how many the queue's limit dropped.
     pub notify_queue: (u64, u64),
+    /// The SIEM destinations and how their export goes.
+    pub siem: Vec<DestinationStatus>,
     /// The process's own figures.
     pub process: process::ProcessStats,
 }
@@ -141,6 +146,7 @@ impl Sample {
             secondaries: s.secondaries.list(),
             notifications: s.notifications.by_channel(),
             notify_queue: s.store.notify_queue(),
+            siem: s.siem.list(),
             process: process::ProcessStats::read(),
         }
     }
@@ -174,6 +180,10 @@ fn family<'a>(
 }
 
 impl Family<'_> {
+    fn gauge_f64(&mut self, labels: &impl EncodeLabelSet, value: f64) -> fmt::Result {
+        ConstGauge::new(value).encode(self.0.encode_family(labels)?)
+    }
+
     fn counter(&mut self, labels: &impl EncodeLabelSet, value: u64) -> fmt::Result {
         ConstCounter::new(value).encode(self.0.encode_family(labels)?)
     }
@@ -347,6 +357,7 @@ impl Collector for Sample {
             self.encode_secondaries(&mut e)?;
         }
         self.encode_notifications(&mut e)?;
+        self.encode_siem(&mut e)?;
         let mut f = family(
             &mut e,
             "fleet_build_info",
@@ -391,6 +402,74 @@ impl Sample {
             "Queued notifications dropped because the queue was at notify.queue_max.",
             self.notify_queue.1,
         )
+    }
+
+    /// The SIEM families, by destination (at most 16, named by an administrator).
+    fn encode_siem(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        type Counts = fn(&DestinationStatus) -> u64;
+        let counters: [(&str, &str, Counts); 4] = [
+            (
+                "fleet_siem_sent",
+                "Messages a SIEM destination's receiver got.",
+                |s| s.sent,
+            ),
+            (
+                "fleet_siem_failures",
+                "Failed connects, handshakes and sends to a SIEM destination (each retried).",
+                |s| s.failures,
+            ),
+            (
+                "fleet_siem_live_dropped",
+                "Live-only events a SIEM destination missed (unreachable or too slow).",
+                |s| s.live_dropped,
+            ),
+            (
+                "fleet_siem_truncated",
+                "Messages cut to fit one UDP datagram.",
+                |s| s.truncated,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut f = family(e, name, help, MetricType::Counter)?;
+            for s in &self.siem {
+                f.counter(&[("destination", s.destination.name.as_str())], value(s))?;
+            }
+        }
+        let mut f = family(
+            e,
+            "fleet_siem_behind_events",
+            "Store positions after a SIEM destination's cursor: events not yet exported.",
+            MetricType::Gauge,
+        )?;
+        for s in &self.siem {
+            let behind = i64::try_from(s.behind).unwrap_or(i64::MAX);
+            f.gauge(&[("destination", s.destination.name.as_str())], behind)?;
+        }
+        let mut f = family(
+            e,
+            "fleet_siem_lag_seconds",
+            "How long ago the oldest event a SIEM destination has not got was received.",
+            MetricType::Gauge,
+        )?;
+        for s in &self.siem {
+            f.gauge_f64(
+                &[("destination", s.destination.name.as_str())],
+                s.lag_seconds,
+            )?;
+        }
+        let mut f = family(
+            e,
+            "fleet_siem_connected",
+            "1 while a SIEM destination's connection is open and its last send worked.",
+            MetricType::Gauge,
+        )?;
+        for s in &self.siem {
+            f.gauge(
+                &[("destination", s.destination.name.as_str())],
+                i64::from(s.connected),
+            )?;
+        }
+        Ok(())
     }
 
     /// The primary's view of each linked secondary, labelled by its server id (secondaries
@@ -488,6 +567,7 @@ mod tests {
             .into_iter()
             .collect(),
             notify_queue: (2, 0),
+            siem: Vec::new(),
             process: process::ProcessStats::default(),
         }
     }

@@ -199,6 +199,18 @@ pub fn rfc5424(e: &ExportedEvent<'_>, facility: u8, hostname: &str, sd_id: &str)
     out
 }
 
+/// A CEF or LEEF `record` as the message of an RFC 5424 syslog message (no structured data),
+/// as receivers (ArcSight, QRadar, rsyslog) expect them over syslog.
+pub fn in_syslog(e: &ExportedEvent<'_>, facility: u8, hostname: &str, record: &str) -> String {
+    let pri = u16::from(facility.min(23)) * 8 + u16::from(syslog_severity(e.severity));
+    format!(
+        "<{pri}>1 {} {} {APP_NAME} - {} - {record}",
+        e.occurred_at.to_rfc3339(),
+        header_field(hostname, 255),
+        header_field(e.event_type, 32),
+    )
+}
+
 /// A CEF header field: `\` and `|` escaped, line breaks as spaces.
 fn cef_header(out: &mut String, value: &str) {
     for c in value.chars() {

@@ -1,5 +1,9 @@
-//! SIEM export (issue 12, in progress; not yet wired to the server): events leave as syslog
-//! for a SIEM to read. So far: [`format`], RFC 5424 with structured data, CEF and LEEF 2.0,
-//! and the framings of RFC 6587 (TCP, TLS) and RFC 5426 (UDP).
+//! SIEM export: events leave as syslog for a SIEM to read. [`destination`]: what an
+//! administrator sets; [`format`]: RFC 5424 with structured data, CEF and LEEF 2.0;
+//! [`transport`]: TCP and TLS with octet counting, UDP; [`exporter`]: a durable cursor per
+//! destination over the event store, moved only once the receiver has the events.
 
+pub mod destination;
+pub mod exporter;
 pub mod format;
+pub mod transport;

@@ -234,6 +234,36 @@ pub(crate) fn select_events(query: &EventQuery) -> Select {
     Select { sql, args }
 }
 
+/// Up to `n` events after store position `after`, in position order: the read of a SIEM
+/// destination's cursor.
+pub(crate) fn select_after(after: u64, n: usize) -> Select {
+    Select {
+        sql: format!("SELECT seq, {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"),
+        args: vec![
+            SqlValue::Int(after.min(i64::MAX as u64) as i64),
+            SqlValue::Int(n as i64),
+        ],
+    }
+}
+
+/// The first event (by position) received at or after `since`.
+pub(crate) fn select_first_received(since: Timestamp) -> Select {
+    Select {
+        sql: format!(
+            "SELECT seq, {EVENT_COLUMNS} FROM events WHERE received_at >= ? ORDER BY seq LIMIT 1"
+        ),
+        args: vec![SqlValue::Int(since.0)],
+    }
+}
+
+/// The newest event (the highest position).
+pub(crate) fn select_last() -> Select {
+    Select {
+        sql: format!("SELECT seq, {EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT 1"),
+        args: vec![],
+    }
+}
+
 /// The page of `limit` events out of the rows [`select_events`] read (one more than a page
 /// when another follows).
 pub(crate) fn page(mut events: Vec<StoredEvent>, limit: usize) -> EventPage {

@@ -627,6 +627,34 @@ impl EventStore {
             .await
     }
 
+    /// Up to `n` stored events after position `after`, in position (arrival) order. A
+    /// position is never given twice, so a cursor over it misses nothing; positions deleted
+    /// by retention or the cap are gaps.
+    pub async fn read_after(&self, after: u64, n: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.reader
+            .select_events(codec::select_after(after, n))
+            .await
+    }
+
+    /// The highest position stored (0 when the store is empty).
+    pub async fn last_position(&self) -> Result<u64, StoreError> {
+        let last = self.reader.select_events(codec::select_last()).await?;
+        Ok(last.first().map_or(0, |e| e.seq.max(0) as u64))
+    }
+
+    /// The position just before the first event received at or after `since`: a cursor that
+    /// starts there reads every event received since then. The last position when none was.
+    pub async fn position_before(&self, since: Timestamp) -> Result<u64, StoreError> {
+        let first = self
+            .reader
+            .select_events(codec::select_first_received(since))
+            .await?;
+        match first.first() {
+            Some(e) => Ok((e.seq.max(1) - 1) as u64),
+            None => self.last_position().await,
+        }
+    }
+
     /// All records of one kind, as saved.
     pub async fn load_records(&self, kind: &str) -> Result<Vec<String>, StoreError> {
         self.reader.records(Owner::Server, kind).await

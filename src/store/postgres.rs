@@ -130,6 +130,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX event_keys_by_arrival ON event_keys (received_at);",
     // version 3: notifications waiting for delivery, queued with their event
     "CREATE TABLE notify_queue (LIKE outbox INCLUDING ALL);",
+    // version 4: SIEM export reads events by position (a cursor per destination)
+    "CREATE INDEX events_by_seq ON events (seq);",
 ];
 
 /// Advisory lock key serialising migrations and partition creation across servers.

@@ -251,6 +251,12 @@ pub(crate) async fn open(
     writer.notify_len = notify as u64;
     let count = Arc::new(AtomicU64::new(count as u64));
     let dedupe = DedupeKeys::load(&conn)?;
+    let next_seq = 1 + conn.query_row(
+        "SELECT max(coalesce((SELECT max(seq) FROM events), 0),
+                    coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'seq_high'), 0))",
+        [],
+        |r| r.get::<_, i64>(0),
+    )?;
     let reader = SqliteReader {
         idle: Arc::new(Mutex::new(Vec::new())),
         path: opts.path,
@@ -260,6 +266,7 @@ pub(crate) async fn open(
         conn,
         dedupe,
         count,
+        next_seq,
     };
     super::EventStore::start(reader, write, writer, RunOn::Thread("sqlite-writer")).await
 }
@@ -500,6 +507,21 @@ pub struct SqliteWriter {
     dedupe: DedupeKeys,
     /// Events stored now; kept exact by every insert and delete, read by [`SqliteReader`].
     count: Arc<AtomicU64>,
+    /// The `seq` of the next event. Assigned here rather than by SQLite, which would reuse
+    /// the numbers of the newest rows once they are deleted (a retention sweep can empty the
+    /// table): a position, once given, is never given again, so a cursor over `seq` (SIEM
+    /// export) never skips an event. The highest given is saved in `meta` before any delete.
+    next_seq: i64,
+}
+
+/// Saves the highest `seq` given so far in `meta` (inside a transaction that deletes events).
+fn keep_seq_high(tx: &rusqlite::Transaction<'_>, next_seq: i64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO meta (name, value) VALUES ('seq_high', ?1)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([next_seq - 1])?;
+    Ok(())
 }
 
 /// The 13 event columns of `row`, in [`EVENT_COLUMNS`] order, for binding.
@@ -563,14 +585,15 @@ impl SqliteWriter {
         }: Limits,
         added: &mut Vec<u128>,
     ) -> Result<TxResult, StoreError> {
+        let mut next_seq = self.next_seq;
         let tx = self.conn.transaction()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut outbox_added = 0u64;
         let mut notify_added = 0u64;
         {
             let mut events = tx.prepare_cached(&format!(
-                "INSERT INTO events ({EVENT_COLUMNS}, dedupe_hi, dedupe_lo)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                "INSERT INTO events ({EVENT_COLUMNS}, dedupe_hi, dedupe_lo, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
             ))?;
             let mut outbox = tx.prepare_cached(&format!(
                 "INSERT INTO outbox ({EVENT_COLUMNS})
@@ -592,7 +615,9 @@ impl SqliteWriter {
                     }
                     added.push(key);
                     let (hi, lo) = split(key);
-                    let hash: [&dyn ToSql; 2] = [&hi, &lo];
+                    let seq = next_seq;
+                    next_seq += 1;
+                    let hash: [&dyn ToSql; 3] = [&hi, &lo, &seq];
                     events.execute(rusqlite::params_from_iter(
                         bind(&row).into_iter().chain(hash),
                     ))?;
@@ -613,6 +638,7 @@ impl SqliteWriter {
         let count = self.count.load(Ordering::Relaxed) + added.len() as u64;
         let (trim, trimmed) = match codec::over_cap(count, cap) {
             Some(n) => {
+                keep_seq_high(&tx, next_seq)?;
                 let keys = delete_oldest(&tx, n)?;
                 let deleted = keys.len() as u64;
                 let trim = Trim {
@@ -625,6 +651,7 @@ impl SqliteWriter {
             None => (None, Vec::new()),
         };
         tx.commit()?;
+        self.next_seq = next_seq;
         self.count
             .store(trim.map_or(count, |t| t.remaining), Ordering::Relaxed);
         Ok(TxResult {
@@ -648,6 +675,7 @@ impl SqliteWriter {
         args: impl rusqlite::Params,
     ) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
+        keep_seq_high(&tx, self.next_seq)?;
         let keys: Vec<u128> = {
             let mut stmt = tx.prepare_cached(sql)?;
             stmt.query_map(args, |r| Ok(join(r.get(0)?, r.get(1)?)))?
@@ -685,6 +713,7 @@ impl WriteBackend for SqliteWriter {
             return Ok(None);
         };
         let tx = self.conn.transaction()?;
+        keep_seq_high(&tx, self.next_seq)?;
         let keys = delete_oldest(&tx, n)?;
         tx.commit()?;
         self.dedupe.forget(&keys);
