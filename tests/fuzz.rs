@@ -11,13 +11,17 @@
 //!   out of range; timestamps from `i64::MIN` to `i64::MAX`, years 0 and 10000, nanos out of
 //!   range; maps and repeated fields with thousands of entries) and sends them through the
 //!   generated clients, RPC by RPC; then sequences of calls across all services, so that the
-//!   state one call leaves behind meets the next, and sequences of the notification calls
-//!   (channels, rules, events of the types with rules, test deliveries). `Relay` runs on the
-//!   client port and, with a server certificate, on the hierarchy listener; `Renew`, `Classify`
-//!   and `ReportHeartbeat` also run with a device certificate (mutual TLS). Notifications are
-//!   really delivered (by `TestNotification` and the server's worker), so the channels the
-//!   harness saves are harmless by construction: loopback port 1 for email and webhooks,
-//!   `/bin/true` and `/bin/false` for programs (see [`HARMLESS_PROGRAMS`]).
+//!   state one call leaves behind meets the next, sequences of the notification calls
+//!   (channels, rules, events of the types with rules, test deliveries), and sequences of the
+//!   SIEM calls (destinations up to the limit of 16, test messages, events their export tasks
+//!   read). `Relay` runs on the client port and, with a server certificate, on the hierarchy
+//!   listener; `Renew`, `Classify` and `ReportHeartbeat` also run with a device certificate
+//!   (mutual TLS). Notifications are really delivered (by `TestNotification` and the server's
+//!   worker), so the channels the harness saves are harmless by construction: loopback port 1
+//!   for email and webhooks, `/bin/true` and `/bin/false` for programs (see
+//!   [`HARMLESS_PROGRAMS`]); so are the SIEM destinations, which the export tasks and
+//!   `TestDestination` connect to: 127.0.0.1 or localhost, ports 1 and 65535 where nothing
+//!   listens, CA files under the test's temporary directory (see [`SIEM_HOSTS`]).
 //! - [`stream_answers_every_accepted_event_in_order`]: sequences of 1..50 events, mostly valid
 //!   (registered and unknown types, by string and by numeric ID), sometimes with an invalid one
 //!   (bad timestamp, empty or over-long fields, unknown ID, server-only type), on one `Stream`
@@ -45,6 +49,14 @@
 //!   valid (a `%` never closed, a channel twice, limits out of bounds) is refused ([`Refusal`]);
 //!   a test delivery is reported delivered only from a program that exited 0 (nothing listens
 //!   where the harness's email and webhook channels point);
+//! - SIEM: `PutDestination` refuses with INVALID_ARGUMENT every destination that cannot be
+//!   valid (a bad name, host, port, transport, format, severity, facility, type filter, CA file,
+//!   server name or start), takes every valid one unless 16 are saved (RESOURCE_EXHAUSTED), and
+//!   answers with the destination as saved; `ListDestinations` answers OK with at most 16, by
+//!   name, none of them one that had to be refused; `RemoveDestination` and `TestDestination`
+//!   answer OK or NOT_FOUND (INVALID_ARGUMENT too for a name no destination can have); a test
+//!   message is reported delivered only over UDP (nothing listens where destinations point)
+//!   ([`siem_verdict`]);
 //! - `Stream`: every event the server accepted is answered, in order, one answer per event; an
 //!   OK end means every event was answered; an invalid event ends the call with its status
 //!   (INVALID_ARGUMENT, or PERMISSION_DENIED for a server-only type) after exactly the events
@@ -103,7 +115,8 @@ use fleet_events::api::proto::{
     event_service_client::EventServiceClient, hierarchy_service_client::HierarchyServiceClient,
     licence_service_client::LicenceServiceClient, notification_channel,
     notification_service_client::NotificationServiceClient, push_service_client::PushServiceClient,
-    relay_down, relay_up, update_service_client::UpdateServiceClient,
+    relay_down, relay_up, siem_service_client::SiemServiceClient,
+    update_service_client::UpdateServiceClient,
 };
 use fleet_events::client::ClientOptions;
 use proptest::collection::{hash_map, vec};
@@ -1101,14 +1114,345 @@ fn rule_must_be_refused(rule: &proto::NotificationRule) -> bool {
             || (rule.period_secs != 0 && !(60..=604_800).contains(&rule.period_secs)))
 }
 
+// ---- SIEM destinations ----
+//
+// Each destination the harness saves gets an export task that connects to it whenever there
+// are events to send, and `TestDestination` connects to it too, so the destinations it saves
+// are harmless by construction, whatever proptest draws or shrinks to: host 127.0.0.1 or
+// localhost, port 1 or 65535, where nothing listens (checked when the harness starts: TCP and
+// TLS connections are refused at once, UDP datagrams go nowhere), and a CA file under the
+// test's temporary directory. Every other host, port and CA file it sends is one the save
+// check must refuse (empty, with whitespace, a '/' or a NUL, over 256 bytes; port 0 or past
+// 65535; a relative path, a path under /nonexistent, a file that is no CA), and the oracle
+// checks that it is ([`siem_verdict`]), so none is ever connected to. The raw-body test sends
+// no destination that flipped bytes could turn into another ([`defused`]).
+
+/// Hosts a destination may be saved with: loopback.
+const SIEM_HOSTS: &[&str] = &["127.0.0.1", "localhost"];
+/// Ports a destination may be saved with: nothing listens there (checked at the start).
+const SIEM_PORTS: &[u32] = &[1, 65_535];
+/// Destination names shared by the put, remove and test calls.
+const SIEM_NAMES: &[&str] = &["fz-siem", "fz-siem-tls", "fz-siem-udp", "fz.siem_1"];
+/// The file name of the one CA file the harness writes that a destination may be saved with
+/// (the harness's CA, under its temporary directory): every other CA file must be refused.
+const SIEM_CA: &str = "fz-siem-ca.pem";
+/// The RFC 5424 facility of a destination that names none.
+const SIEM_DEFAULT_FACILITY: u32 = 13;
+/// The most types in a destination's filter.
+const SIEM_MAX_TYPES: usize = 256;
+/// The most destinations a server keeps.
+const SIEM_MAX_DESTINATIONS: usize = 16;
+/// TLS server names the save check takes: a DNS name or an address.
+const SIEM_SERVER_NAMES: &[&str] = &[
+    "localhost",
+    "127.0.0.1",
+    "::1",
+    "wrong.example",
+    "fz.siem.test",
+];
+/// TLS server names the save check refuses: neither a DNS name nor an address.
+const SIEM_BAD_SERVER_NAMES: &[&str] = &[
+    " ",
+    "a b",
+    "日本.example",
+    "x\0",
+    "a..b",
+    "-x.example",
+    "x!.example",
+    "localhost\n",
+    "[::1]",
+];
+
+/// A destination name: one of the shared ones (weight `shared`), one of a hundred
+/// (`many`: `PutDestination` draws them more often than `RemoveDestination`, so that the limit
+/// of 16 destinations is reached), the longest (128 bytes) and one past it, or any string.
+fn siem_name(shared: u32, many: u32) -> Strat<String> {
+    prop_oneof![
+        shared => select(SIEM_NAMES).prop_map(str::to_owned),
+        many => "fz-siem-[0-9]{1,2}",
+        1 => select(vec![
+            "x".repeat(128), "x".repeat(129), String::new(), "a b".into(), "a/b".into(),
+            "日本".into(), "a\0b".into(), "fz-siem\n".into(),
+        ]),
+        2 => text(),
+    ]
+    .boxed()
+}
+
+/// Whether `name` can be a destination's: 1 to 128 letters, digits, '-', '_' or '.'.
+fn siem_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// CA file paths: the harness's CA and the files that are none (see [`Fixtures`]), paths that
+/// cannot be (relative, under /nonexistent, with a NUL, over 256 bytes).
+fn siem_ca_file(f: &Fixtures) -> Strat<String> {
+    let mut files = f.siem_ca_files.clone();
+    files.extend(
+        [
+            "/nonexistent/fz-ca.pem",
+            "fz-relative-ca.pem",
+            "/nonexistent/\0",
+            "/",
+        ]
+        .map(str::to_owned),
+    );
+    prop_oneof![
+        3 => select(files),
+        1 => sized_text().prop_map(|s| format!("/nonexistent/{s}")),
+    ]
+    .boxed()
+}
+
+/// A TLS server name: none, one the check takes, one it refuses, a long one, any string.
+fn siem_server_name() -> Strat<String> {
+    prop_oneof![
+        4 => Just(String::new()),
+        3 => select(SIEM_SERVER_NAMES).prop_map(str::to_owned),
+        2 => select(SIEM_BAD_SERVER_NAMES).prop_map(str::to_owned),
+        1 => sized_text(),
+        1 => text(),
+    ]
+    .boxed()
+}
+
+/// Whether the save check takes `name` as a TLS server name: `Some(true)` for none and the
+/// known good ones, `Some(false)` for what cannot be a DNS name or an address, `None` when the
+/// harness does not know (the check is rustls's).
+fn siem_server_name_ok(name: &str) -> Option<bool> {
+    if name.is_empty() || SIEM_SERVER_NAMES.contains(&name) {
+        Some(true)
+    } else if SIEM_BAD_SERVER_NAMES.contains(&name)
+        || name.len() > 253
+        || name.split('.').any(|label| label.len() > 63)
+        || !name.is_ascii()
+        || name
+            .chars()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+    {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// A destination's type filter: none, a few of any shape, 256 and 257 types, the list limit
+/// (1000) and one past it, and 300 times the same type (one type once duplicates are gone).
+fn siem_event_types() -> Strat<Vec<String>> {
+    let numbered = |n: usize| {
+        (0..n)
+            .map(|i| format!("FZ_SIEM_TYPE_{i}"))
+            .collect::<Vec<_>>()
+    };
+    prop_oneof![
+        4 => Just(Vec::new()),
+        4 => vec(pooled(TYPES), 1..4),
+        1 => (255usize..=257).prop_map(numbered),
+        1 => select(vec![1000usize, 1001]).prop_map(numbered),
+        1 => Just(vec![APP_WARN.to_owned(); 300]),
+    ]
+    .boxed()
+}
+
+/// The start of a destination's export: none, time 0, any timestamp (extreme seconds and
+/// nanos included).
+fn siem_start_from() -> Strat<Option<Timestamp>> {
+    prop_oneof![
+        3 => Just(None),
+        1 => Just(Some(Timestamp { seconds: 0, nanos: 0 })),
+        2 => timestamp(),
+    ]
+    .boxed()
+}
+
+/// A destination of any shape: every field ordinary or extreme, hosts, ports and CA files
+/// harmless or refused (see above).
+fn siem_destination(f: &Fixtures) -> Strat<proto::SiemDestination> {
+    let host = prop_oneof![
+        8 => select(SIEM_HOSTS).prop_map(str::to_owned),
+        2 => select(vec![
+            "", " ", "127.0.0.1 ", " localhost", "local host", "127.0.0.1\t", "127.0.0.1\0",
+            "localhost\n", "127.0.0.1/32", "/tmp/fz.sock", "127.0.0.1\u{3000}",
+        ])
+        .prop_map(str::to_owned),
+        // Whitespace or a '/': refused whatever follows (and over 256 bytes for its length).
+        1 => sized_text().prop_map(|s| format!("127.0.0.1 {s}")),
+        1 => sized_text().prop_map(|s| format!("localhost/{s}")),
+    ];
+    let port = prop_oneof![
+        8 => select(SIEM_PORTS),
+        1 => select(vec![0u32, 65_536, 100_000, u32::MAX]),
+    ];
+    let facility = prop_oneof![
+        2 => Just(None),
+        2 => select(vec![0u32, 1, 13, 23, 24, 255, 256, u32::MAX]).prop_map(Some),
+        1 => num_u32().prop_map(Some),
+    ];
+    let ca_file = prop_oneof![4 => Just(String::new()), 3 => siem_ca_file(f)];
+    (
+        (siem_name(5, 5), host, port),
+        (enum_num(3), enum_num(3), enum_num(4)),
+        (siem_event_types(), facility),
+        (ca_file, siem_server_name(), siem_start_from()),
+    )
+        .prop_map(
+            |(
+                (name, host, port),
+                (transport, format, min_severity),
+                (event_types, facility),
+                (ca_file, server_name, start_from),
+            )| proto::SiemDestination {
+                name,
+                host,
+                port,
+                transport,
+                format,
+                min_severity,
+                event_types,
+                facility,
+                ca_file,
+                server_name,
+                start_from,
+                ..Default::default()
+            },
+        )
+        .boxed()
+}
+
+/// An ordinary valid destination, harmless like all: so that destinations are there for the
+/// removals, the test messages, the export of the events the sequences raise, and the limit.
+fn plain_destination(f: &Fixtures) -> Strat<proto::SiemDestination> {
+    let ca = f
+        .siem_ca_files
+        .iter()
+        .find(|p| p.ends_with(&format!("/{SIEM_CA}")))
+        .cloned()
+        .unwrap_or_default();
+    (
+        siem_name(2, 5),
+        (select(SIEM_HOSTS), select(SIEM_PORTS)),
+        (1..=3i32, 1..=3i32, 0..=4i32),
+        prop_oneof![2 => Just(Vec::new()), 1 => vec(select(TYPES).prop_map(str::to_owned), 1..3)],
+        opt((0u32..=23).boxed()),
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(String::new()),
+                select(SIEM_SERVER_NAMES).prop_map(str::to_owned)
+            ],
+        ),
+        prop_oneof![
+            3 => Just(None),
+            1 => Just(Some(Timestamp { seconds: 0, nanos: 0 })),
+            1 => (T0 - 86_400..T0 + 600).prop_map(|seconds| Some(Timestamp { seconds, nanos: 0 })),
+        ],
+    )
+        .prop_map(
+            move |(
+                name,
+                (host, port),
+                (transport, format, min_severity),
+                event_types,
+                facility,
+                (with_ca, server_name),
+                start_from,
+            )| {
+                let tls = transport == proto::SyslogTransport::Tls as i32;
+                proto::SiemDestination {
+                    name,
+                    host: host.to_owned(),
+                    port,
+                    transport,
+                    format,
+                    min_severity,
+                    event_types,
+                    facility,
+                    ca_file: if tls && with_ca {
+                        ca.clone()
+                    } else {
+                        String::new()
+                    },
+                    server_name: if tls { server_name } else { String::new() },
+                    start_from,
+                    ..Default::default()
+                }
+            },
+        )
+        .boxed()
+}
+
+/// What the save check must do with a destination, whatever is saved already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SiemVerdict {
+    /// Refuse it: some field cannot be valid (or it points somewhere not harmless).
+    Refuse,
+    /// Take it (unless the registry is full).
+    Take,
+    /// Either: a server name whose validity the harness does not know.
+    Either,
+}
+
+/// The oracle of `PutDestination`: what [`SiemVerdict`] applies to `d`. Every host, port and CA
+/// file but the harmless ones is [`SiemVerdict::Refuse`], so only those are ever saved.
+fn siem_verdict(d: &proto::SiemDestination) -> SiemVerdict {
+    let tls = d.transport == proto::SyslogTransport::Tls as i32;
+    let bad_type = |t: &String| t.is_empty() || t.len() > 128 || t.contains('\0');
+    let distinct: BTreeSet<&String> = d.event_types.iter().collect();
+    let server_name = siem_server_name_ok(&d.server_name);
+    let refused = !siem_name_ok(&d.name)
+        || !SIEM_HOSTS.contains(&d.host.as_str())
+        || !(1..=65_535).contains(&d.port)
+        || !(1..=3).contains(&d.transport)
+        || !(1..=3).contains(&d.format)
+        || !(0..=4).contains(&d.min_severity)
+        || d.facility.is_some_and(|f| f > 23)
+        || d.event_types.len() > 1000
+        || distinct.len() > SIEM_MAX_TYPES
+        || d.event_types.iter().any(bad_type)
+        || (!d.ca_file.is_empty() && (!tls || !d.ca_file.ends_with(&format!("/{SIEM_CA}"))))
+        || (!d.server_name.is_empty() && !tls)
+        || server_name == Some(false)
+        || out_of_range(&d.start_from);
+    match (refused, server_name) {
+        (true, _) => SiemVerdict::Refuse,
+        (false, None) => SiemVerdict::Either,
+        (false, Some(_)) => SiemVerdict::Take,
+    }
+}
+
+/// The destination a `PutDestination` of `d` must answer with: as sent, its types once each in
+/// order, the default facility filled in, no start.
+fn siem_saved(d: &proto::SiemDestination) -> proto::SiemDestination {
+    proto::SiemDestination {
+        event_types: d
+            .event_types
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        facility: Some(d.facility.unwrap_or(SIEM_DEFAULT_FACILITY)),
+        start_from: None,
+        ..d.clone()
+    }
+}
+
 /// `call` for the raw-body test, whose flipped bytes and appended garbage could turn a
-/// channel's harmless host, URL or program into another: a `PutChannel` that is mutated
-/// keeps its name only.
+/// channel's or a destination's harmless host, port, URL, program or CA file into another: a
+/// `PutChannel` or a `PutDestination` that is mutated keeps its name only.
 fn defused(call: Call, mutated: bool) -> Call {
     match call {
         Call::PutChannel(c) if mutated => Call::PutChannel(proto::NotificationChannel {
             name: c.name,
             kind: None,
+            ..Default::default()
+        }),
+        Call::PutDestination(d) if mutated => Call::PutDestination(proto::SiemDestination {
+            name: d.name,
             ..Default::default()
         }),
         other => other,
@@ -1162,6 +1506,10 @@ enum Call {
     ListChannels(proto::ListChannelsRequest),
     RemoveChannel(proto::RemoveChannelRequest),
     TestNotification(proto::TestNotificationRequest),
+    PutDestination(proto::SiemDestination),
+    ListDestinations(proto::ListDestinationsRequest),
+    RemoveDestination(proto::RemoveDestinationRequest),
+    TestDestination(proto::TestDestinationRequest),
     /// `Relay` on the client port (refused there).
     RelayOnClientPort(Vec<proto::RelayUp>),
     /// `Relay` on the hierarchy listener, with the server certificate of `sec-fuzz`.
@@ -1237,6 +1585,10 @@ impl Call {
             Call::ListChannels(_) => "NotificationService/ListChannels",
             Call::RemoveChannel(_) => "NotificationService/RemoveChannel",
             Call::TestNotification(_) => "NotificationService/TestNotification",
+            Call::PutDestination(_) => "SiemService/PutDestination",
+            Call::ListDestinations(_) => "SiemService/ListDestinations",
+            Call::RemoveDestination(_) => "SiemService/RemoveDestination",
+            Call::TestDestination(_) => "SiemService/TestDestination",
             Call::RelayOnClientPort(_) | Call::RelayOnLink(_) => "HierarchyService/Relay",
             Call::ListSecondaries(_) => "HierarchyService/ListSecondaries",
             Call::GetUplinkStatus(_) => "HierarchyService/GetUplinkStatus",
@@ -1305,6 +1657,10 @@ impl Call {
             Call::ListChannels(m) => m.encode_to_vec(),
             Call::RemoveChannel(m) => m.encode_to_vec(),
             Call::TestNotification(m) => m.encode_to_vec(),
+            Call::PutDestination(m) => m.encode_to_vec(),
+            Call::ListDestinations(m) => m.encode_to_vec(),
+            Call::RemoveDestination(m) => m.encode_to_vec(),
+            Call::TestDestination(m) => m.encode_to_vec(),
             Call::RelayOnClientPort(m) | Call::RelayOnLink(m) => {
                 m.first().map(Message::encode_to_vec).unwrap_or_default()
             }
@@ -1372,6 +1728,8 @@ impl Call {
             }
             Call::PutMdmCertificate(c) => invalid(refused(&[&c.not_after])),
             Call::PutLicence(l) => invalid(refused(&[&l.expires_at])),
+            // Outside 0001..9999 whatever TIMESTAMP_RANGE_CHECKED says: no cursor starts there.
+            Call::PutDestination(d) => invalid(out_of_range(&d.start_from)),
             _ => TimestampRule::Free,
         }
     }
@@ -1393,14 +1751,34 @@ impl Call {
             {
                 Refusal::Any
             }
+            Call::PutDestination(d) => match siem_verdict(d) {
+                SiemVerdict::Refuse => Refusal::Codes(&[Code::InvalidArgument]),
+                SiemVerdict::Take => Refusal::OkOr(&[Code::ResourceExhausted]),
+                SiemVerdict::Either => {
+                    Refusal::OkOr(&[Code::InvalidArgument, Code::ResourceExhausted])
+                }
+            },
+            Call::ListDestinations(_) => Refusal::OkOr(&[]),
+            Call::RemoveDestination(proto::RemoveDestinationRequest { name, .. })
+            | Call::TestDestination(proto::TestDestinationRequest { name, .. }) => {
+                if siem_name_ok(name) {
+                    Refusal::OkOr(&[Code::NotFound])
+                } else {
+                    // No destination has such a name: refused for its shape, or not found.
+                    Refusal::Codes(&[Code::InvalidArgument, Code::NotFound])
+                }
+            }
             _ => Refusal::Free,
         }
     }
 }
 
 /// What a call's fields other than timestamps oblige the server to answer whatever its state:
-/// so far, that a notification channel or rule that cannot be valid is refused, and so never
-/// saved, nor delivered to (see [`channel_must_be_refused`], [`rule_must_be_refused`]).
+/// that a notification channel or rule that cannot be valid is refused, and so never saved,
+/// nor delivered to (see [`channel_must_be_refused`], [`rule_must_be_refused`]); that a SIEM
+/// destination that cannot be valid is refused, one that is valid taken (unless the registry is
+/// full), and that every SIEM call is answered with one of the statuses its RPC documents
+/// ([`siem_verdict`]).
 enum Refusal {
     /// Nothing: any answer but the forbidden ones.
     Free,
@@ -1408,6 +1786,8 @@ enum Refusal {
     Codes(&'static [Code]),
     /// Some non-OK status.
     Any,
+    /// OK or one of these codes (or RESOURCE_EXHAUSTED for a message over the size limit).
+    OkOr(&'static [Code]),
 }
 
 /// What the generated calls need from the running server: an enrolment token and CSRs for
@@ -1422,6 +1802,10 @@ struct Fixtures {
     csrs: Vec<String>,
     /// Certificates: current, expired, valid until 9999-12-31, long ago.
     certificates: Vec<String>,
+    /// CA files for SIEM destinations, under the test's temporary directory: the harness's CA
+    /// (named [`SIEM_CA`]), then files that are no CA file (not PEM, empty, a certificate that
+    /// does not parse, a key only, over 64 KiB, a directory).
+    siem_ca_files: Vec<String>,
 }
 
 /// A PEM CSR for `cn` (no name when empty), and its fresh key.
@@ -1896,6 +2280,28 @@ fn rpc_strategies(f: &Fixtures) -> Vec<(&'static str, Strat<Call>)> {
                 .prop_map(|name| Call::RemoveChannel(proto::RemoveChannelRequest { name, ..Default::default() }))
                 .boxed(),
         ),
+        (
+            "SiemService/PutDestination",
+            prop_oneof![siem_destination(f), plain_destination(f)]
+                .prop_map(Call::PutDestination)
+                .boxed(),
+        ),
+        (
+            "SiemService/ListDestinations",
+            Just(Call::ListDestinations(Default::default())).boxed(),
+        ),
+        (
+            "SiemService/RemoveDestination",
+            siem_name(1, 1)
+                .prop_map(|name| Call::RemoveDestination(proto::RemoveDestinationRequest { name, ..Default::default() }))
+                .boxed(),
+        ),
+        (
+            "SiemService/TestDestination",
+            siem_name(3, 1)
+                .prop_map(|name| Call::TestDestination(proto::TestDestinationRequest { name, ..Default::default() }))
+                .boxed(),
+        ),
         ("HierarchyService/Relay", prop_oneof![
             1 => relay_stream().prop_map(Call::RelayOnClientPort),
             3 => relay_stream().prop_map(Call::RelayOnLink),
@@ -2030,6 +2436,28 @@ fn notification_call(f: &Fixtures) -> Strat<Call> {
     .boxed()
 }
 
+/// The RPCs whose calls meet in the SIEM sequences: destinations, their test messages, and the
+/// events their export tasks read.
+const SIEM_RPCS: &[&str] = &[
+    "SiemService/PutDestination",
+    "SiemService/ListDestinations",
+    "SiemService/RemoveDestination",
+    "SiemService/TestDestination",
+    "EventService/Classify",
+    "EventService/Stream",
+];
+
+/// Any call of [`SIEM_RPCS`].
+fn siem_call(f: &Fixtures) -> Strat<Call> {
+    proptest::strategy::Union::new(
+        rpc_strategies(f)
+            .into_iter()
+            .filter(|(m, _)| SIEM_RPCS.contains(m))
+            .map(|(_, s)| s),
+    )
+    .boxed()
+}
+
 // ---------------------------------------------------------------------------------------------
 // The harness: a server, its channels, calls, and the oracle
 
@@ -2127,6 +2555,53 @@ impl Harness {
         .await
         .expect("the hierarchy listener answers");
 
+        // Nothing may listen where SIEM destinations are saved to point.
+        for port in SIEM_PORTS {
+            for host in ["127.0.0.1", "[::1]"] {
+                let addr = format!("{host}:{port}");
+                let connected = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(&addr),
+                )
+                .await
+                .is_ok_and(|c| c.is_ok());
+                assert!(
+                    !connected,
+                    "something listens on {addr}, where the fuzzed SIEM destinations point"
+                );
+            }
+        }
+        let cas = dir.join("siem-cas");
+        std::fs::create_dir_all(&cas).unwrap();
+        let write = |name: &str, content: &[u8]| {
+            let path = cas.join(name);
+            std::fs::write(&path, content).unwrap();
+            path.display().to_string()
+        };
+        let siem_ca_files = vec![
+            write(SIEM_CA, pki.ca_pem.as_bytes()),
+            write("fz-not-pem.txt", b"not a certificate\n"),
+            write("fz-empty.pem", b""),
+            write(
+                "fz-garbage-cert.pem",
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            ),
+            write(
+                "fz-key-only.pem",
+                rcgen::KeyPair::generate()
+                    .unwrap()
+                    .serialize_pem()
+                    .as_bytes(),
+            ),
+            write(
+                "fz-big.pem",
+                pki.ca_pem
+                    .repeat(64 * 1024 / pki.ca_pem.len() + 1)
+                    .as_bytes(),
+            ),
+            cas.display().to_string(),
+        ];
+
         let now = T0;
         let fixtures = Fixtures {
             enrollment_token: token.token,
@@ -2138,6 +2613,7 @@ impl Harness {
                 certificate(now - 86_400, PAST_LAST_SECOND - 1),
                 certificate(FIRST_SECOND, -1),
             ],
+            siem_ca_files,
         };
         Harness {
             server,
@@ -2250,6 +2726,56 @@ impl Harness {
             Call::PutChannel(r) => unary!(NotificationServiceClient, a, put_channel, r),
             Call::ListChannels(r) => unary!(NotificationServiceClient, a, list_channels, r),
             Call::RemoveChannel(r) => unary!(NotificationServiceClient, a, remove_channel, r),
+            Call::PutDestination(r) => Box::pin(async move {
+                let want = siem_saved(&r);
+                match SiemServiceClient::new(a).put_destination(r).await {
+                    Err(st) => Ok(Err(st)),
+                    Ok(resp) => match resp.into_inner().destination {
+                        Some(got) if got == want => Ok(Ok(())),
+                        got => Err(format!("PutDestination: answered {got:?} for {want:?}")),
+                    },
+                }
+            }),
+            Call::ListDestinations(r) => Box::pin(async move {
+                match SiemServiceClient::new(a).list_destinations(r).await {
+                    Err(st) => Ok(Err(st)),
+                    Ok(resp) => check_destinations(&resp.into_inner().destinations).map(Ok),
+                }
+            }),
+            Call::RemoveDestination(r) => {
+                unary!(SiemServiceClient, a, remove_destination, r)
+            }
+            Call::TestDestination(r) => Box::pin(async move {
+                let name = r.name.clone();
+                let report = match SiemServiceClient::new(a.clone()).test_destination(r).await {
+                    Ok(resp) => resp.into_inner(),
+                    Err(st) => return Ok(Err(st)),
+                };
+                if report.detail.is_empty() || report.message.is_empty() {
+                    return Err(format!("TestDestination {name:?}: {report:?}"));
+                }
+                if report.delivered {
+                    // Nothing listens where destinations point: only a datagram "arrives".
+                    let list = SiemServiceClient::new(a)
+                        .list_destinations(proto::ListDestinationsRequest::default())
+                        .await
+                        .map_err(|st| format!("ListDestinations: {}", show(&st)))?
+                        .into_inner()
+                        .destinations;
+                    let transport = list
+                        .iter()
+                        .filter_map(|s| s.destination.as_ref())
+                        .find(|d| d.name == name)
+                        .map(|d| d.transport);
+                    if transport != Some(proto::SyslogTransport::Udp as i32) {
+                        return Err(format!(
+                            "TestDestination {name:?}: delivered over transport {transport:?} \
+                             where nothing listens: {report:?}"
+                        ));
+                    }
+                }
+                Ok(Ok(()))
+            }),
             Call::TestNotification(r) => Box::pin(async move {
                 let reports = match NotificationServiceClient::new(a).test_notification(r).await {
                     Ok(resp) => resp.into_inner().deliveries,
@@ -2460,7 +2986,8 @@ fn judge_refusal(
     let ok = match (refusal, got) {
         (Refusal::Free, _) => true,
         (_, Err(st)) if size > MAX_MESSAGE_BYTES && st.code() == Code::ResourceExhausted => true,
-        (Refusal::Codes(codes), Err(st)) => codes.contains(&st.code()),
+        (Refusal::Codes(codes) | Refusal::OkOr(codes), Err(st)) => codes.contains(&st.code()),
+        (Refusal::OkOr(_), Ok(())) => true,
         (Refusal::Any, Err(_)) => true,
         (_, Ok(())) => false,
     };
@@ -2468,11 +2995,12 @@ fn judge_refusal(
         return Ok(());
     }
     let (want, got) = match (refusal, got) {
-        (Refusal::Codes(codes), got) => (format!("{codes:?}"), got),
+        (Refusal::Codes(codes), got) => (format!("a refusal with {codes:?}"), got),
+        (Refusal::OkOr(codes), got) => (format!("OK or {codes:?}"), got),
         (_, got) => ("a refusal".to_owned(), got),
     };
     Err(format!(
-        "{method}: an input that must be refused with {want} got {}",
+        "{method}: an input that must be answered with {want} got {}",
         match got {
             Ok(()) => "OK".to_owned(),
             Err(st) => show(st),
@@ -2492,6 +3020,30 @@ fn framework_internal(st: &Status) -> bool {
         "Missing request message",
     ];
     st.code() == Code::Internal && TONIC.iter().any(|p| st.message().starts_with(p))
+}
+
+/// The invariants of a `ListDestinations` answer: at most 16 destinations, by name, each once,
+/// and none that the save check had to refuse (so none that points anywhere but the harmless
+/// hosts and ports).
+fn check_destinations(list: &[proto::SiemDestinationStatus]) -> Result<(), String> {
+    let names: Vec<&str> = list
+        .iter()
+        .map(|s| s.destination.as_ref().map_or("", |d| d.name.as_str()))
+        .collect();
+    if names.len() > SIEM_MAX_DESTINATIONS || !names.windows(2).all(|w| w[0] < w[1]) {
+        return Err(format!("ListDestinations: {names:?}"));
+    }
+    for s in list {
+        match &s.destination {
+            Some(d) if siem_verdict(d) != SiemVerdict::Refuse => {}
+            d => {
+                return Err(format!(
+                    "ListDestinations: saved {d:?}, which must be refused"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sends `ups` on one `Relay` call and reads what comes back: a status, or acknowledgements
@@ -2653,8 +3205,15 @@ fn every_rpc_with_generated_requests() {
     }) {
         failures.push(e);
     }
+    let exporting = vec(siem_call(&h.fixtures), 1..8);
+    if let Err(e) = run_property("sequences of SIEM calls", n, &exporting, |calls| {
+        rt.block_on(h.case(calls))
+    }) {
+        failures.push(e);
+    }
     eprintln!(
-        "fuzz: every RPC, {n} cases each, {n} sequences and {n} notification sequences in {:.1?}{}",
+        "fuzz: every RPC, {n} cases each, {n} sequences, {n} notification sequences and {n} SIEM \
+         sequences in {:.1?}{}",
         started.elapsed(),
         known_bug_note()
     );
@@ -3752,6 +4311,15 @@ fn timestamp_calls(t: Option<Timestamp>) -> Vec<Call> {
             expires_at: t,
             ..Default::default()
         }),
+        Call::PutDestination(proto::SiemDestination {
+            name: "fz-siem-ts".into(),
+            host: "127.0.0.1".into(),
+            port: SIEM_PORTS[0],
+            transport: proto::SyslogTransport::Tcp as i32,
+            format: proto::SiemFormat::Rfc5424 as i32,
+            start_from: t,
+            ..Default::default()
+        }),
     ]
 }
 
@@ -3888,6 +4456,25 @@ fn long_values_echoed_in_errors_are_answered_not_reset() {
             device_id: long.clone(),
             ..Default::default()
         }),
+        Call::RemoveDestination(proto::RemoveDestinationRequest {
+            name: long.clone(),
+            ..Default::default()
+        }),
+        Call::TestDestination(proto::TestDestinationRequest {
+            name: long.clone(),
+            ..Default::default()
+        }),
+        Call::PutDestination(proto::SiemDestination {
+            name: "fz-siem-long".into(),
+            host: long.clone(),
+            port: SIEM_PORTS[0],
+            transport: proto::SyslogTransport::Tls as i32,
+            format: proto::SiemFormat::Rfc5424 as i32,
+            event_types: vec![long.clone()],
+            ca_file: long.clone(),
+            server_name: long.clone(),
+            ..Default::default()
+        }),
         Call::HealthCheck(tonic_health::pb::HealthCheckRequest {
             service: long,
             ..Default::default()
@@ -4007,7 +4594,26 @@ fn nul_characters_are_refused_or_stored_on_every_backend() {
             ..Default::default()
         }),
         Call::RevokeDevice(proto::RevokeDeviceRequest {
-            device_id: nul,
+            device_id: nul.clone(),
+            ..Default::default()
+        }),
+        Call::PutDestination(proto::SiemDestination {
+            name: nul.clone(),
+            host: nul.clone(),
+            port: SIEM_PORTS[0],
+            transport: proto::SyslogTransport::Tls as i32,
+            format: proto::SiemFormat::Cef as i32,
+            event_types: vec![nul.clone()],
+            ca_file: nul.clone(),
+            server_name: nul.clone(),
+            ..Default::default()
+        }),
+        Call::RemoveDestination(proto::RemoveDestinationRequest {
+            name: nul.clone(),
+            ..Default::default()
+        }),
+        Call::TestDestination(proto::TestDestinationRequest {
+            name: nul,
             ..Default::default()
         }),
     ];

@@ -1081,3 +1081,99 @@ async fn notifications_through_the_cli() {
     assert_failure(&out, "removing it twice", "no notification channel");
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// The SIEM commands end to end against a real receiver (a TCP listener in the test reading
+/// octet-counted frames): `siem put` with `--from beginning` exports what is stored, `siem
+/// destinations` shows the cursor and the state, `siem test` sends a sample, a bad field is
+/// refused naming it, `siem remove` forgets the destination.
+#[tokio::test]
+async fn siem_export_through_the_cli() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), "");
+    let admin = admin(&server);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = received.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut len = Vec::new();
+                    if r.read_until(b' ', &mut len).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let n: usize = String::from_utf8_lossy(&len).trim().parse().unwrap();
+                    let mut msg = vec![0; n];
+                    r.read_exact(&mut msg).unwrap();
+                    sink.lock().unwrap().push(String::from_utf8(msg).unwrap());
+                }
+            });
+        }
+    });
+    let out = cli_with(
+        &["send"],
+        &admin,
+        &[],
+        Some("{\"event_id\":\"s1\",\"device_id\":\"pc-siem\",\"event_type\":\"APP_CLI_SIEM\"}\n"),
+    );
+    assert_success(&out, "send");
+    let out = cli_with(
+        &["siem", "put"],
+        &admin,
+        &["soc", "--host", "127.0.0.1", "--port", "0"],
+        None,
+    );
+    assert_failure(&out, "port 0", "port");
+    let out = cli_with(
+        &["siem", "put"],
+        &admin,
+        &[
+            "soc",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--format",
+            "cef",
+            "--from",
+            "beginning",
+        ],
+        None,
+    );
+    assert_success(&out, "siem put");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = received.lock().unwrap().clone();
+        if let Some(m) = got.iter().find(|m| m.contains("externalId=s1")) {
+            assert!(m.contains("CEF:0|fleet-events|fleet-events|"), "{m}");
+            assert!(m.contains("dhost=pc-siem"), "{m}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not exported: {got:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let out = cli_with(&["siem", "destinations"], &admin, &[], None);
+    assert_success(&out, "siem destinations");
+    let table = stdout_of(&out);
+    assert!(table.contains("soc"), "{table}");
+    assert!(
+        table.contains(&format!("tcp://127.0.0.1:{port}")),
+        "{table}"
+    );
+    let out = cli_with(&["siem", "test"], &admin, &["soc"], None);
+    assert_success(&out, "siem test");
+    assert!(stdout_of(&out).contains("delivered"), "{}", stdout_of(&out));
+    let out = cli_with(&["siem", "remove"], &admin, &["soc"], None);
+    assert_success(&out, "siem remove");
+    let out = cli_with(&["siem", "test"], &admin, &["soc"], None);
+    assert_failure(&out, "a removed destination", "no SIEM destination");
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -1,5 +1,5 @@
 //! The command line: `serve` runs the server; `send`, `tail`, `types`, `query`, `token`,
-//! `enroll-token`, `device`, `enroll` and `notify` are clients of a running server (TLS pinned to the
+//! `enroll-token`, `device`, `enroll`, `notify` and `siem` are clients of a running server (TLS pinned to the
 //! server's CA, a bearer token or a device certificate). `anyhow` is used here, at the binary's edge, and nowhere in the library.
 
 mod access;
@@ -8,6 +8,7 @@ mod notify;
 mod query;
 mod send;
 mod serve;
+mod siem;
 mod tail;
 mod types;
 
@@ -122,6 +123,9 @@ enum Command {
     /// Notification channels, rules and test deliveries (admin).
     #[command(subcommand)]
     Notify(notify::NotifyCommand),
+    /// SIEM destinations (syslog export), their state, test messages (admin).
+    #[command(subcommand)]
+    Siem(siem::SiemCommand),
 }
 
 /// Parses arguments and runs the command; errors are printed with their causes.
@@ -149,6 +153,7 @@ pub fn main() -> ExitCode {
             Command::Device(c) => access::device(c).await,
             Command::Enroll(a) => access::enroll(a).await,
             Command::Notify(c) => notify::run(c).await,
+            Command::Siem(c) => siem::run(c).await,
         }
     });
     match result {
