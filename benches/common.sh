@@ -123,9 +123,10 @@ if r["statusCodeDistribution"].get("OK") != 1:
 PY
 }
 
-# Every output on: a webhook channel to a local receiver that answers 200, and a notification
+# Every output on: a webhook channel to a local receiver that answers 200, a notification
 # rule on both bench types (at most 10 000 messages a minute; what is over it is held back and
-# summed up in digests). Needs $hook_url.
+# summed up in digests), and a SIEM destination (RFC 5424 over TCP to a local receiver that
+# discards). Needs $hook_url and $siem_port.
 enable_outputs() {
   ghz_once fleetevents.v1.NotificationService/PutChannel \
     "{\"name\":\"bench-hook\",\"webhook\":{\"url\":\"$hook_url\"}}"
@@ -136,6 +137,8 @@ enable_outputs() {
     ghz_once fleetevents.v1.CatalogService/UpdateEventTypeSettings \
       "{\"event_type\":\"$t\",\"notify\":true,\"notification\":{\"channels\":[\"bench-hook\"],\"max_messages\":10000,\"period_secs\":60}}"
   done
+  ghz_once fleetevents.v1.SiemService/PutDestination \
+    "{\"name\":\"bench-siem\",\"host\":\"127.0.0.1\",\"port\":$siem_port,\"transport\":\"SYSLOG_TRANSPORT_TCP\",\"format\":\"SIEM_FORMAT_RFC5424\"}"
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; } # utime+stime of the server so far

@@ -18,7 +18,8 @@
 #   OUTPUTS=1 benches/load.sh          # also "fleet-events-outputs" rows: the same server with
 #                                      # notifications on for both bench types (a webhook to a
 #                                      # local receiver, at most 10 000 a minute, the rest held
-#                                      # back into digests)
+#                                      # back into digests) and a SIEM destination (RFC 5424
+#                                      # over TCP to a local receiver that reads and discards)
 #
 # Both servers serve TLS by default (fleet-events' default; the echo server with a certificate
 # made by fleet-events), and ghz pins the server's CA and sends fleet-events' admin token as
@@ -50,6 +51,7 @@ cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null
   [ -n "${scraper:-}" ] && kill "$scraper" 2>/dev/null
   [ -n "${hook_pid:-}" ] && kill "$hook_pid" 2>/dev/null
+  [ -n "${siem_pid:-}" ] && kill "$siem_pid" 2>/dev/null
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -79,6 +81,19 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
   hook_pid=$!
   hook_url="http://127.0.0.1:$hook_port/hook"
+  # The SIEM receiver: reads octet-counted syslog and throws it away, on a port of its own.
+  siem_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  python3 - "$siem_port" <<'PY' &
+import socket, sys, threading
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def drain(c):
+    while c.recv(1 << 20):
+        pass
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+PY
+  siem_pid=$!
 fi
 
 start_server() { # kind -> sets pid, addr, ghz_conn, data

@@ -4636,3 +4636,369 @@ fn nul_characters_are_refused_or_stored_on_every_backend() {
         failures.join("\n")
     );
 }
+
+/// SIEM destinations at the edges of every field, each with the one answer it must get (and
+/// the generated calls' oracle agreeing), then the limit of 16, removal and test messages:
+/// what the generated calls check within bounds, checked exactly here.
+#[test]
+fn siem_destinations_at_their_edges() {
+    install_panic_hook();
+    let _serial = serial();
+    let at_start = panics();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let h = rt.block_on(Harness::start(dir.path()));
+    const OK: Code = Code::Ok;
+    const BAD: Code = Code::InvalidArgument;
+    let ca = |name: &str| {
+        h.fixtures
+            .siem_ca_files
+            .iter()
+            .find(|p| p.ends_with(&format!("/{name}")))
+            .cloned()
+            .unwrap_or_else(|| panic!("no CA file {name}"))
+    };
+    let ca_dir = h.fixtures.siem_ca_files.last().unwrap().clone();
+    let base = proto::SiemDestination {
+        name: "fz-edge".into(),
+        host: "127.0.0.1".into(),
+        port: SIEM_PORTS[0],
+        transport: proto::SyslogTransport::Tcp as i32,
+        format: proto::SiemFormat::Rfc5424 as i32,
+        ..Default::default()
+    };
+    let tls = proto::SiemDestination {
+        transport: proto::SyslogTransport::Tls as i32,
+        ..base.clone()
+    };
+    let with = |f: &dyn Fn(&mut proto::SiemDestination)| {
+        let mut d = base.clone();
+        f(&mut d);
+        d
+    };
+    let with_tls = |f: &dyn Fn(&mut proto::SiemDestination)| {
+        let mut d = tls.clone();
+        f(&mut d);
+        d
+    };
+    let at = |seconds: i64, nanos: i32| Some(Timestamp { seconds, nanos });
+    let types = |n: usize| (0..n).map(|i| format!("FZ_EDGE_{i}")).collect::<Vec<_>>();
+    let huge = "x".repeat(100 * 1024);
+    let cases: Vec<(&str, proto::SiemDestination, Code)> = vec![
+        ("as is", base.clone(), OK),
+        ("name of 128 bytes", with(&|d| d.name = "x".repeat(128)), OK),
+        (
+            "name of 129 bytes",
+            with(&|d| d.name = "x".repeat(129)),
+            BAD,
+        ),
+        ("empty name", with(&|d| d.name.clear()), BAD),
+        (
+            "name with a space",
+            with(&|d| d.name = "fz edge".into()),
+            BAD,
+        ),
+        ("name of 100 KiB", with(&|d| d.name = huge.clone()), BAD),
+        ("localhost", with(&|d| d.host = "localhost".into()), OK),
+        ("empty host", with(&|d| d.host.clear()), BAD),
+        (
+            "host with a NUL",
+            with(&|d| d.host = "127.0.0.1\0".into()),
+            BAD,
+        ),
+        ("host of 100 KiB", with(&|d| d.host = huge.clone()), BAD),
+        ("port 0", with(&|d| d.port = 0), BAD),
+        ("port 65535", with(&|d| d.port = 65_535), OK),
+        ("port 65536", with(&|d| d.port = 65_536), BAD),
+        ("port u32::MAX", with(&|d| d.port = u32::MAX), BAD),
+        ("no transport", with(&|d| d.transport = 0), BAD),
+        ("UDP", with(&|d| d.transport = 3), OK),
+        ("transport 4", with(&|d| d.transport = 4), BAD),
+        ("transport -1", with(&|d| d.transport = -1), BAD),
+        ("transport i32::MAX", with(&|d| d.transport = i32::MAX), BAD),
+        ("no format", with(&|d| d.format = 0), BAD),
+        ("CEF", with(&|d| d.format = 2), OK),
+        ("LEEF", with(&|d| d.format = 3), OK),
+        ("format 4", with(&|d| d.format = 4), BAD),
+        ("format i32::MIN", with(&|d| d.format = i32::MIN), BAD),
+        ("severity CRITICAL", with(&|d| d.min_severity = 4), OK),
+        ("severity 5", with(&|d| d.min_severity = 5), BAD),
+        ("severity -1", with(&|d| d.min_severity = -1), BAD),
+        ("facility 0", with(&|d| d.facility = Some(0)), OK),
+        ("facility 23", with(&|d| d.facility = Some(23)), OK),
+        ("facility 24", with(&|d| d.facility = Some(24)), BAD),
+        ("facility 256", with(&|d| d.facility = Some(256)), BAD),
+        (
+            "facility u32::MAX",
+            with(&|d| d.facility = Some(u32::MAX)),
+            BAD,
+        ),
+        ("256 types", with(&|d| d.event_types = types(256)), OK),
+        ("257 types", with(&|d| d.event_types = types(257)), BAD),
+        ("1000 types", with(&|d| d.event_types = types(1000)), BAD),
+        ("1001 types", with(&|d| d.event_types = types(1001)), BAD),
+        (
+            "one type 300 times",
+            with(&|d| d.event_types = vec![APP_WARN.into(); 300]),
+            OK,
+        ),
+        (
+            "an empty type",
+            with(&|d| d.event_types = vec![String::new()]),
+            BAD,
+        ),
+        (
+            "a type of 128 bytes",
+            with(&|d| d.event_types = vec!["T".repeat(128)]),
+            OK,
+        ),
+        (
+            "a type of 129 bytes",
+            with(&|d| d.event_types = vec!["T".repeat(129)]),
+            BAD,
+        ),
+        (
+            "a CA file over TCP",
+            with(&|d| d.ca_file = ca(SIEM_CA)),
+            BAD,
+        ),
+        (
+            "a server name over TCP",
+            with(&|d| d.server_name = "localhost".into()),
+            BAD,
+        ),
+        ("TLS", tls.clone(), OK),
+        (
+            "TLS to localhost",
+            with_tls(&|d| d.host = "localhost".into()),
+            OK,
+        ),
+        (
+            "TLS with the CA file",
+            with_tls(&|d| d.ca_file = ca(SIEM_CA)),
+            OK,
+        ),
+        (
+            "TLS with a missing CA file",
+            with_tls(&|d| d.ca_file = "/nonexistent/fz-ca.pem".into()),
+            BAD,
+        ),
+        (
+            "TLS with a relative CA file",
+            with_tls(&|d| d.ca_file = "fz-ca.pem".into()),
+            BAD,
+        ),
+        (
+            "TLS with a directory",
+            with_tls(&|d| d.ca_file = ca_dir.clone()),
+            BAD,
+        ),
+        (
+            "TLS with no PEM",
+            with_tls(&|d| d.ca_file = ca("fz-not-pem.txt")),
+            BAD,
+        ),
+        (
+            "TLS with an empty file",
+            with_tls(&|d| d.ca_file = ca("fz-empty.pem")),
+            BAD,
+        ),
+        (
+            "TLS with a certificate that does not parse",
+            with_tls(&|d| d.ca_file = ca("fz-garbage-cert.pem")),
+            BAD,
+        ),
+        (
+            "TLS with a key only",
+            with_tls(&|d| d.ca_file = ca("fz-key-only.pem")),
+            BAD,
+        ),
+        (
+            "TLS with a CA file over 64 KiB",
+            with_tls(&|d| d.ca_file = ca("fz-big.pem")),
+            BAD,
+        ),
+        (
+            "TLS with a CA file of 100 KiB",
+            with_tls(&|d| d.ca_file = huge.clone()),
+            BAD,
+        ),
+        (
+            "TLS for wrong.example",
+            with_tls(&|d| d.server_name = "wrong.example".into()),
+            OK,
+        ),
+        (
+            "TLS for ::1",
+            with_tls(&|d| d.server_name = "::1".into()),
+            OK,
+        ),
+        (
+            "TLS for a b",
+            with_tls(&|d| d.server_name = "a b".into()),
+            BAD,
+        ),
+        (
+            "TLS for a..b",
+            with_tls(&|d| d.server_name = "a..b".into()),
+            BAD,
+        ),
+        (
+            "TLS for a label of 64",
+            with_tls(&|d| d.server_name = "x".repeat(64)),
+            BAD,
+        ),
+        ("start 0", with(&|d| d.start_from = at(0, 0)), OK),
+        (
+            "start 0001-01-01",
+            with(&|d| d.start_from = at(FIRST_SECOND, 0)),
+            OK,
+        ),
+        (
+            "start at the last instant",
+            with(&|d| d.start_from = at(PAST_LAST_SECOND - 1, 999_999_999)),
+            OK,
+        ),
+        (
+            "start before 0001",
+            with(&|d| d.start_from = at(FIRST_SECOND - 1, 0)),
+            BAD,
+        ),
+        (
+            "start in 10000",
+            with(&|d| d.start_from = at(PAST_LAST_SECOND, 0)),
+            BAD,
+        ),
+        (
+            "start i64::MIN",
+            with(&|d| d.start_from = at(i64::MIN, 0)),
+            BAD,
+        ),
+        (
+            "start i64::MAX",
+            with(&|d| d.start_from = at(i64::MAX, 0)),
+            BAD,
+        ),
+        ("start nanos -1", with(&|d| d.start_from = at(0, -1)), BAD),
+        (
+            "start nanos 1e9",
+            with(&|d| d.start_from = at(0, 1_000_000_000)),
+            BAD,
+        ),
+        (
+            "start nanos i32::MIN",
+            with(&|d| d.start_from = at(T0, i32::MIN)),
+            BAD,
+        ),
+    ];
+    let mut failures = Vec::new();
+    let mut expect = |call: Call, want: Code| {
+        let what = format!("{} {}", call.what(), short(&format!("{call:?}")));
+        let (rule, refusal, size) = (call.timestamp_rule(), call.refusal(), call.size());
+        match rt.block_on(h.exec(call)) {
+            Err(e) => failures.push(e),
+            Ok(got) => {
+                let code = got.as_ref().err().map_or(Code::Ok, Status::code);
+                if code != want {
+                    failures.push(format!("{what}: {want:?} expected, got {got:?}"));
+                }
+                // The generated calls' oracle agrees.
+                if let Err(e) = judge(&what, &got, &rule, size)
+                    .and_then(|()| judge_refusal(&what, &got, &refusal, size))
+                {
+                    failures.push(format!("the oracle disagrees: {e}"));
+                }
+            }
+        }
+    };
+    for (what, d, want) in cases {
+        let before = failures.len();
+        expect(Call::PutDestination(d), want);
+        if failures.len() > before {
+            failures.push(format!("^ {what}"));
+        }
+    }
+
+    // The limit: 16 destinations; the 17th refused, a saved one still replaced.
+    let remove = |name: &str| {
+        Call::RemoveDestination(proto::RemoveDestinationRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+    };
+    let named = |name: String, transport: proto::SyslogTransport| proto::SiemDestination {
+        name,
+        transport: transport as i32,
+        ..base.clone()
+    };
+    expect(remove("fz-edge"), OK);
+    expect(remove("fz-edge"), Code::NotFound);
+    expect(remove(""), Code::NotFound);
+    expect(remove(&"x".repeat(300)), BAD);
+    for i in 0..SIEM_MAX_DESTINATIONS {
+        let transport = if i == 0 {
+            proto::SyslogTransport::Udp
+        } else {
+            proto::SyslogTransport::Tcp
+        };
+        expect(
+            Call::PutDestination(named(format!("fz-limit-{i:02}"), transport)),
+            OK,
+        );
+    }
+    let tcp = proto::SyslogTransport::Tcp;
+    expect(
+        Call::PutDestination(named("fz-limit-16".into(), tcp)),
+        Code::ResourceExhausted,
+    );
+    expect(
+        Call::PutDestination(proto::SiemDestination {
+            facility: Some(5),
+            ..named("fz-limit-03".into(), tcp)
+        }),
+        OK,
+    );
+    let mut siem = SiemServiceClient::new(h.admin.clone());
+    let list = rt
+        .block_on(siem.list_destinations(proto::ListDestinationsRequest::default()))
+        .unwrap()
+        .into_inner()
+        .destinations;
+    let names: Vec<String> = list
+        .iter()
+        .map(|s| s.destination.as_ref().unwrap().name.clone())
+        .collect();
+    let want: Vec<String> = (0..SIEM_MAX_DESTINATIONS)
+        .map(|i| format!("fz-limit-{i:02}"))
+        .collect();
+    assert_eq!(names, want);
+    check_destinations(&list).unwrap();
+    let facility = list[3].destination.as_ref().unwrap().facility;
+    assert_eq!(facility, Some(5), "replaced while full");
+
+    // Test messages: over TCP to a closed port, a report of the refusal; over UDP, delivered.
+    let test = |name: &str| {
+        rt.block_on(SiemServiceClient::new(h.admin.clone()).test_destination(
+            proto::TestDestinationRequest {
+                name: name.into(),
+                ..Default::default()
+            },
+        ))
+    };
+    let report = test("fz-limit-01").unwrap().into_inner();
+    assert!(!report.delivered, "{report:?}");
+    assert!(report.detail.contains("127.0.0.1:1"), "{report:?}");
+    assert!(report.message.contains("FLEET_SIEM_TEST"), "{report:?}");
+    let report = test("fz-limit-00").unwrap().into_inner();
+    assert!(report.delivered, "{report:?}");
+    assert_eq!(test("fz-none").unwrap_err().code(), Code::NotFound);
+    assert_eq!(test(&"x".repeat(300)).unwrap_err().code(), BAD);
+
+    // One removed, room for one more.
+    expect(remove("fz-limit-15"), OK);
+    expect(Call::PutDestination(named("fz-limit-16".into(), tcp)), OK);
+    rt.block_on(h.alive()).unwrap();
+    rt.block_on(h.server.stop());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    no_new_panic(at_start).unwrap();
+}

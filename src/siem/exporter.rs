@@ -413,6 +413,8 @@ struct Export {
     /// A missing position waited for: (the position, since when).
     gap: Option<(u64, Instant)>,
     behind_read: Option<Instant>,
+    /// When the first event not yet sent was received (as last read).
+    first_unsent: Option<Timestamp>,
 }
 
 /// The task of one destination: runs until `stop`.
@@ -438,18 +440,25 @@ async fn export(
         retry_at: None,
         gap: None,
         behind_read: None,
+        first_unsent: None,
     };
     while !stop.is_cancelled() {
         x.age_acknowledged();
         x.note_behind().await;
-        let ready = match x.read().await {
-            Ok(ready) => ready,
-            Err(e) => {
-                x.stats.error(&format!("reading the store: {e}"));
-                Vec::new()
+        let waiting = x.retry_at.is_some_and(|t| t > Instant::now());
+        let ready = if waiting {
+            // Nothing is read while a retry is due later: the lag only grows.
+            x.note_lag();
+            Vec::new()
+        } else {
+            match x.read().await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    x.stats.error(&format!("reading the store: {e}"));
+                    Vec::new()
+                }
             }
         };
-        let waiting = x.retry_at.is_some_and(|t| t > Instant::now());
         if ready.is_empty() || waiting {
             if x.conn.as_ref().is_some_and(|c| c.closed_by_peer()) {
                 x.broken("the receiver closed the connection");
@@ -524,14 +533,17 @@ impl Export {
             .await?;
         let now = self.ctx.engine.clock().now();
         let ready = settle_gaps(position, events, &mut self.gap, now);
-        match ready.first() {
-            Some(first) => {
-                let lag = (now.0 - first.received_at.0).max(1);
-                self.stats.lag_micros.store(lag, Ordering::Relaxed);
-            }
-            None => self.stats.lag_micros.store(0, Ordering::Relaxed),
-        }
+        self.first_unsent = ready.first().map(|e| e.received_at);
+        self.note_lag();
         Ok(ready)
+    }
+
+    /// The lag: how long ago the first event not yet sent was received.
+    fn note_lag(&self) {
+        let lag = self
+            .first_unsent
+            .map_or(0, |t| (self.ctx.engine.clock().now().0 - t.0).max(1));
+        self.stats.lag_micros.store(lag, Ordering::Relaxed);
     }
 
     /// The connection broke (or the receiver closed it): what was sent since the saved
