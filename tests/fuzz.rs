@@ -4891,30 +4891,41 @@ fn siem_destinations_at_their_edges() {
             BAD,
         ),
     ];
-    let mut failures = Vec::new();
-    let mut expect = |call: Call, want: Code| {
+    // What went wrong with `call`, which must be answered `want`.
+    let expect = |call: Call, want: Code| -> Vec<String> {
         let what = format!("{} {}", call.what(), short(&format!("{call:?}")));
         let (rule, refusal, size) = (call.timestamp_rule(), call.refusal(), call.size());
+        let mut wrong = Vec::new();
         match rt.block_on(h.exec(call)) {
-            Err(e) => failures.push(e),
+            Err(e) => wrong.push(e),
             Ok(got) => {
                 let code = got.as_ref().err().map_or(Code::Ok, Status::code);
                 if code != want {
-                    failures.push(format!("{what}: {want:?} expected, got {got:?}"));
+                    wrong.push(format!("{what}: {want:?} expected, got {got:?}"));
                 }
                 // The generated calls' oracle agrees.
                 if let Err(e) = judge(&what, &got, &rule, size)
                     .and_then(|()| judge_refusal(&what, &got, &refusal, size))
                 {
-                    failures.push(format!("the oracle disagrees: {e}"));
+                    wrong.push(format!("the oracle disagrees: {e}"));
                 }
             }
         }
+        wrong
     };
+    let mut cases = cases;
+    // Every server name the generated calls know the answer for, over TLS.
+    for (names, want) in [(SIEM_SERVER_NAMES, OK), (SIEM_BAD_SERVER_NAMES, BAD)] {
+        for name in names {
+            let d = with_tls(&|d| d.server_name = (*name).to_owned());
+            cases.push(("a known server name", d, want));
+        }
+    }
+    let mut failures = Vec::new();
     for (what, d, want) in cases {
-        let before = failures.len();
-        expect(Call::PutDestination(d), want);
-        if failures.len() > before {
+        let wrong = expect(Call::PutDestination(d), want);
+        if !wrong.is_empty() {
+            failures.extend(wrong);
             failures.push(format!("^ {what}"));
         }
     }
@@ -4931,33 +4942,34 @@ fn siem_destinations_at_their_edges() {
         transport: transport as i32,
         ..base.clone()
     };
-    expect(remove("fz-edge"), OK);
-    expect(remove("fz-edge"), Code::NotFound);
-    expect(remove(""), Code::NotFound);
-    expect(remove(&"x".repeat(300)), BAD);
+    failures.extend(expect(remove("fz-edge"), OK));
+    failures.extend(expect(remove(&"x".repeat(128)), OK));
+    failures.extend(expect(remove("fz-edge"), Code::NotFound));
+    failures.extend(expect(remove(""), Code::NotFound));
+    failures.extend(expect(remove(&"x".repeat(300)), BAD));
     for i in 0..SIEM_MAX_DESTINATIONS {
         let transport = if i == 0 {
             proto::SyslogTransport::Udp
         } else {
             proto::SyslogTransport::Tcp
         };
-        expect(
+        failures.extend(expect(
             Call::PutDestination(named(format!("fz-limit-{i:02}"), transport)),
             OK,
-        );
+        ));
     }
     let tcp = proto::SyslogTransport::Tcp;
-    expect(
+    failures.extend(expect(
         Call::PutDestination(named("fz-limit-16".into(), tcp)),
         Code::ResourceExhausted,
-    );
-    expect(
+    ));
+    failures.extend(expect(
         Call::PutDestination(proto::SiemDestination {
             facility: Some(5),
             ..named("fz-limit-03".into(), tcp)
         }),
         OK,
-    );
+    ));
     let mut siem = SiemServiceClient::new(h.admin.clone());
     let list = rt
         .block_on(siem.list_destinations(proto::ListDestinationsRequest::default()))
@@ -4995,8 +5007,11 @@ fn siem_destinations_at_their_edges() {
     assert_eq!(test(&"x".repeat(300)).unwrap_err().code(), BAD);
 
     // One removed, room for one more.
-    expect(remove("fz-limit-15"), OK);
-    expect(Call::PutDestination(named("fz-limit-16".into(), tcp)), OK);
+    failures.extend(expect(remove("fz-limit-15"), OK));
+    failures.extend(expect(
+        Call::PutDestination(named("fz-limit-16".into(), tcp)),
+        OK,
+    ));
     rt.block_on(h.alive()).unwrap();
     rt.block_on(h.server.stop());
     assert!(failures.is_empty(), "{}", failures.join("\n"));

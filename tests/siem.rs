@@ -55,6 +55,9 @@ struct Receiver {
     messages: Messages,
     /// The TLS side, for a TLS receiver.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether it reads what it is sent; a deaf receiver accepts connections and holds them
+    /// open, its kernel acknowledging what fits in the socket buffers, and reads nothing.
+    reading: bool,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -71,6 +74,7 @@ impl Receiver {
             port: 0,
             messages: Messages::default(),
             tls,
+            reading: true,
             stop: CancellationToken::new(),
             task: None,
         };
@@ -78,21 +82,22 @@ impl Receiver {
         r
     }
 
-    /// Listens on the receiver's port (any, the first time) and serves every connection.
+    /// Listens on the receiver's port (a free one outside the ephemeral range the first time,
+    /// see [`listen_outside_ephemeral`]) and serves every connection.
     fn listen(&mut self) {
         assert!(self.task.is_none(), "the receiver is running already");
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, 1], self.port)))
-            .unwrap_or_else(|e| panic!("binding 127.0.0.1:{}: {e}", self.port));
-        let listener = socket.listen(64).unwrap();
+        let listener = if self.port == 0 {
+            listen_outside_ephemeral()
+        } else {
+            listen_on(self.port)
+                .unwrap_or_else(|e| panic!("listening on 127.0.0.1:{}: {e}", self.port))
+        };
         self.port = listener.local_addr().unwrap().port();
         self.stop = CancellationToken::new();
         self.task = Some(tokio::spawn(serve(
             listener,
             self.tls.clone(),
-            self.messages.clone(),
+            self.reading.then(|| self.messages.clone()),
             self.stop.clone(),
         )));
     }
@@ -122,12 +127,39 @@ impl Drop for Receiver {
     }
 }
 
+/// A listener on 127.0.0.1:`port`, with `SO_REUSEADDR` (so that it listens again while
+/// connections it accepted before are in TIME_WAIT).
+fn listen_on(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    socket.listen(64)
+}
+
+/// A listener on a free port below the kernel's ephemeral range: while a receiver is down, no
+/// connection of this host (the exporter's own attempts to reach it included, which could
+/// otherwise connect to themselves) takes its port, so it can listen there again.
+fn listen_outside_ephemeral() -> tokio::net::TcpListener {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low > 10_000 {
+        for _ in 0..200 {
+            if let Ok(listener) = listen_on(fastrand::u16(10_000..low)) {
+                return listener;
+            }
+        }
+    }
+    listen_on(0).unwrap()
+}
+
 /// Accepts connections and reads each until `stop`; then returns, dropping the listener and
 /// every connection.
 async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    messages: Messages,
+    messages: Option<Messages>,
     stop: CancellationToken,
 ) {
     let mut connections = FuturesUnordered::new();
@@ -144,8 +176,17 @@ async fn serve(
     }
 }
 
-/// One accepted connection: the TLS handshake if any, then frames until the sender closes.
-async fn connection(tcp: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, messages: Messages) {
+/// One accepted connection: the TLS handshake if any, then frames until the sender closes
+/// (without `messages`, deaf: held open, never read).
+async fn connection(
+    tcp: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    messages: Option<Messages>,
+) {
+    let Some(messages) = messages else {
+        let _held = tcp;
+        return std::future::pending().await;
+    };
     match tls {
         None => read_frames(tcp, &messages).await,
         Some(acceptor) => {
@@ -392,12 +433,27 @@ async fn wait_for<F: Fn() -> Vec<String>>(
     want: &[String],
     what: &str,
 ) -> Vec<String> {
-    let all = eventually(DEADLINE, what, || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(DEADLINE);
+    let all = loop {
         let all = messages();
         let got = first_appearances(&ids(&all, prefix));
-        async move { (got.len() >= want.len()).then_some(all) }
-    })
-    .await;
+        if got.len() >= want.len() {
+            break all;
+        }
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<&String> = want.iter().filter(|w| !got.contains(w)).collect();
+            panic!(
+                "not within {DEADLINE} s: {what}: {} of {} ids from {prefix}*, {} messages in \
+                 all; missing {}: {:?}",
+                got.len(),
+                want.len(),
+                all.len(),
+                missing.len(),
+                &missing[..missing.len().min(20)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         first_appearances(&ids(&all, prefix)),
         want,
@@ -957,5 +1013,325 @@ async fn udp_sends_one_datagram_per_event() {
     .await;
     assert_eq!(st.truncated, 1, "{st:?}");
     assert!(st.connected, "{st:?}");
+    s.stop().await;
+}
+
+/// (b, harder) The receiver is killed in the middle of a burst, with bytes it had acknowledged
+/// but not read yet, and comes back at once: what it lost is sent again (the replay window),
+/// so every event arrives at least once, in order of first appearance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_killed_in_the_middle_of_a_burst_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(siem_config(&dir.path().join("data"))).await;
+    register_test_types(&s).await;
+    let mut r = Receiver::start().await;
+    put(&s, tcp("siem-k", r.port)).await;
+    let mut events = s.events();
+    let burst = tokio::spawn(async move {
+        let mut sent = Vec::new();
+        for i in 0..300 {
+            let id = format!("k-{i}");
+            let c = events
+                .classify(event(&format!("dev-k-{}", i % 3), APP_WARN, &id))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(c.stored, "{c:?}");
+            sent.push(id);
+        }
+        sent
+    });
+    eventually(DEADLINE, "30 events of the burst", || {
+        let n = ids(&r.messages(), "dev-k-").len();
+        async move { (n >= 30).then_some(()) }
+    })
+    .await;
+    r.stop().await;
+    r.restart();
+    let sent = burst.await.unwrap();
+    let got = wait_for(
+        || r.messages(),
+        "dev-k-",
+        &sent,
+        "300 events after the kill",
+    )
+    .await;
+    assert!(ids(&got, "dev-k-").len() >= 300);
+    s.stop().await;
+}
+
+/// (b, exactly) Events the receiver's kernel acknowledged but the receiver never read are lost
+/// when it dies: within the replay window they must be sent again once it is back. The
+/// receiver is deaf first (it accepts and reads nothing), is killed, and comes back reading.
+/// With `notice_idle`, the exporter sees the dead connection while idle before anything else
+/// happens; without, one more event is raised at once, so that the next thing the exporter
+/// does is send it (the dead connection is found on the way).
+async fn unread_events_are_sent_again(notice_idle: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(siem_config(&dir.path().join("data"))).await;
+    register_test_types(&s).await;
+    let mut r = Receiver::start().await;
+    r.stop().await;
+    r.reading = false;
+    r.restart();
+    put(&s, tcp("siem-z", r.port)).await;
+    let unread = raise_many(&s, "z", 0..5).await;
+    // Sent, and acknowledged by the receiver's TCP stack (the audit event of the put too).
+    let st = eventually(DEADLINE, "siem-z sent 6", || async {
+        let st = status(&s, "siem-z").await;
+        (st.sent >= 6 && st.behind == 0).then_some(st)
+    })
+    .await;
+    assert!(st.connected, "{st:?}");
+    assert!(r.messages().is_empty());
+    // Killed with all of it unread (its kernel resets the connection), back reading.
+    r.stop().await;
+    if notice_idle {
+        eventually(DEADLINE, "siem-z noticing the reset", || async {
+            (!status(&s, "siem-z").await.connected).then_some(())
+        })
+        .await;
+    }
+    r.reading = true;
+    r.restart();
+    let next = raise_many(&s, "z", 5..6).await;
+    let every = [unread, next].concat();
+    wait_for(|| r.messages(), "dev-z-", &every, "the unread events again").await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_events_are_sent_again_when_the_next_send_finds_the_connection_dead() {
+    unread_events_are_sent_again(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_events_are_sent_again_when_the_dead_connection_is_noticed_idle() {
+    unread_events_are_sent_again(true).await;
+}
+
+/// (c, harder) Events raised while the receiver is down survive a restart of the server: the
+/// saved cursor is where the receiver's events end, not where the sending stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_not_yet_exported_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(siem_config(&dir.path().join("data"))).await;
+    register_test_types(&s).await;
+    let mut r = Receiver::start().await;
+    put(&s, tcp("siem-u", r.port)).await;
+    let before = raise_many(&s, "u", 0..5).await;
+    wait_for(
+        || r.messages(),
+        "dev-u-",
+        &before,
+        "5 events before the outage",
+    )
+    .await;
+    r.stop().await;
+    let during = raise_many(&s, "u", 5..15).await;
+    eventually(DEADLINE, "siem-u failing", || async {
+        let st = status(&s, "siem-u").await;
+        (st.failures > 0 && st.behind > 0).then_some(())
+    })
+    .await;
+    let (data, clock) = s.stop().await;
+    let s = TestServer::start_with_clock(siem_config(&data), clock).await;
+    r.restart();
+    let after = raise_many(&s, "u", 15..20).await;
+    let every = [before, during, after].concat();
+    wait_for(
+        || r.messages(),
+        "dev-u-",
+        &every,
+        "20 events across the restart",
+    )
+    .await;
+    s.stop().await;
+}
+
+/// Filters: a destination for CRITICAL and up gets only those, one for one type only that
+/// type; the server's own events (INFO audit events) pass neither; the events filtered out
+/// still move the cursor (nothing is left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_select_by_severity_and_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(siem_config(&dir.path().join("data"))).await;
+    register_test_types(&s).await;
+    let (crit_r, other_r) = (Receiver::start().await, Receiver::start().await);
+    put(
+        &s,
+        proto::SiemDestination {
+            min_severity: proto::Severity::Critical as i32,
+            ..tcp("siem-crit", crit_r.port)
+        },
+    )
+    .await;
+    put(
+        &s,
+        proto::SiemDestination {
+            event_types: vec![common::APP_WARN_OTHER.into()],
+            ..tcp("siem-other", other_r.port)
+        },
+    )
+    .await;
+    let (mut crit, mut other) = (Vec::new(), Vec::new());
+    for i in 0..12 {
+        let id = format!("g-{i}");
+        let event_type = [APP_WARN, APP_CRITICAL, common::APP_WARN_OTHER][i % 3];
+        raise(&s, &format!("dev-g-{}", i % 3), event_type, &id).await;
+        match i % 3 {
+            1 => crit.push(id),
+            2 => other.push(id),
+            _ => {}
+        }
+    }
+    // Each destination's last event, after which nothing it must not get can still come.
+    raise(&s, "dev-g-end", APP_CRITICAL, "g-crit-end").await;
+    raise(&s, "dev-g-end", common::APP_WARN_OTHER, "g-other-end").await;
+    crit.push("g-crit-end".into());
+    other.push("g-other-end".into());
+    let got = wait_for(|| crit_r.messages(), "dev-g-", &crit, "the criticals").await;
+    assert_eq!(ids(&got, ""), crit, "only the criticals, each once");
+    let got = wait_for(|| other_r.messages(), "dev-g-", &other, "the one type").await;
+    assert_eq!(ids(&got, ""), other, "only the one type, each once");
+    for name in ["siem-crit", "siem-other"] {
+        eventually(DEADLINE, "nothing behind", || async {
+            (status(&s, name).await.behind == 0).then_some(())
+        })
+        .await;
+    }
+    s.stop().await;
+}
+
+/// `key=value` pairs of a CEF extension (values unescaped; a value runs to the next key).
+fn cef_extension(ext: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for token in ext.split(' ') {
+        match token.split_once('=') {
+            Some((k, v)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                if let Some((k, v)) = current.take() {
+                    out.insert(k, v);
+                }
+                current = Some((k.to_owned(), v.to_owned()));
+            }
+            _ => {
+                let (_, v) = current.as_mut().expect("a value before any key");
+                v.push(' ');
+                v.push_str(token);
+            }
+        }
+    }
+    out.extend(current);
+    out.into_iter()
+        .map(|(k, v)| (k, v.replace("\\=", "=").replace("\\\\", "\\")))
+        .collect()
+}
+
+/// The header of a CEF or LEEF message (`<PRI>1 TIMESTAMP HOSTNAME APP-NAME - MSGID -`) and
+/// its record.
+fn syslog_record(m: &str) -> (Vec<&str>, &str) {
+    let parts: Vec<&str> = m.splitn(8, ' ').collect();
+    assert_eq!(parts.len(), 8, "{m:?}");
+    assert_eq!((parts[4], parts[6]), ("-", "-"), "no PROCID, no SD: {m:?}");
+    (parts[..6].to_vec(), parts[7])
+}
+
+/// CEF and LEEF: each event once, in order, its fields where ArcSight and QRadar read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cef_and_leef_carry_each_event_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(siem_config(&dir.path().join("data"))).await;
+    register_test_types(&s).await;
+    let (cef_r, leef_r) = (Receiver::start().await, Receiver::start().await);
+    put(
+        &s,
+        proto::SiemDestination {
+            format: SiemFormat::Cef as i32,
+            event_types: vec![APP_WARN.into()],
+            ..tcp("siem-cef", cef_r.port)
+        },
+    )
+    .await;
+    put(
+        &s,
+        proto::SiemDestination {
+            format: SiemFormat::Leef as i32,
+            event_types: vec![APP_WARN.into()],
+            facility: Some(0),
+            ..tcp("siem-leef", leef_r.port)
+        },
+    )
+    .await;
+    let sent = raise_many(&s, "h", 0..6).await;
+    let version = env!("CARGO_PKG_VERSION");
+    let expected_device = |i: usize| format!("dev-h-{}", i % 3);
+
+    let all = eventually(DEADLINE, "6 CEF messages", || {
+        let m = cef_r.messages();
+        async move { (m.len() >= 6).then_some(m) }
+    })
+    .await;
+    assert_eq!(all.len(), 6, "{all:?}");
+    for (i, m) in all.iter().enumerate() {
+        let (header, record) = syslog_record(m);
+        assert_eq!(header[0], "<108>1", "{m:?}");
+        assert_eq!(header[5], APP_WARN, "{m:?}");
+        let fields: Vec<&str> = record.splitn(8, '|').collect();
+        assert_eq!(
+            fields[..7],
+            [
+                "CEF:0",
+                "fleet-events",
+                "fleet-events",
+                version,
+                &APP_WARN_ID.to_string(),
+                &format!("Test type {APP_WARN}"),
+                "5"
+            ],
+            "{m:?}"
+        );
+        let ext = cef_extension(fields[7]);
+        assert_eq!(ext["externalId"], sent[i], "{m:?}");
+        assert_eq!(ext["dhost"], expected_device(i), "{m:?}");
+        assert_eq!(ext["cat"], APP_WARN, "{m:?}");
+        assert_eq!(ext["rt"], (T0 * 1000).to_string(), "{m:?}");
+    }
+
+    let all = eventually(DEADLINE, "6 LEEF messages", || {
+        let m = leef_r.messages();
+        async move { (m.len() >= 6).then_some(m) }
+    })
+    .await;
+    assert_eq!(all.len(), 6, "{all:?}");
+    for (i, m) in all.iter().enumerate() {
+        let (header, record) = syslog_record(m);
+        assert_eq!(header[0], "<4>1", "facility 0, WARNING: {m:?}");
+        let fields: Vec<&str> = record.splitn(7, '|').collect();
+        assert_eq!(
+            fields[..6],
+            [
+                "LEEF:2.0",
+                "fleet-events",
+                "fleet-events",
+                version,
+                &APP_WARN_ID.to_string(),
+                "x09"
+            ],
+            "{m:?}"
+        );
+        let attrs: BTreeMap<&str, &str> = fields[6]
+            .split('\t')
+            .map(|a| {
+                a.split_once('=')
+                    .unwrap_or_else(|| panic!("{a:?} in {m:?}"))
+            })
+            .collect();
+        assert_eq!(attrs["externalId"], sent[i], "{m:?}");
+        assert_eq!(attrs["identHostName"], expected_device(i), "{m:?}");
+        assert_eq!(attrs["sev"], "5", "{m:?}");
+        assert_eq!(attrs["cat"], APP_WARN, "{m:?}");
+        assert_eq!(attrs["devTime"], (T0 * 1000).to_string(), "{m:?}");
+    }
     s.stop().await;
 }

@@ -558,10 +558,17 @@ impl Export {
             .store(s.durable.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
-    async fn connection(&mut self) -> Result<&mut Connection, SendError> {
-        if self.conn.as_ref().is_some_and(|c| c.closed_by_peer()) {
+    /// Whether the receiver closed the open connection; if so it is dropped and the position
+    /// rewound (see [`Export::broken`]).
+    fn found_closed(&mut self) -> bool {
+        let closed = self.conn.as_ref().is_some_and(|c| c.closed_by_peer());
+        if closed {
             self.broken("the receiver closed the connection");
         }
+        closed
+    }
+
+    async fn connection(&mut self) -> Result<&mut Connection, SendError> {
         if self.conn.is_none() {
             self.conn = Some(transport::connect(&self.d, self.ctx.settings.timeout).await?);
         }
@@ -569,6 +576,12 @@ impl Export {
     }
 
     async fn send_stored(&mut self, ready: Vec<StoredEvent>) {
+        if self.found_closed() {
+            // Read again from the rewound position: what the receiver may have lost goes
+            // first, in order.
+            return;
+        }
+        let from = self.stats.position.load(Ordering::Relaxed);
         let last = ready.last().map_or(0, |e| e.seq.max(0) as u64);
         let messages: Vec<String> = ready
             .iter()
@@ -588,6 +601,12 @@ impl Export {
             })
             .collect();
         if !messages.is_empty() && !self.send(&messages).await {
+            return;
+        }
+        if self.stats.position.load(Ordering::Relaxed) != from {
+            // Rewound meanwhile (a live event found the connection broken): what lies between
+            // is sent again first, this batch with it, so nothing the receiver may have lost
+            // is skipped.
             return;
         }
         self.stats.position.store(last, Ordering::Relaxed);
@@ -635,6 +654,9 @@ impl Export {
             self.stats.live_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        // A closed connection is replaced by a new one for this event; the stored events
+        // since the saved cursor are sent again on the next turn.
+        self.found_closed();
         let message = render(&self.d, &ExportedEvent::live(ev), &self.ctx.hostname);
         if !self.send(std::slice::from_ref(&message)).await {
             self.stats.live_dropped.fetch_add(1, Ordering::Relaxed);
