@@ -71,8 +71,20 @@ impl AuthChannel {
     }
 }
 
-/// The endpoint for `url` with `options`' TLS settings.
-pub fn endpoint(url: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+/// The URL of a server address: `HOST:PORT` (as grpcurl and the other gRPC tools take it)
+/// means TLS, `https://HOST:PORT`; an address with a scheme (`https://`, or `http://` for a
+/// plaintext server) is kept as it is.
+pub fn server_url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("https://{address}")
+    }
+}
+
+/// The endpoint for the server `address` (see [`server_url`]) with `options`' TLS settings.
+pub fn endpoint(address: &str, options: &ClientOptions) -> Result<Endpoint, ClientError> {
+    let url = &server_url(address);
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| ClientError::Config(format!("bad server address {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
@@ -112,8 +124,10 @@ pub fn authenticate(channel: Channel, options: &ClientOptions) -> Result<AuthCha
     })
 }
 
-/// Connects to `url` (`https://HOST:PORT`, or `http://` for a plaintext server).
-pub async fn connect(url: &str, options: &ClientOptions) -> Result<AuthChannel, ClientError> {
+/// Connects to `address`: `HOST:PORT` or `https://HOST:PORT` (TLS), or `http://HOST:PORT` for
+/// a plaintext server.
+pub async fn connect(address: &str, options: &ClientOptions) -> Result<AuthChannel, ClientError> {
+    let url = &server_url(address);
     let channel =
         endpoint(url, options)?
             .connect()
@@ -142,5 +156,23 @@ impl tower::Service<http::Request<Body>> for AuthChannel {
                 .insert(http::header::AUTHORIZATION, v.clone());
         }
         self.channel.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_url;
+
+    /// `HOST:PORT` means TLS, as in grpcurl; a scheme is kept.
+    #[test]
+    fn addresses_without_a_scheme_are_tls() {
+        assert_eq!(server_url("127.0.0.1:50051"), "https://127.0.0.1:50051");
+        assert_eq!(server_url("fleet.example:443"), "https://fleet.example:443");
+        assert_eq!(server_url("[::1]:50051"), "https://[::1]:50051");
+        assert_eq!(server_url("http://10.0.0.1:50051"), "http://10.0.0.1:50051");
+        assert_eq!(
+            server_url("https://10.0.0.1:50051"),
+            "https://10.0.0.1:50051"
+        );
     }
 }

@@ -33,7 +33,8 @@ use crate::store::{
     AppendOutcome, AppendTicket, EventQuery, EventStore, PageCursor, StoreError, StoredEvent,
     WriteTo,
 };
-use stats::{IngestStats, Outcome, Refusal};
+pub use stats::Outcome;
+use stats::{IngestStats, Refusal};
 
 /// Type string of the flood detector's event.
 pub const SPAM_EVENTS_DETECTED: &str = "KLSRV_EVENT_SPAM_EVENTS_DETECTED";
@@ -78,6 +79,13 @@ pub struct Pending {
     notified: bool,
     /// An event that this one caused the server to raise (the flood report).
     raised: Option<Box<Pending>>,
+}
+
+impl Pending {
+    /// The classified event waiting to be settled.
+    pub fn event(&self) -> &Arc<ClassifiedEvent> {
+        &self.event
+    }
 }
 
 /// A query over stored events, as the API receives it.
@@ -359,6 +367,17 @@ impl Engine {
     /// Stage 2: waits for the commit of a pending event (and of any event it raised), then
     /// publishes them to subscribers. Returns the event to answer with.
     pub async fn settle(&self, pending: Pending) -> Result<Arc<ClassifiedEvent>, EngineError> {
+        self.settle_with_outcome(pending)
+            .await
+            .map(|(event, _)| event)
+    }
+
+    /// [`Engine::settle`], also saying what became of the event (stored, live only, a
+    /// duplicate, blocked): the answer a client gets.
+    pub async fn settle_with_outcome(
+        &self,
+        pending: Pending,
+    ) -> Result<(Arc<ClassifiedEvent>, Outcome), EngineError> {
         if let Some(raised) = pending.raised {
             // The flood report is the server's own; its failure must not fail the client event.
             if let Err(e) = Box::pin(self.settle(*raised)).await {
@@ -397,7 +416,7 @@ impl Engine {
         if publish {
             self.bus.publish(&pending.event);
         }
-        Ok(pending.event)
+        Ok((pending.event, outcome))
     }
 
     /// Remembers a live-only client event's identity; false when it was remembered already.
@@ -513,8 +532,16 @@ impl Engine {
 
     /// Both stages for one event.
     pub async fn ingest(&self, ev: IncomingEvent) -> Result<Arc<ClassifiedEvent>, EngineError> {
+        self.ingest_with_outcome(ev).await.map(|(event, _)| event)
+    }
+
+    /// Both stages for one event, with what became of it.
+    pub async fn ingest_with_outcome(
+        &self,
+        ev: IncomingEvent,
+    ) -> Result<(Arc<ClassifiedEvent>, Outcome), EngineError> {
         let p = self.accept(ev).await?;
-        self.settle(p).await
+        self.settle_with_outcome(p).await
     }
 
     /// Classifies an event the server raises itself and queues it like any other (no flood

@@ -639,7 +639,13 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
 
 /// Marks every service of the client port SERVING.
 async fn report_serving(health: &HealthReporter) {
+    report_all(health, ServingStatus::Serving).await;
+}
+
+/// Sets the health of the server (`""`) and of every service of the client port to `status`.
+async fn report_all(health: &HealthReporter, status: ServingStatus) {
     use tonic::server::NamedService;
+    health.set_service_status("", status).await;
     for name in [
         EventServiceServer::<EventApi>::NAME,
         CatalogServiceServer::<CatalogApi>::NAME,
@@ -655,13 +661,11 @@ async fn report_serving(health: &HealthReporter) {
         EnrollmentServiceServer::<AccessApi>::NAME,
         HierarchyServiceServer::<HierarchyApi>::NAME,
     ] {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+        health.set_service_status(name, status).await;
     }
 }
 
-/// Reflection (v1 and v1alpha) of every service and of health.
+/// Reflection (v1 and v1alpha) of every service, of health and of the error details.
 fn reflection() -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
@@ -677,6 +681,9 @@ fn reflection() -> Result<
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.Status and the error details every refusal carries, so grpcurl
+            // shows them decoded.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let v1 = builder()
         .build_v1()
@@ -1077,9 +1084,7 @@ impl RunningServer {
     /// everything queued and closes, and every background task has ended.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
-        self.health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        report_all(&self.health, ServingStatus::NotServing).await;
         self.shutdown.cancel();
         let mut serve = self.serve;
         match tokio::time::timeout(self.grace, &mut serve).await {

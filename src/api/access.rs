@@ -12,6 +12,7 @@ use super::paging;
 use super::proto::{
     self, access_service_server::AccessService, enrollment_service_server::EnrollmentService,
 };
+use super::status::{Reason, bad_field, refuse};
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::auth::{AccessControl, ApiToken, EnrollmentToken, Principal, Role};
@@ -50,9 +51,10 @@ fn role(n: i32) -> Result<Role, Status> {
         Ok(proto::Role::Operator) => Ok(Role::Operator),
         Ok(proto::Role::Admin) => Ok(Role::Admin),
         Ok(proto::Role::Ingest) => Ok(Role::Ingest),
-        _ => Err(Status::invalid_argument(format!(
-            "role: {n} is not one of ROLE_VIEWER, ROLE_OPERATOR, ROLE_ADMIN, ROLE_INGEST"
-        ))),
+        _ => Err(bad_field(
+            "role",
+            format!("{n} is not one of ROLE_VIEWER, ROLE_OPERATOR, ROLE_ADMIN, ROLE_INGEST"),
+        )),
     }
 }
 
@@ -264,7 +266,9 @@ impl AccessService for AccessApi {
                 name: device_id,
                 role: 0,
             },
-            Principal::Anonymous => return Err(Status::unauthenticated("no credential")),
+            Principal::Anonymous => {
+                return Err(refuse(Reason::Unauthenticated, "no credential"));
+            }
         }))
     }
 }
@@ -315,7 +319,8 @@ impl EnrollmentService for AccessApi {
         request.get_ref().check()?;
         let who = principal(&request);
         let Some(device_id) = who.own_device().map(str::to_owned) else {
-            return Err(Status::permission_denied(
+            return Err(refuse(
+                Reason::NotPermitted,
                 "Renew needs the device's current certificate (mutual TLS)",
             ));
         };

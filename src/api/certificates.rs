@@ -60,7 +60,12 @@ impl CertificateService for CertificateApi {
             1 => MdmCertificateKind::General,
             2 => MdmCertificateKind::Mail,
             3 => MdmCertificateKind::Vpn,
-            n => return Err(bad_field("kind", format!("{n}: use GENERAL, MAIL or VPN"))),
+            n => {
+                return Err(bad_field(
+                    "kind",
+                    format!("{n}: use MDM_CERTIFICATE_KIND_GENERAL, _MAIL or _VPN"),
+                ));
+            }
         };
         let not_after = timestamp(r.not_after, "not_after")?
             .ok_or_else(|| bad_field("not_after", "required"))?;

@@ -8,7 +8,7 @@ use super::status::bad_field;
 use crate::catalog::{EventType, FloodOverride, RaisedBy, Severity, TypeSettings};
 use crate::classify::{ClassifiedEvent, IncomingEvent, Origin, RelayTag, RelayedIncoming};
 use crate::clock::Timestamp;
-use crate::engine::QueriedEvent;
+use crate::engine::{Outcome, QueriedEvent};
 use crate::flood::{Block, BlockState};
 use crate::hierarchy::relay::{RelayError, RelayedItem};
 use crate::notify::rules::RuleSettings;
@@ -79,10 +79,34 @@ pub fn incoming(e: proto::Event) -> Result<IncomingEvent, Status> {
     })
 }
 
-/// The answer to `Classify` and `Stream`: identity and classification, without the params and
-/// application that the caller already has.
-pub fn answer(c: &ClassifiedEvent) -> proto::Classification {
+/// The wire outcome of an engine outcome. A failed event is never answered (its call ends with
+/// an error status), so it has no outcome of its own.
+fn pb_outcome(o: Outcome) -> i32 {
+    let o = match o {
+        Outcome::Stored => proto::Outcome::Stored,
+        Outcome::Live => proto::Outcome::LiveOnly,
+        Outcome::Duplicate => proto::Outcome::Duplicate,
+        Outcome::Blocked => proto::Outcome::Blocked,
+        Outcome::Failed => proto::Outcome::Unspecified,
+    };
+    o as i32
+}
+
+/// What a subscriber is told an event became: it sees only events that were stored or
+/// delivered live.
+fn delivered_outcome(c: &ClassifiedEvent) -> Outcome {
+    if c.stored() {
+        Outcome::Stored
+    } else {
+        Outcome::Live
+    }
+}
+
+/// The answer to `Classify` and `Stream`: identity, classification and what this call did with
+/// the event, without the params and application that the caller already has.
+pub fn answer(c: &ClassifiedEvent, outcome: Outcome) -> proto::Classification {
     proto::Classification {
+        outcome: pb_outcome(outcome),
         event_id: c.event_id.clone(),
         device_id: c.device_id.clone(),
         event_type: c.event_type.name.clone(),
@@ -115,7 +139,7 @@ pub fn full(c: &ClassifiedEvent) -> proto::Classification {
     proto::Classification {
         application: c.application.clone(),
         params: c.params.clone(),
-        ..answer(c)
+        ..answer(c, delivered_outcome(c))
     }
 }
 
@@ -145,6 +169,7 @@ pub fn queried(q: QueriedEvent) -> proto::Classification {
         missed_before: 0,
         origin_server_id: s.origin_server,
         server_chain: s.server_chain,
+        outcome: proto::Outcome::Stored as i32,
     }
 }
 

@@ -67,8 +67,8 @@ impl DeviceApi {
 fn pb_status(s: DeviceStatus) -> i32 {
     let s = match s {
         DeviceStatus::Ok => proto::DeviceStatus::Ok,
-        DeviceStatus::Warning => proto::DeviceStatus::StatusWarning,
-        DeviceStatus::Critical => proto::DeviceStatus::StatusCritical,
+        DeviceStatus::Warning => proto::DeviceStatus::Warning,
+        DeviceStatus::Critical => proto::DeviceStatus::Critical,
     };
     s as i32
 }

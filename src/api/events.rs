@@ -13,16 +13,20 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{principal, speak_for};
 use super::convert;
+use super::paging;
 use super::proto::{
     self, Classification, QueryEventsRequest, QueryEventsResponse, SubscribeRequest,
     event_service_server::EventService,
 };
-use super::status::decode_status;
+use super::status::{Reason, decode_status, in_stream, refuse};
 use super::validate::Checked;
 use crate::auth::{AccessControl, Principal};
 use crate::classify::ClassifiedEvent;
 use crate::engine::stats::Refusal;
-use crate::engine::{Engine, EngineError, Pending, QueryRequest, subscriber_filter};
+use crate::engine::{
+    Engine, EngineError, Outcome, Pending, QueriedEvent, QueryRequest, subscriber_filter,
+};
+use crate::store::PageCursor;
 
 /// Events of one `Stream` call accepted but not yet answered. Bounds the memory of a stream and
 /// lets many events of one stream share a group commit.
@@ -131,22 +135,28 @@ impl SubscriberSlots {
             connection: None,
         };
         if total >= self.max_total {
-            return Err(Status::resource_exhausted(format!(
-                "{} subscriptions are open on this server, its limit \
+            return Err(refuse(
+                Reason::TooManySubscribers,
+                format!(
+                    "{} subscriptions are open on this server, its limit \
                  (subscribe.max_subscribers); try again later",
-                self.max_total
-            )));
+                    self.max_total
+                ),
+            ));
         }
         let Some(id) = connection else {
             return Ok(slot);
         };
         let mut n = self.per_connection.entry(id).or_insert(0);
         if *n >= self.max_per_connection {
-            return Err(Status::resource_exhausted(format!(
-                "{} subscriptions are open on this connection, its limit \
+            return Err(refuse(
+                Reason::TooManySubscribers,
+                format!(
+                    "{} subscriptions are open on this connection, its limit \
                  (subscribe.max_per_connection); open another connection or close one",
-                self.max_per_connection
-            )));
+                    self.max_per_connection
+                ),
+            ));
         }
         *n += 1;
         drop(n);
@@ -186,8 +196,8 @@ impl EventService for EventApi {
         let event = speak_for(&who, "device_id", &mut event.device_id)
             .and_then(|()| convert::incoming(event))
             .inspect_err(|s| count_refusal(&self.engine, s))?;
-        let classified = self.engine.ingest(event).await?;
-        Ok(Response::new(convert::answer(&classified)))
+        let (classified, outcome) = self.engine.ingest_with_outcome(event).await?;
+        Ok(Response::new(convert::answer(&classified, outcome)))
     }
 
     type StreamStream = ClassificationStream;
@@ -258,7 +268,7 @@ impl EventService for EventApi {
                         }
                     }
                     _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        let _ = tx.send(Err(refuse(Reason::ShuttingDown, "the server is shutting down"))).await;
                         break;
                     }
                     _ = tx.closed() => break,
@@ -298,10 +308,41 @@ impl EventService for EventApi {
             page_token: r.page_token,
         };
         let (events, next) = self.engine.query(q).await?;
-        Ok(Response::new(QueryEventsResponse {
-            events: events.into_iter().map(convert::queried).collect(),
-            next_page_token: next.unwrap_or_default(),
-        }))
+        Ok(Response::new(bounded_page(events, next)))
+    }
+}
+
+/// A `QueryEvents` answer within [`paging::PAGE_BYTES`] (3 MiB, well under the 4 MiB a client
+/// takes by default): a page of large events is cut after the last one that fits (at least one
+/// per page, each being bounded by the event limits), and its token continues right after it.
+fn bounded_page(events: Vec<QueriedEvent>, next: Option<String>) -> QueryEventsResponse {
+    use prost::Message;
+    let total = events.len();
+    let mut out = Vec::with_capacity(total);
+    let mut bytes = 0;
+    let mut cut_after = None;
+    for q in events {
+        let cursor = PageCursor {
+            occurred_at: q.stored.occurred_at,
+            seq: q.stored.seq,
+        };
+        let c = convert::queried(q);
+        // The length prefix and tag of a repeated field are at most 6 bytes.
+        let len = c.encoded_len() + 6;
+        if !out.is_empty() && bytes + len > paging::PAGE_BYTES {
+            break;
+        }
+        bytes += len;
+        out.push(c);
+        cut_after = Some(cursor);
+    }
+    let next_page_token = match (out.len() < total, cut_after) {
+        (true, Some(cursor)) => cursor.encode(),
+        _ => next.unwrap_or_default(),
+    };
+    QueryEventsResponse {
+        events: out,
+        next_page_token,
     }
 }
 
@@ -327,10 +368,13 @@ fn guarded(
             Ok(()) => None,
             Err(e) => {
                 tracing::error!(call, error = %e, "a call's task failed");
-                Some(Err(Status::internal(format!(
-                    "{call}: the server failed while serving this call; the events answered \
+                Some(Err(refuse(
+                    Reason::ServerFailed,
+                    format!(
+                        "{call}: the server failed while serving this call; the events answered \
                      before this status are settled, resend the others"
-                ))))
+                    ),
+                )))
             }
         }
     })
@@ -338,10 +382,22 @@ fn guarded(
     Box::pin(ReceiverStream::new(rx).chain(ending))
 }
 
-type Settling = Pin<Box<dyn Future<Output = Result<Arc<ClassifiedEvent>, EngineError>> + Send>>;
+/// The settling of one event of a stream: the event and what became of it, or why it could
+/// not be committed (with the event, so the status can name it).
+type Settling = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    (Arc<ClassifiedEvent>, Outcome),
+                    (EngineError, Arc<ClassifiedEvent>),
+                >,
+            > + Send,
+    >,
+>;
 
 fn settle(engine: Arc<Engine>, p: Pending) -> Settling {
-    Box::pin(async move { engine.settle(p).await })
+    let event = p.event().clone();
+    Box::pin(async move { engine.settle_with_outcome(p).await.map_err(|e| (e, event)) })
 }
 
 /// Drives one `Stream` call: accepts events in arrival order, lets up to [`STREAM_IN_FLIGHT`] of
@@ -365,22 +421,22 @@ async fn run_stream(
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
-                Ok(event) => {
-                    if out.send(Ok(convert::answer(event.as_ref()))).await.is_err() {
+                Ok((event, outcome)) => {
+                    if out.send(Ok(convert::answer(event.as_ref(), outcome))).await.is_err() {
                         return; // the client went away
                     }
                     answered += 1;
                 }
-                Err(e) => {
+                Err((e, event)) => {
                     // A failed commit: answer nothing after it; the client resends from here
                     // (the event ids make that safe).
-                    ending = Some(Status::from(e));
+                    ending = Some(in_stream(Status::from(e), answered + 1, Some(&event.event_id)));
                     break;
                 }
             },
             _ = shutdown.cancelled(), if reading => {
                 reading = false;
-                ending = Some(Status::unavailable("the server is shutting down"));
+                ending = Some(refuse(Reason::ShuttingDown, "the server is shutting down"));
             }
             message = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT => {
                 match message {
@@ -403,21 +459,14 @@ async fn run_stream(
                             Ok(p) => in_flight.push_back(settle(engine.clone(), p)),
                             Err(s) => {
                                 reading = false;
-                                ending = Some(Status::new(
-                                    s.code(),
-                                    format!(
-                                        "event #{index} (event_id {}): {}",
-                                        crate::fields::shown(&id),
-                                        s.message()
-                                    ),
-                                ));
+                                ending = Some(in_stream(s, index, Some(&id)));
                             }
                         }
                     }
                     Ok(None) => reading = false,
                     Err(s) => {
                         reading = false;
-                        ending = Some(decode_status(s));
+                        ending = Some(in_stream(decode_status(s), index + 1, None));
                     }
                 }
             }

@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::FutureExt;
-use tonic::Status;
 use tonic::body::Body;
 
 /// The tower layer of [`CatchPanic`].
@@ -61,9 +60,10 @@ where
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_default();
                     tracing::error!(path, panic = what, "a handler panicked");
-                    Ok(Status::internal(format!(
-                        "{path}: the server failed while answering this call"
-                    ))
+                    Ok(super::status::refuse(
+                        super::status::Reason::ServerFailed,
+                        format!("{path}: the server failed while answering this call"),
+                    )
                     .into_http())
                 }
             }

@@ -69,6 +69,21 @@ pub struct HierarchyApiParts {
 }
 
 impl HierarchyApi {
+    /// Refuses `method` on the hierarchy listener: a secondary's certificate opens `Relay`
+    /// only; the status RPCs are the administrators', on the client port with a token.
+    fn client_port_only(&self, method: &str) -> Result<(), Status> {
+        if self.relay_allowed {
+            return Err(super::status::refuse(
+                super::status::Reason::NotPermitted,
+                format!(
+                    "{method} is served on the client port only (a token of role viewer or \
+                     above), not on the hierarchy listener"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds the adapter.
     pub fn new(p: HierarchyApiParts) -> Self {
         HierarchyApi {
@@ -189,6 +204,7 @@ impl HierarchyService for HierarchyApi {
         &self,
         request: Request<ListSecondariesRequest>,
     ) -> Result<Response<ListSecondariesResponse>, Status> {
+        self.client_port_only("ListSecondaries")?;
         request.get_ref().check()?;
         let r = request.into_inner();
         let page = paging::page(
@@ -226,6 +242,7 @@ impl HierarchyService for HierarchyApi {
         &self,
         _request: Request<GetUplinkStatusRequest>,
     ) -> Result<Response<UplinkStatus>, Status> {
+        self.client_port_only("GetUplinkStatus")?;
         let server_id = self.engine.server_id().to_owned();
         let Some(uplink) = &self.uplink else {
             return Ok(Response::new(UplinkStatus {

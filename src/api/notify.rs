@@ -13,7 +13,7 @@ use super::proto::{
     TestNotificationRequest, TestNotificationResponse, notification_channel::Kind,
     notification_service_server::NotificationService,
 };
-use super::status::bad_field;
+use super::status::{Reason, bad_field, not_found, refuse};
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::catalog::Catalog;
@@ -62,8 +62,10 @@ impl From<ChannelError> for Status {
     fn from(e: ChannelError) -> Status {
         match e {
             ChannelError::Invalid(f) => f.into(),
-            ChannelError::NotFound(_) => Status::not_found(e.to_string()),
-            ChannelError::Full => Status::resource_exhausted(e.to_string()),
+            ChannelError::NotFound(ref name) => {
+                not_found("fleetevents.v1.NotificationChannel", name, e.to_string())
+            }
+            ChannelError::Full => refuse(Reason::LimitReached, e.to_string()),
             ChannelError::Store(s) => s.into(),
         }
     }
@@ -218,10 +220,11 @@ impl NotificationService for NotificationApi {
             return Err(bad_field("event_type", "required"));
         }
         let event_type = self.catalog.by_name(&r.event_type).ok_or_else(|| {
-            Status::not_found(format!(
-                "event type {:?} is not in the catalog",
-                r.event_type
-            ))
+            not_found(
+                "fleetevents.v1.EventType",
+                &r.event_type,
+                format!("event type {:?} is not in the catalog", r.event_type),
+            )
         })?;
         let settings = match (&event_type.settings.notification, r.channel.is_empty()) {
             (Some(rule), true) => rule.clone(),
@@ -234,10 +237,13 @@ impl NotificationService for NotificationApi {
                 ..RuleSettings::default()
             },
             (None, true) => {
-                return Err(Status::failed_precondition(format!(
-                    "event type {:?} has no notification rule: name a channel to test",
-                    event_type.name
-                )));
+                return Err(refuse(
+                    Reason::NothingToTest,
+                    format!(
+                        "event type {:?} has no notification rule: name a channel to test",
+                        event_type.name
+                    ),
+                ));
             }
         };
         let rule = NotificationRule::new(settings).map_err(|e| bad_field("rule", e))?;
@@ -268,10 +274,13 @@ impl NotificationService for NotificationApi {
         };
         let mut targets = Vec::new();
         for name in &rule.settings().channels {
-            let c = self
-                .channels
-                .get(name)
-                .ok_or_else(|| Status::not_found(format!("no notification channel {name:?}")))?;
+            let c = self.channels.get(name).ok_or_else(|| {
+                not_found(
+                    "fleetevents.v1.NotificationChannel",
+                    name,
+                    format!("no notification channel {name:?}"),
+                )
+            })?;
             for address in c.recipients() {
                 targets.push((c.clone(), address));
             }

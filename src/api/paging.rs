@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::Status;
 
-use super::status::bad_field;
+use super::status::bad_page_token;
 
 /// Items per page when the request says 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -43,7 +43,7 @@ fn after(token: &str) -> Result<Option<String>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || bad_field("page_token", "not a token this server issued for this list");
+    let bad = || bad_page_token("not a token this server issued for this list");
     let encoded = token.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
     let bytes = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| bad())?;
     String::from_utf8(bytes).map(Some).map_err(|_| bad())

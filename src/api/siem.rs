@@ -12,7 +12,7 @@ use super::proto::{
     SyslogTransport, TestDestinationRequest, TestDestinationResponse,
     siem_service_server::SiemService,
 };
-use super::status::bad_field;
+use super::status::{Reason, bad_field, not_found, refuse};
 use super::validate::Checked;
 use crate::auth::audit::{self, AuditArea};
 use crate::engine::Engine;
@@ -36,8 +36,10 @@ impl From<SiemError> for Status {
     fn from(e: SiemError) -> Status {
         match e {
             SiemError::Invalid(f) => f.into(),
-            SiemError::NotFound(_) => Status::not_found(e.to_string()),
-            SiemError::Full => Status::resource_exhausted(e.to_string()),
+            SiemError::NotFound(ref name) => {
+                not_found("fleetevents.v1.SiemDestination", name, e.to_string())
+            }
+            SiemError::Full => refuse(Reason::LimitReached, e.to_string()),
             SiemError::Store(s) => s.into(),
         }
     }

@@ -1,7 +1,10 @@
 //! Every error the server can answer with becomes a gRPC `Status` here, in one place, so each
 //! code means one thing across all services.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::AuthError;
 use crate::blocks::BlockError;
@@ -14,19 +17,339 @@ use crate::detectors::licences::LicenceError;
 use crate::detectors::push::PushError;
 use crate::detectors::updates::UpdateError;
 use crate::engine::EngineError;
+use crate::fields::FieldError;
 use crate::flood::FloodError;
 use crate::hierarchy::relay::RelayError;
 use crate::hierarchy::secondaries::LinkError;
 use crate::store::{StoreError, StoreErrorKind};
 
+/// `google.rpc.ErrorInfo.domain` of every error this server answers with: reasons are unique
+/// within it.
+pub const ERROR_DOMAIN: &str = "fleet-events";
+
+/// Why a call was refused: a stable code sent as `google.rpc.ErrorInfo.reason`, so clients
+/// branch on it instead of parsing message text. Each reason has one gRPC code
+/// ([`Reason::code`]); the README's error table lists them all.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A field is missing, malformed or over its limit (with a `BadRequest` naming it).
+    InvalidField,
+    /// A message could not be decoded (not protobuf, or a string field not UTF-8).
+    UndecodableMessage,
+    /// A page token that this server did not hand out (with a `BadRequest` on `page_token`).
+    BadPageToken,
+    /// A Relay stream broke the relay protocol (no hello first, a malformed message).
+    RelayProtocol,
+    /// A message over the server's size limit.
+    MessageTooLarge,
+    /// No credential, or one the server does not accept (unknown, revoked, expired).
+    Unauthenticated,
+    /// The credential's role (or the listener) does not allow the call.
+    NotPermitted,
+    /// A device's certificate named another device.
+    OtherDevice,
+    /// An event type only the server's own detectors raise.
+    ServerOnlyType,
+    /// The named resource does not exist (with a `ResourceInfo`).
+    NotFound,
+    /// A resource of that name exists already (with a `ResourceInfo`).
+    AlreadyExists,
+    /// The device and type are blocked already.
+    AlreadyBlocked,
+    /// The update was approved or rejected already.
+    AlreadyDecided,
+    /// A test notification names no rule or channel that could be tested.
+    NothingToTest,
+    /// A relay message came out of order (a batch before the hello, a second hello).
+    RelayOutOfOrder,
+    /// The hierarchy has a loop: this server is in the event's server chain.
+    HierarchyLoop,
+    /// A secondary used this server's own id.
+    OwnServerId,
+    /// A relay stream sent no hello in time.
+    HelloTimeout,
+    /// The server is shutting down (with a `RetryInfo`).
+    ShuttingDown,
+    /// The store cannot commit now (with a `RetryInfo`).
+    StoreUnavailable,
+    /// The store is full (with a `RetryInfo`).
+    StoreFull,
+    /// The server's subscription limits are reached (with a `RetryInfo`).
+    TooManySubscribers,
+    /// A configured maximum of entries (channels, SIEM destinations) is reached.
+    LimitReached,
+    /// The data volume cannot be measured.
+    VolumeUnreadable,
+    /// The store failed in a way a retry does not cure.
+    Internal,
+    /// The server failed while serving the call.
+    ServerFailed,
+}
+
+impl Reason {
+    /// Every reason, in the README's table order.
+    pub const ALL: [Reason; 26] = [
+        Reason::InvalidField,
+        Reason::UndecodableMessage,
+        Reason::BadPageToken,
+        Reason::RelayProtocol,
+        Reason::MessageTooLarge,
+        Reason::Unauthenticated,
+        Reason::NotPermitted,
+        Reason::OtherDevice,
+        Reason::ServerOnlyType,
+        Reason::NotFound,
+        Reason::AlreadyExists,
+        Reason::AlreadyBlocked,
+        Reason::AlreadyDecided,
+        Reason::NothingToTest,
+        Reason::RelayOutOfOrder,
+        Reason::HierarchyLoop,
+        Reason::OwnServerId,
+        Reason::HelloTimeout,
+        Reason::ShuttingDown,
+        Reason::StoreUnavailable,
+        Reason::StoreFull,
+        Reason::TooManySubscribers,
+        Reason::LimitReached,
+        Reason::VolumeUnreadable,
+        Reason::Internal,
+        Reason::ServerFailed,
+    ];
+
+    /// The code sent as `ErrorInfo.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidField => "INVALID_FIELD",
+            Reason::UndecodableMessage => "UNDECODABLE_MESSAGE",
+            Reason::BadPageToken => "BAD_PAGE_TOKEN",
+            Reason::RelayProtocol => "RELAY_PROTOCOL",
+            Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::NotPermitted => "NOT_PERMITTED",
+            Reason::OtherDevice => "OTHER_DEVICE",
+            Reason::ServerOnlyType => "SERVER_ONLY_TYPE",
+            Reason::NotFound => "NOT_FOUND",
+            Reason::AlreadyExists => "ALREADY_EXISTS",
+            Reason::AlreadyBlocked => "ALREADY_BLOCKED",
+            Reason::AlreadyDecided => "ALREADY_DECIDED",
+            Reason::NothingToTest => "NOTHING_TO_TEST",
+            Reason::RelayOutOfOrder => "RELAY_OUT_OF_ORDER",
+            Reason::HierarchyLoop => "HIERARCHY_LOOP",
+            Reason::OwnServerId => "OWN_SERVER_ID",
+            Reason::HelloTimeout => "HELLO_TIMEOUT",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::StoreUnavailable => "STORE_UNAVAILABLE",
+            Reason::StoreFull => "STORE_FULL",
+            Reason::TooManySubscribers => "TOO_MANY_SUBSCRIBERS",
+            Reason::LimitReached => "LIMIT_REACHED",
+            Reason::VolumeUnreadable => "VOLUME_UNREADABLE",
+            Reason::Internal => "INTERNAL",
+            Reason::ServerFailed => "SERVER_FAILED",
+        }
+    }
+
+    /// The gRPC code every refusal of this reason has.
+    pub fn code(self) -> Code {
+        use Reason::*;
+        match self {
+            InvalidField | UndecodableMessage | BadPageToken | RelayProtocol => {
+                Code::InvalidArgument
+            }
+            MessageTooLarge | StoreFull | TooManySubscribers | LimitReached => {
+                Code::ResourceExhausted
+            }
+            Unauthenticated => Code::Unauthenticated,
+            NotPermitted | OtherDevice | ServerOnlyType => Code::PermissionDenied,
+            NotFound => Code::NotFound,
+            AlreadyExists => Code::AlreadyExists,
+            AlreadyBlocked | AlreadyDecided | NothingToTest | RelayOutOfOrder | HierarchyLoop
+            | OwnServerId => Code::FailedPrecondition,
+            HelloTimeout => Code::DeadlineExceeded,
+            ShuttingDown | StoreUnavailable => Code::Unavailable,
+            VolumeUnreadable | Internal | ServerFailed => Code::Internal,
+        }
+    }
+
+    /// How long a client should wait before retrying (`google.rpc.RetryInfo`), for the
+    /// refusals a retry can cure; `None` for the rest (a too-large message or a configured
+    /// maximum fails again however long one waits).
+    pub fn retry_after(self) -> Option<Duration> {
+        match self {
+            Reason::ShuttingDown | Reason::StoreUnavailable | Reason::TooManySubscribers => {
+                Some(Duration::from_secs(1))
+            }
+            Reason::StoreFull => Some(Duration::from_secs(60)),
+            _ => None,
+        }
+    }
+}
+
+/// A refusal being built: a reason, a message and the details that go with them.
+#[must_use]
+pub struct Refusal {
+    reason: Reason,
+    message: String,
+    details: ErrorDetails,
+}
+
+impl Refusal {
+    /// A refusal for `reason`, with its `ErrorInfo` and (where it has one) `RetryInfo`.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Refusal {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            reason.as_str(),
+            ERROR_DOMAIN,
+            std::collections::HashMap::new(),
+        );
+        if let Some(after) = reason.retry_after() {
+            details.set_retry_info(Some(after));
+        }
+        Refusal {
+            reason,
+            message: message.into(),
+            details,
+        }
+    }
+
+    /// Names the bad field (`BadRequest.field_violations`).
+    pub fn field(mut self, field: &str, description: impl Into<String>) -> Refusal {
+        self.details.add_bad_request_violation(field, description);
+        self
+    }
+
+    /// Names the resource (`ResourceInfo`): its kind (a proto message name such as
+    /// `fleetevents.v1.EventType`) and its name or key.
+    pub fn resource(mut self, kind: &str, name: impl Into<String>) -> Refusal {
+        self.details
+            .set_resource_info(kind, name, "", self.message.clone());
+        self
+    }
+
+    /// The status to answer with.
+    pub fn status(self) -> Status {
+        Status::with_error_details(self.reason.code(), self.message, self.details)
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        r.status()
+    }
+}
+
+/// A refusal for `reason` with its message and nothing but the standard details.
+pub fn refuse(reason: Reason, message: impl Into<String>) -> Status {
+    Refusal::new(reason, message).status()
+}
+
+/// An `INVALID_ARGUMENT` naming `field` (in the message and in a `BadRequest`).
+pub fn bad_field(field: &str, reason: impl std::fmt::Display) -> Status {
+    let reason = reason.to_string();
+    Refusal::new(Reason::InvalidField, format!("{field}: {reason}"))
+        .field(field, reason)
+        .status()
+}
+
+/// An `INVALID_ARGUMENT` for a `page_token` this server did not hand out
+/// ([`Reason::BadPageToken`], with a `BadRequest` naming `page_token`).
+pub fn bad_page_token(why: impl std::fmt::Display) -> Status {
+    let why = why.to_string();
+    Refusal::new(Reason::BadPageToken, format!("page_token: {why}"))
+        .field("page_token", why)
+        .status()
+}
+
+/// A `NOT_FOUND` for the resource `kind` named `name`.
+pub fn not_found(kind: &str, name: &str, message: impl Into<String>) -> Status {
+    Refusal::new(Reason::NotFound, message)
+        .resource(kind, name)
+        .status()
+}
+
+/// An `ALREADY_EXISTS` for the resource `kind` named `name`.
+pub fn exists(kind: &str, name: &str, message: impl Into<String>) -> Status {
+    Refusal::new(Reason::AlreadyExists, message)
+        .resource(kind, name)
+        .status()
+}
+
+/// The refusal of the `index`th message of a `Stream` (1-based) whose event id is `event_id`
+/// (`None` when it could not be decoded): the message says which event, and the details keep
+/// what they said and add `event_index` (and `event_id`) to the `ErrorInfo`'s metadata and
+/// the event to each field violation's description.
+pub fn in_stream(status: Status, index: u64, event_id: Option<&str>) -> Status {
+    let which = match event_id {
+        Some(id) => format!("event #{index} (event_id {})", crate::fields::shown(id)),
+        None => format!("event #{index}"),
+    };
+    let mut details = status.get_error_details();
+    let (reason, mut metadata) = match details.error_info() {
+        Some(info) => (info.reason.clone(), info.metadata.clone()),
+        None => (
+            fallback_reason(status.code()).to_owned(),
+            Default::default(),
+        ),
+    };
+    metadata.insert("event_index".to_owned(), index.to_string());
+    if let Some(id) = event_id {
+        metadata.insert("event_id".to_owned(), id.to_owned());
+    }
+    details.set_error_info(reason, ERROR_DOMAIN, metadata);
+    if let Some(bad) = details.bad_request() {
+        let violations: Vec<_> = bad
+            .field_violations
+            .iter()
+            .map(|v| {
+                tonic_types::FieldViolation::new(
+                    v.field.clone(),
+                    format!("{which}: {}", v.description),
+                )
+            })
+            .collect();
+        details.set_bad_request(violations);
+    }
+    Status::with_error_details(
+        status.code(),
+        format!("{which}: {}", status.message()),
+        details,
+    )
+}
+
+/// The `ErrorInfo.reason` of a status the gRPC layer made itself (an unknown method, a
+/// cancelled call): the code's name.
+pub fn fallback_reason(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         let msg = e.to_string();
         match e.kind() {
-            StoreErrorKind::Unavailable => Status::unavailable(msg),
-            StoreErrorKind::BadPageToken => Status::invalid_argument(msg),
-            StoreErrorKind::Full => Status::resource_exhausted(msg),
-            StoreErrorKind::Backend => Status::internal(msg),
+            StoreErrorKind::Unavailable => refuse(Reason::StoreUnavailable, msg),
+            StoreErrorKind::BadPageToken => {
+                bad_page_token("not a token this server issued for this query")
+            }
+            StoreErrorKind::Full => refuse(Reason::StoreFull, msg),
+            StoreErrorKind::Backend => refuse(Reason::Internal, msg),
         }
     }
 }
@@ -35,10 +358,12 @@ impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
         match e {
             EngineError::Invalid(crate::classify::ClassifyError::ServerOnly { .. }) => {
-                Status::permission_denied(e.to_string())
+                refuse(Reason::ServerOnlyType, e.to_string())
             }
-            EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            EngineError::ShuttingDown => Status::unavailable(e.to_string()),
+            EngineError::Invalid(crate::classify::ClassifyError::Invalid { field, reason }) => {
+                bad_field(field, reason)
+            }
+            EngineError::ShuttingDown => refuse(Reason::ShuttingDown, e.to_string()),
             EngineError::Store(s) => s.into(),
         }
     }
@@ -48,11 +373,13 @@ impl From<CatalogError> for Status {
     fn from(e: CatalogError) -> Status {
         let msg = e.to_string();
         match e {
-            CatalogError::TypeExists(_) | CatalogError::IdTaken { .. } => {
-                Status::already_exists(msg)
-            }
-            CatalogError::NotFound(_) => Status::not_found(msg),
-            CatalogError::Invalid { .. } => Status::invalid_argument(msg),
+            CatalogError::TypeExists(name) => exists("fleetevents.v1.EventType", &name, msg),
+            CatalogError::IdTaken { id, .. } => Refusal::new(Reason::AlreadyExists, msg.clone())
+                .resource("fleetevents.v1.EventType", id.to_string())
+                .field("event_type_id", msg)
+                .status(),
+            CatalogError::NotFound(name) => not_found("fleetevents.v1.EventType", &name, msg),
+            CatalogError::Invalid { field, reason } => bad_field(field, reason),
         }
     }
 }
@@ -70,10 +397,23 @@ impl From<BlockError> for Status {
     fn from(e: BlockError) -> Status {
         let msg = e.to_string();
         match e {
-            BlockError::Refused(FloodError::NoSuchBlock { .. }) => Status::not_found(msg),
-            BlockError::Refused(FloodError::AlreadyBlocked { .. }) => {
-                Status::failed_precondition(msg)
-            }
+            BlockError::Refused(FloodError::NoSuchBlock {
+                device_id,
+                event_type,
+            }) => not_found(
+                "fleetevents.v1.FrequentEventBlock",
+                &format!("{device_id}/{event_type}"),
+                msg,
+            ),
+            BlockError::Refused(FloodError::AlreadyBlocked {
+                device_id,
+                event_type,
+            }) => Refusal::new(Reason::AlreadyBlocked, msg)
+                .resource(
+                    "fleetevents.v1.FrequentEventBlock",
+                    format!("{device_id}/{event_type}"),
+                )
+                .status(),
             BlockError::Store(s) => s.into(),
         }
     }
@@ -83,7 +423,7 @@ impl From<DeviceError> for Status {
     fn from(e: DeviceError) -> Status {
         match e {
             DeviceError::BadArgument(f) => f.into(),
-            DeviceError::NotFound(_) => Status::not_found(e.to_string()),
+            DeviceError::NotFound(ref id) => not_found("fleetevents.v1.Device", id, e.to_string()),
             DeviceError::Raise(r) => r.into(),
             DeviceError::Store(s) => s.into(),
         }
@@ -104,7 +444,9 @@ impl From<CertificateError> for Status {
     fn from(e: CertificateError) -> Status {
         match e {
             CertificateError::BadArgument(f) => f.into(),
-            CertificateError::NotFound(_) => Status::not_found(e.to_string()),
+            CertificateError::NotFound(ref key) => {
+                not_found("fleetevents.v1.MdmCertificate", key, e.to_string())
+            }
             CertificateError::Raise(r) => r.into(),
             CertificateError::Store(s) => s.into(),
         }
@@ -116,9 +458,11 @@ impl From<UpdateError> for Status {
         let msg = e.to_string();
         match e {
             UpdateError::BadArgument(f) => f.into(),
-            UpdateError::NotFound(_) => Status::not_found(msg),
-            UpdateError::Exists(_) => Status::already_exists(msg),
-            UpdateError::Decided { .. } => Status::failed_precondition(msg),
+            UpdateError::NotFound(id) => not_found("fleetevents.v1.Update", &id, msg),
+            UpdateError::Exists(id) => exists("fleetevents.v1.Update", &id, msg),
+            UpdateError::Decided { id, .. } => Refusal::new(Reason::AlreadyDecided, msg)
+                .resource("fleetevents.v1.Update", id)
+                .status(),
             UpdateError::Raise(r) => r.into(),
             UpdateError::Store(s) => s.into(),
         }
@@ -138,7 +482,7 @@ impl From<CapacityError> for Status {
     fn from(e: CapacityError) -> Status {
         match e {
             CapacityError::BadArgument(f) => f.into(),
-            CapacityError::Volume { .. } => Status::internal(e.to_string()),
+            CapacityError::Volume { .. } => refuse(Reason::VolumeUnreadable, e.to_string()),
             CapacityError::Raise(r) => r.into(),
             CapacityError::Store(s) => s.into(),
         }
@@ -149,13 +493,14 @@ impl From<AuthError> for Status {
     fn from(e: AuthError) -> Status {
         let msg = e.to_string();
         match e {
-            AuthError::Unauthenticated(_) => Status::unauthenticated(msg),
-            AuthError::PermissionDenied(_) => Status::permission_denied(msg),
-            AuthError::BadArgument { .. } => Status::invalid_argument(msg),
-            AuthError::NotFound(_) => Status::not_found(msg),
-            AuthError::Exists(_) => Status::already_exists(msg),
+            AuthError::Unauthenticated(_) => refuse(Reason::Unauthenticated, msg),
+            AuthError::PermissionDenied(_) => refuse(Reason::NotPermitted, msg),
+            AuthError::OtherDevice(_) => refuse(Reason::OtherDevice, msg),
+            AuthError::BadArgument { field, reason } => bad_field(field, reason),
+            AuthError::NotFound { kind, name } => not_found(kind, &name, msg),
+            AuthError::Exists { kind, name } => exists(kind, &name, msg),
             AuthError::Store(s) => s.into(),
-            AuthError::Internal(_) => Status::internal(msg),
+            AuthError::Internal(_) => refuse(Reason::Internal, msg),
         }
     }
 }
@@ -164,34 +509,43 @@ impl From<RelayError> for Status {
     fn from(e: RelayError) -> Status {
         let msg = e.to_string();
         match e {
-            RelayError::Invalid(_) | RelayError::NoHello => Status::invalid_argument(msg),
-            RelayError::OutOfOrder(_) | RelayError::Loop(_) => Status::failed_precondition(msg),
-            RelayError::HelloTimeout(_) => Status::deadline_exceeded(msg),
-            RelayError::NoCertificate => Status::unauthenticated(msg),
+            RelayError::Invalid(_) | RelayError::NoHello => refuse(Reason::RelayProtocol, msg),
+            RelayError::OutOfOrder(_) => refuse(Reason::RelayOutOfOrder, msg),
+            RelayError::Loop(_) => refuse(Reason::HierarchyLoop, msg),
+            RelayError::HelloTimeout(_) => refuse(Reason::HelloTimeout, msg),
+            RelayError::NoCertificate => refuse(Reason::Unauthenticated, msg),
             RelayError::WrongListener
             | RelayError::NotCertified { .. }
-            | RelayError::NotFromSender(_) => Status::permission_denied(msg),
-            RelayError::Link(LinkError::Invalid(_)) => Status::invalid_argument(msg),
-            RelayError::Link(LinkError::OwnId(_)) => Status::failed_precondition(msg),
+            | RelayError::NotFromSender(_) => refuse(Reason::NotPermitted, msg),
+            RelayError::Link(LinkError::Invalid(_)) => refuse(Reason::RelayProtocol, msg),
+            RelayError::Link(LinkError::OwnId(_)) => refuse(Reason::OwnServerId, msg),
             RelayError::Event(e) => Status::from(e),
-            RelayError::Unstored(_) | RelayError::ShuttingDown => Status::unavailable(msg),
+            RelayError::ShuttingDown => refuse(Reason::ShuttingDown, msg),
+            RelayError::Unstored(_) => refuse(Reason::StoreUnavailable, msg),
         }
     }
-}
-
-/// An `INVALID_ARGUMENT` naming `field`.
-pub fn bad_field(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
 }
 
 /// Prefix of tonic's message for a message over the decoding limit.
 const TOO_LARGE: &str = "Error, decoded message length too large";
 
-/// Tonic reports a message over the size limit as `OUT_OF_RANGE`; gRPC's other
-/// implementations (and our contract) say `RESOURCE_EXHAUSTED`. Maps that one case.
+/// Prefix of tonic's message for a message it could not decode (not protobuf, or a string
+/// field that is not UTF-8); tonic says `INTERNAL`.
+const UNDECODABLE: &str = "failed to decode Protobuf message";
+
+/// Maps the statuses tonic makes itself when it reads a message to this server's contract:
+/// a message over the size limit (tonic: `OUT_OF_RANGE`) is `RESOURCE_EXHAUSTED`
+/// ([`Reason::MessageTooLarge`]), as gRPC's other implementations say; an undecodable one
+/// (tonic: `INTERNAL`) is the client's fault, `INVALID_ARGUMENT`
+/// ([`Reason::UndecodableMessage`]). Any other status is returned as it is.
 pub fn decode_status(s: Status) -> Status {
     if s.code() == Code::OutOfRange && s.message().starts_with(TOO_LARGE) {
-        Status::resource_exhausted(s.message().to_owned())
+        refuse(Reason::MessageTooLarge, s.message().to_owned())
+    } else if s.code() == Code::Internal && s.message().starts_with(UNDECODABLE) {
+        refuse(
+            Reason::UndecodableMessage,
+            format!("the message could not be decoded: {}", s.message()),
+        )
     } else {
         s
     }
@@ -245,17 +599,19 @@ pub fn cap_status_message(headers: &mut http::HeaderMap) {
     }
 }
 
-/// Every response of the client port passes here: [`rewrite_too_large`], and the status
-/// message cut by [`cap_status_message`] whether it comes in the headers (a trailers-only
-/// answer) or in the trailers at the end of a streamed body.
+/// Every response of a gRPC port passes here: the status of a failed call (in the headers of
+/// a trailers-only answer, or in the trailers at the end of a streamed body) is completed by
+/// [`complete_status`], then its message is cut by [`cap_status_message`].
 pub fn finish_response(
     resp: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
     use http_body_util::BodyExt;
-    let (mut parts, body) = rewrite_too_large(resp).into_parts();
+    let (mut parts, body) = resp.into_parts();
+    complete_status(&mut parts.headers);
     cap_status_message(&mut parts.headers);
     let body = body.map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
+            complete_status(&mut trailers);
             cap_status_message(&mut trailers);
             http_body::Frame::trailers(trailers)
         }
@@ -264,25 +620,38 @@ pub fn finish_response(
     http::Response::from_parts(parts, tonic::body::Body::new(body))
 }
 
-/// Rewrites the `grpc-status` header of a trailers-only response that carries tonic's
-/// over-size error (unary calls fail before the handler runs), see [`decode_status`].
-pub fn rewrite_too_large<B>(mut resp: http::Response<B>) -> http::Response<B> {
-    let is_too_large = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
-        && resp
-            .headers()
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.starts_with(TOO_LARGE) || m.starts_with("Error,%20decoded"));
-    if is_too_large {
-        resp.headers_mut()
-            .insert("grpc-status", http::HeaderValue::from_static("8"));
+/// Gives an error status in `headers` the details every refusal carries: the statuses tonic
+/// makes before a handler runs (a unary message too large or undecodable, an unknown method)
+/// are mapped by [`decode_status`], and one without `grpc-status-details-bin` gets an
+/// `ErrorInfo` whose reason is its code's name ([`fallback_reason`]).
+pub fn complete_status(headers: &mut http::HeaderMap) {
+    let failed = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() != b"0");
+    if !failed || headers.contains_key("grpc-status-details-bin") {
+        return;
     }
-    resp
+    let Some(status) = Status::from_header_map(headers) else {
+        return;
+    };
+    let status = decode_status(status);
+    let status = if status.details().is_empty() {
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            fallback_reason(status.code()),
+            ERROR_DOMAIN,
+            std::collections::HashMap::new(),
+        );
+        Status::with_error_details(status.code(), status.message(), details)
+    } else {
+        status
+    };
+    let _ = status.add_header(headers);
 }
 
-impl From<crate::fields::FieldError> for Status {
-    fn from(e: crate::fields::FieldError) -> Status {
-        Status::invalid_argument(e.to_string())
+impl From<FieldError> for Status {
+    fn from(e: FieldError) -> Status {
+        bad_field(&e.field, e.reason)
     }
 }
 

@@ -111,6 +111,9 @@ pub enum AuthError {
     /// The credential is valid but may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A device's certificate named another device.
+    #[error("{0}")]
+    OtherDevice(String),
     /// A field of an access request is malformed.
     #[error("{field}: {reason}")]
     BadArgument {
@@ -119,18 +122,39 @@ pub enum AuthError {
         /// What is wrong with it.
         reason: String,
     },
-    /// No such token, enrolment token or device.
-    #[error("{0}")]
-    NotFound(String),
-    /// A token of that name exists.
-    #[error("{0}")]
-    Exists(String),
+    /// No such token or enrolment token.
+    #[error("no {} {name:?}", resource_noun(kind))]
+    NotFound {
+        /// The resource's proto message name, e.g. `fleetevents.v1.TokenInfo`.
+        kind: &'static str,
+        /// Its name or id.
+        name: String,
+    },
+    /// A token of that name exists (revoked tokens keep their names).
+    #[error(
+        "a {} named {name:?} exists (revoked tokens keep their names)",
+        resource_noun(kind)
+    )]
+    Exists {
+        /// The resource's proto message name.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
     /// The credential store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
+}
+
+/// How a message names a resource kind of [`AuthError`].
+fn resource_noun(kind: &str) -> &'static str {
+    match kind {
+        "fleetevents.v1.EnrollmentTokenInfo" => "enrolment token",
+        _ => "token",
+    }
 }
 
 /// A bearer token as kept: never its secret, only the secret's SHA-256.
@@ -431,9 +455,10 @@ impl AccessControl {
         valid_name("name", name, false)?;
         let _g = self.admin.lock().await;
         if self.tokens().await?.iter().any(|t| t.name == name) {
-            return Err(AuthError::Exists(format!(
-                "a token named {name:?} exists (revoked tokens keep their names)"
-            )));
+            return Err(AuthError::Exists {
+                kind: "fleetevents.v1.TokenInfo",
+                name: name.to_owned(),
+            });
         }
         self.put_token(name, role, &by.label()).await
     }
@@ -446,7 +471,10 @@ impl AccessControl {
             .await?
             .into_iter()
             .find(|t| t.name == name)
-            .ok_or_else(|| AuthError::NotFound(format!("no token named {name:?}")))?;
+            .ok_or_else(|| AuthError::NotFound {
+                kind: "fleetevents.v1.TokenInfo",
+                name: name.to_owned(),
+            })?;
         if t.revoked_at.is_none() {
             t.revoked_at = Some(self.clock.now());
             self.store
@@ -523,7 +551,10 @@ impl AccessControl {
             .await?
             .into_iter()
             .find(|t| t.id == id)
-            .ok_or_else(|| AuthError::NotFound(format!("no enrolment token with id {id:?}")))?;
+            .ok_or_else(|| AuthError::NotFound {
+                kind: "fleetevents.v1.EnrollmentTokenInfo",
+                name: id.to_owned(),
+            })?;
         if t.revoked_at.is_none() {
             t.revoked_at = Some(self.clock.now());
             self.store
@@ -839,7 +870,7 @@ pub fn speak_for(
         if device_id.is_empty() {
             own.clone_into(device_id);
         } else if device_id != own {
-            return Err(AuthError::PermissionDenied(format!(
+            return Err(AuthError::OtherDevice(format!(
                 "{field}: the certificate of device {own:?} may not speak for device {device_id:?}"
             )));
         }

@@ -30,8 +30,8 @@ struct Cli {
 /// Where a client command finds the server, and how it authenticates.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArg {
-    /// Server address: `https://HOST:PORT` (TLS, the default), or `http://` for a server
-    /// started with `insecure_plaintext`.
+    /// Server address: `HOST:PORT` or `https://HOST:PORT` (TLS, as grpcurl takes it), or
+    /// `http://HOST:PORT` for a server started with `insecure_plaintext`.
     #[arg(
         long,
         env = "FLEET_EVENTS_SERVER",

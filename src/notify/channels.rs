@@ -309,7 +309,7 @@ fn check_program(p: &ProgramChannel) -> Result<(), FieldError> {
     }
     if p.timeout.is_zero() || p.timeout > MAX_PROGRAM_TIMEOUT {
         return Err(FieldError::new(
-            "program.timeout",
+            "program.timeout_secs",
             format!(
                 "must be within 1ms and {}",
                 humantime::format_duration(MAX_PROGRAM_TIMEOUT)
@@ -467,7 +467,10 @@ mod tests {
             field(program("/bin/sh", vec!["%NOPE%".into()], 5)),
             "program.args[0]"
         );
-        assert_eq!(field(program("/bin/sh", vec![], 0)), "program.timeout");
-        assert_eq!(field(program("/bin/sh", vec![], 601)), "program.timeout");
+        assert_eq!(field(program("/bin/sh", vec![], 0)), "program.timeout_secs");
+        assert_eq!(
+            field(program("/bin/sh", vec![], 601)),
+            "program.timeout_secs"
+        );
     }
 }

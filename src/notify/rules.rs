@@ -108,7 +108,7 @@ impl NotificationRule {
         }
         if !(MIN_PERIOD..=MAX_PERIOD).contains(&settings.period) {
             return Err(FieldError::new(
-                "period",
+                "period_secs",
                 format!(
                     "must be within {} and {}",
                     humantime::format_duration(MIN_PERIOD),
@@ -191,7 +191,7 @@ mod tests {
         );
         assert_eq!(
             field(rule(|s| s.period = Duration::from_secs(59)).unwrap_err()),
-            "period"
+            "period_secs"
         );
         let e = rule(|s| s.body = "%NOPE%".into()).unwrap_err();
         assert_eq!(

@@ -93,7 +93,7 @@ func TestGrpcGoStreamSurvivesStoreStall(t *testing.T) {
 	rctx, cancel := context.WithTimeout(ctx, rpcTimeout)
 	err := conn.Invoke(rctx, "/fleetevents.v1.CatalogService/RegisterEventType", c.msg(t, "RegisterEventTypeRequest", map[string]any{
 		"event_type":   bpWarningType,
-		"severity":     c.enumValue(t, "Severity", "WARNING"),
+		"severity":     c.enumValue(t, "Severity", "SEVERITY_WARNING"),
 		"display_name": "Backpressure test warning",
 		"application":  "go-test",
 	}), reg)

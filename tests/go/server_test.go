@@ -168,7 +168,7 @@ func (c contract) empty(t testing.TB, name string) *dynamicpb.Message {
 	return c.msg(t, name, nil)
 }
 
-// enumValue is the number of an enum value of the package, e.g. enumValue("Severity", "WARNING").
+// enumValue is the number of an enum value of the package, e.g. enumValue("Severity", "SEVERITY_WARNING").
 func (c contract) enumValue(t testing.TB, enum, value string) protoreflect.EnumNumber {
 	ed := c.file.Enums().ByName(protoreflect.Name(enum))
 	if ed == nil {

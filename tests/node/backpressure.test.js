@@ -91,7 +91,7 @@ test('grpc-js Stream of 20 000 events survives a store stall on one connection',
   t.after(() => c.close());
 
   const registered = await unary(c.catalog, 'RegisterEventType', {
-    event_type: WARNING_TYPE, severity: 'WARNING', display_name: 'Backpressure test warning',
+    event_type: WARNING_TYPE, severity: 'SEVERITY_WARNING', display_name: 'Backpressure test warning',
     application: 'node-test',
   });
   assert.equal(registered.raised_by, 'RAISED_BY_CLIENTS');

@@ -216,7 +216,7 @@ NO_CREDENTIAL_CALLS = {
     "ListEventTypes": lambda s: s.catalog.ListEventTypes(pb.ListEventTypesRequest(),
                                                          timeout=RPC_TIMEOUT),
     "RegisterEventType": lambda s: s.catalog.RegisterEventType(
-        pb.RegisterEventTypeRequest(event_type="PY_ANON_TYPE", severity=pb.INFO),
+        pb.RegisterEventTypeRequest(event_type="PY_ANON_TYPE", severity=pb.SEVERITY_INFO),
         timeout=RPC_TIMEOUT),
     "ListDevices": lambda s: s.devices.ListDevices(pb.ListDevicesRequest(), timeout=RPC_TIMEOUT),
     "CheckDevices": lambda s: s.devices.CheckDevices(pb.CheckDevicesRequest(),
@@ -408,7 +408,7 @@ def test_ingest_sends_for_any_device_but_nothing_else(server):
         ("ListTokens", i.access.ListTokens, pb.ListTokensRequest()),
         ("QueryEvents", i.events.QueryEvents, pb.QueryEventsRequest()),
         ("RegisterEventType", i.catalog.RegisterEventType,
-         pb.RegisterEventTypeRequest(event_type="PY_INGEST_TYPE", severity=pb.INFO)),
+         pb.RegisterEventTypeRequest(event_type="PY_INGEST_TYPE", severity=pb.SEVERITY_INFO)),
     ]:
         err = rpc_error(fn, req)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, f"{method}: {code_of(err)}"
@@ -423,7 +423,7 @@ def test_operator_runs_checks_but_does_not_administer(server):
     me = o.access.WhoAmI(pb.WhoAmIRequest(), timeout=RPC_TIMEOUT)
     assert (me.kind, me.name, me.role) == ("token", name, pb.ROLE_OPERATOR)
     resp = o.devices.CheckDevices(pb.CheckDevicesRequest(), timeout=RPC_TIMEOUT)
-    assert all(c.origin == pb.SERVER for c in resp.raised), resp
+    assert all(c.origin == pb.ORIGIN_SERVER for c in resp.raised), resp
     o.events.QueryEvents(pb.QueryEventsRequest(page_size=1), timeout=RPC_TIMEOUT)
     err = rpc_error(o.devices.UnblockFrequentEvent,
                     pb.FrequentEventBlockKey(device_id="py-op-none", event_type=APP_TYPE))
@@ -431,7 +431,7 @@ def test_operator_runs_checks_but_does_not_administer(server):
 
     for method, fn, req in [
         ("RegisterEventType", o.catalog.RegisterEventType,
-         pb.RegisterEventTypeRequest(event_type="PY_OPERATOR_TYPE", severity=pb.INFO)),
+         pb.RegisterEventTypeRequest(event_type="PY_OPERATOR_TYPE", severity=pb.SEVERITY_INFO)),
         ("Classify", o.events.Classify, event("py-op-dev", APP_TYPE, event_id="op-1")),
         ("CreateToken", o.access.CreateToken,
          pb.CreateTokenRequest(name=unique("py-op-made"), role=pb.ROLE_VIEWER)),
@@ -781,7 +781,7 @@ def test_revoke_device_reaches_the_open_channel(server):
                            target=f"device:{device}")
     assert audit.params["credential"] == "token:admin"
     assert "revoked" in audit.params["change"]
-    assert audit.origin == pb.SERVER
+    assert audit.origin == pb.ORIGIN_SERVER
 
 
 def test_renew_gives_a_new_working_certificate(server):
@@ -842,9 +842,9 @@ def test_admin_writes_are_audited_with_the_credential(server):
                           target=f"token:{second}")
     assert made.params["credential"] == "token:admin"
     assert "admin" in made.params["change"]
-    assert made.origin == pb.SERVER
+    assert made.origin == pb.ORIGIN_SERVER
     assert made.event_type == "FLEET_AUDIT_ACCESS"
-    assert made.severity == pb.INFO
+    assert made.severity == pb.SEVERITY_INFO
 
     viewer = unique("py-audited-viewer")
     resp = admin2.access.CreateToken(pb.CreateTokenRequest(name=viewer, role=pb.ROLE_VIEWER),
@@ -858,7 +858,7 @@ def test_admin_writes_are_audited_with_the_credential(server):
     assert r.params["credential"] == f"token:{second}"
 
     admin2.catalog.RegisterEventType(
-        pb.RegisterEventTypeRequest(event_type="PY_AUDITED_TYPE", severity=pb.INFO),
+        pb.RegisterEventTypeRequest(event_type="PY_AUDITED_TYPE", severity=pb.SEVERITY_INFO),
         timeout=RPC_TIMEOUT)
     admin2.catalog.UpdateEventTypeSettings(
         pb.UpdateEventTypeSettingsRequest(event_type="PY_AUDITED_TYPE", retention_days=7),

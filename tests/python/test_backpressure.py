@@ -63,7 +63,7 @@ def server_config() -> str:
 def warning_type(server):
     t = server.catalog.RegisterEventType(
         pb.RegisterEventTypeRequest(
-            event_type=WARNING_TYPE, severity=pb.WARNING,
+            event_type=WARNING_TYPE, severity=pb.SEVERITY_WARNING,
             display_name="Backpressure test warning", application="pytest",
         ),
         timeout=RPC_TIMEOUT,

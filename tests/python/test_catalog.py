@@ -36,17 +36,17 @@ def test_list_warning_types(server):
     seed are there, as built-in WARNING types, and nothing below WARNING is listed."""
     assert len(SEED_WARNING_TYPES) == 19
     resp = server.catalog.ListEventTypes(
-        pb.ListEventTypesRequest(min_severity=pb.WARNING), timeout=RPC_TIMEOUT
+        pb.ListEventTypesRequest(min_severity=pb.SEVERITY_WARNING), timeout=RPC_TIMEOUT
     )
     by_name = {t.event_type: t for t in resp.event_types}
     missing = SEED_WARNING_TYPES - by_name.keys()
     assert not missing, f"missing warning types: {sorted(missing)}"
     for name in SEED_WARNING_TYPES:
-        assert by_name[name].severity == pb.WARNING, name
+        assert by_name[name].severity == pb.SEVERITY_WARNING, name
         assert by_name[name].builtin is True, name
         # Built-in types are raised by the server only; clients sending them are refused.
         assert by_name[name].raised_by == pb.RAISED_BY_SERVER, name
-    below = [t.event_type for t in resp.event_types if t.severity < pb.WARNING]
+    below = [t.event_type for t in resp.event_types if t.severity < pb.SEVERITY_WARNING]
     assert below == []
     assert by_name["KLSRV_EVENT_HOSTS_CONFLICT"].event_type_id == 4102
     assert by_name["KLSRV_EVENT_SPAM_EVENTS_DETECTED"].event_type_id == 0
@@ -61,7 +61,7 @@ def test_register_and_update_event_type(server):
         pb.RegisterEventTypeRequest(
             event_type="PYAPP_DISK_ALERT",
             event_type_id=70001,
-            severity=pb.CRITICAL,
+            severity=pb.SEVERITY_CRITICAL,
             display_name="Disk alert",
             application="pytest",
         ),
@@ -69,7 +69,7 @@ def test_register_and_update_event_type(server):
     )
     assert reg.event_type == "PYAPP_DISK_ALERT"
     assert reg.event_type_id == 70001
-    assert reg.severity == pb.CRITICAL
+    assert reg.severity == pb.SEVERITY_CRITICAL
     assert reg.store is True
     assert reg.builtin is False
     assert reg.raised_by == pb.RAISED_BY_CLIENTS
@@ -81,7 +81,7 @@ def test_register_and_update_event_type(server):
     )
     assert c.event_type == "PYAPP_DISK_ALERT"
     assert c.event_type_id == 70001
-    assert c.severity == pb.CRITICAL
+    assert c.severity == pb.SEVERITY_CRITICAL
     assert c.known is True
     assert c.stored is True
     assert c.display_name == "Disk alert"
@@ -89,7 +89,7 @@ def test_register_and_update_event_type(server):
     err = rpc_error(
         server.catalog.RegisterEventType,
         pb.RegisterEventTypeRequest(
-            event_type="PYAPP_DISK_ALERT", event_type_id=70001, severity=pb.CRITICAL
+            event_type="PYAPP_DISK_ALERT", event_type_id=70001, severity=pb.SEVERITY_CRITICAL
         ),
     )
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS, f"{err.code()} {err.details()!r}"
@@ -100,7 +100,7 @@ def test_register_and_update_event_type(server):
     )
     assert upd.event_type == "PYAPP_DISK_ALERT"
     assert upd.store is False
-    assert upd.severity == pb.CRITICAL
+    assert upd.severity == pb.SEVERITY_CRITICAL
 
     c2 = server.events.Classify(
         event("py-catalog-1", event_type_id=70001, event_id="disk-2"), timeout=RPC_TIMEOUT

@@ -28,17 +28,17 @@ def app_types(server):
     whose events are never stored."""
     a = server.catalog.RegisterEventType(
         pb.RegisterEventTypeRequest(
-            event_type=CONFLICT_TYPE, event_type_id=CONFLICT_ID, severity=pb.WARNING,
+            event_type=CONFLICT_TYPE, event_type_id=CONFLICT_ID, severity=pb.SEVERITY_WARNING,
             display_name="Host names conflict", display_name_ja=CONFLICT_JA,
             application="pytest",
         ),
         timeout=RPC_TIMEOUT,
     )
-    assert (a.event_type, a.event_type_id, a.severity) == (CONFLICT_TYPE, CONFLICT_ID, pb.WARNING)
+    assert (a.event_type, a.event_type_id, a.severity) == (CONFLICT_TYPE, CONFLICT_ID, pb.SEVERITY_WARNING)
     assert a.raised_by == pb.RAISED_BY_CLIENTS
     b = server.catalog.RegisterEventType(
         pb.RegisterEventTypeRequest(
-            event_type=NOT_STORED_TYPE, event_type_id=NOT_STORED_ID, severity=pb.WARNING,
+            event_type=NOT_STORED_TYPE, event_type_id=NOT_STORED_ID, severity=pb.SEVERITY_WARNING,
             display_name="APN certificate expired (pytest)", do_not_store=True,
             application="pytest",
         ),
@@ -60,7 +60,7 @@ def test_classify_by_type_string(server, app_types):
     assert c.device_id == "py-classify-1"
     assert c.event_type == CONFLICT_TYPE
     assert c.event_type_id == CONFLICT_ID
-    assert c.severity == pb.WARNING
+    assert c.severity == pb.SEVERITY_WARNING
     assert c.known is True
     assert c.stored is True
     assert c.blocked is False
@@ -121,7 +121,7 @@ def test_classify_unknown_type(server):
     assert c.known is False
     assert c.stored is True
     assert c.blocked is False
-    assert c.severity == pb.INFO
+    assert c.severity == pb.SEVERITY_INFO
     assert c.event_type == "MYAPP_SOMETHING"
     assert c.event_type_id == 0
     assert c.display_name == "MYAPP_SOMETHING"

@@ -131,7 +131,7 @@ class Subscriber:
 def register_types(srv: FleetServer) -> None:
     stored = srv.catalog.RegisterEventType(
         pb.RegisterEventTypeRequest(
-            event_type=STORED_TYPE, severity=pb.WARNING, display_name="Degraded stored",
+            event_type=STORED_TYPE, severity=pb.SEVERITY_WARNING, display_name="Degraded stored",
             application="pytest",
         ),
         timeout=RPC_TIMEOUT,
@@ -139,7 +139,7 @@ def register_types(srv: FleetServer) -> None:
     assert stored.store is True
     live = srv.catalog.RegisterEventType(
         pb.RegisterEventTypeRequest(
-            event_type=LIVE_TYPE, severity=pb.WARNING, display_name="Degraded live only",
+            event_type=LIVE_TYPE, severity=pb.SEVERITY_WARNING, display_name="Degraded live only",
             do_not_store=True, application="pytest",
         ),
         timeout=RPC_TIMEOUT,
@@ -311,7 +311,7 @@ def test_full_disk_degrades_not_down_and_recovers(degraded_server, small_volume)
         got, _ = sub.wait_for(lambda c: c.event_type == NO_SPACE, LIVE_DEADLINE, NO_SPACE)
         assert got.event_id == status.raised[0].event_id
         assert got.device_id == SERVER_ID
-        assert got.origin == pb.SERVER
+        assert got.origin == pb.ORIGIN_SERVER
         assert got.params.get("min_free_percent") == "10", got
         assert no_space_stored(srv) == [], "stored although the volume is full"
         # `stored` says "written to the event store": checked at the end, so that the rest of

@@ -60,13 +60,13 @@ def test_flood_block_unblock_remove(server):
     assert s.params.get("event_type") == NOISY
     assert "count" in s.params, dict(s.params)
     assert int(s.params["count"]) > 5
-    assert s.severity == pb.WARNING
-    assert s.origin == pb.SERVER
+    assert s.severity == pb.SEVERITY_WARNING
+    assert s.origin == pb.ORIGIN_SERVER
 
     blocks = _blocks_for(server, DEVICE)
     assert len(blocks) == 1, blocks
     b = blocks[0]
-    assert b.state == pb.BLOCKED
+    assert b.state == pb.BLOCK_STATE_BLOCKED
     assert b.held_back == 15
     assert b.detected_count > 5
     assert b.HasField("blocked_since")
@@ -77,7 +77,7 @@ def test_flood_block_unblock_remove(server):
     unblocked = server.devices.UnblockFrequentEvent(
         pb.FrequentEventBlockKey(device_id=DEVICE, event_type=NOISY), timeout=RPC_TIMEOUT
     )
-    assert unblocked.state == pb.UNBLOCKED
+    assert unblocked.state == pb.BLOCK_STATE_UNBLOCKED
     assert unblocked.device_id == DEVICE
     assert unblocked.event_type == NOISY
     assert not unblocked.HasField("blocked_until")
@@ -91,7 +91,7 @@ def test_flood_block_unblock_remove(server):
     assert [a.stored for a in later] == [True] * 10
 
     listed = _blocks_for(server, DEVICE)
-    assert [x.state for x in listed] == [pb.UNBLOCKED]
+    assert [x.state for x in listed] == [pb.BLOCK_STATE_UNBLOCKED]
 
     # Removing the block forgets it.
     server.devices.RemoveFrequentEventBlock(

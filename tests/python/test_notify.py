@@ -175,7 +175,7 @@ def set_rule(server, event_type: str, channels: list[str], **fields):
 @pytest.fixture(scope="module")
 def wired(server, mailbox, hook, program):
     server.catalog.RegisterEventType(pb.RegisterEventTypeRequest(
-        event_type=APP_TYPE, severity=pb.CRITICAL, display_name="Disk alert",
+        event_type=APP_TYPE, severity=pb.SEVERITY_CRITICAL, display_name="Disk alert",
         description="A disk is failing", application="pytest"), timeout=RPC_TIMEOUT)
     put_channels(server, mailbox, hook, program)
     t = set_rule(server, APP_TYPE, ["ops-mail", "ops-hook", "ops-prog"],
@@ -324,7 +324,7 @@ def test_channels_are_listed_with_secrets_redacted_and_kept_when_put_back(wired)
     (pb.NotificationChannel(name="x", program=pb.ProgramChannel(path="/etc/passwd")), "program.path"),
     (pb.NotificationChannel(name="x", program=pb.ProgramChannel(path="relative/bin")), "program.path"),
     (pb.NotificationChannel(name="x", program=pb.ProgramChannel(path="/bin/true", timeout_secs=100000)),
-     "program.timeout"),
+     "program.timeout_secs"),
     (pb.NotificationChannel(name="x", program=pb.ProgramChannel(path="/bin/true", args=["%NOPE%"])),
      "program.args[0]"),
     (pb.NotificationChannel(name="x", email=pb.EmailChannel(host="h", port=25, to=["a@b"])), "email.from"),
@@ -348,7 +348,7 @@ def test_a_bad_channel_is_refused_naming_its_field(wired, channel, field):
     (pb.NotificationRule(channels=["ops-mail"], body="%EVENT% %NOPE%"), "%NOPE%"),
     (pb.NotificationRule(channels=["ops-mail"], subject="50% off"), "subject"),
     (pb.NotificationRule(channels=["ops-mail"], max_messages=10001), "max_messages"),
-    (pb.NotificationRule(channels=["ops-mail"], period_secs=59), "period"),
+    (pb.NotificationRule(channels=["ops-mail"], period_secs=59), "period_secs"),
     (pb.NotificationRule(channels=["ops-mail", "ops-mail"]), "channels[1]"),
     (pb.NotificationRule(channels=["x" * 300]), "notification.channels[0]"),
 ])
@@ -395,7 +395,7 @@ def test_blocked_events_never_notify_and_the_flood_report_does_once(wired, hook)
     set_rule(wired, "KLSRV_EVENT_SPAM_EVENTS_DETECTED", ["ops-hook"])
     t = "PY_NOTIFY_FLOOD"
     wired.catalog.RegisterEventType(pb.RegisterEventTypeRequest(
-        event_type=t, severity=pb.WARNING, application="pytest"), timeout=RPC_TIMEOUT)
+        event_type=t, severity=pb.SEVERITY_WARNING, application="pytest"), timeout=RPC_TIMEOUT)
     set_rule(wired, t, ["ops-hook"], max_messages=100)
     before = len(hook.calls)
     for i in range(9):  # threshold 5: the 6th is the flood, blocked with the rest
@@ -416,7 +416,7 @@ def test_queued_notifications_survive_a_restart(server_factory, mailbox, hook, p
     try:
         put_channels(srv, mailbox, hook, program)
         srv.catalog.RegisterEventType(pb.RegisterEventTypeRequest(
-            event_type=APP_TYPE, severity=pb.CRITICAL, application="pytest"), timeout=RPC_TIMEOUT)
+            event_type=APP_TYPE, severity=pb.SEVERITY_CRITICAL, application="pytest"), timeout=RPC_TIMEOUT)
         set_rule(srv, APP_TYPE, ["ops-mail"])
         srv.events.Classify(event("py-restart", APP_TYPE, event_id="r-1"), timeout=RPC_TIMEOUT)
         time.sleep(0.5)

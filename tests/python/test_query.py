@@ -54,7 +54,7 @@ def test_query_paging(server):
     assert first.event_type == "PYPAGE_EVT_00"
     assert first.application == "pytest"
     assert first.stored is True
-    assert first.origin == pb.CLIENT
+    assert first.origin == pb.ORIGIN_CLIENT
     assert first.HasField("received_at")
 
 

@@ -66,27 +66,27 @@ T_UDP = "PYSIEM_UDP"
 T_RST = "PYSIEM_RESTART"
 T_TLS = "PYSIEM_TLS"
 TYPES = [
-    (T_APP, 71001, pb.CRITICAL, "Disk alert (siem)"),
-    (T_NOID, 0, pb.INFO, "Info without id"),
-    (T_INFO, 71011, pb.INFO, "Filter info"),
-    (T_WARN, 71012, pb.WARNING, "Filter warning"),
-    (T_CRIT, 71013, pb.CRITICAL, "Filter critical"),
-    (T_HIST, 71021, pb.WARNING, "History"),
-    (T_OUT, 71031, pb.WARNING, "Outage"),
-    (T_LIVE, 71041, pb.WARNING, "Live only"),
-    (T_WARM, 71042, pb.INFO, "Live warm-up"),
-    (T_MET, 71051, pb.FUNCTIONAL_FAILURE, "Metrics"),
-    (T_UDP, 71061, pb.INFO, "Over UDP"),
-    (T_RST, 71071, pb.WARNING, "Restart"),
-    (T_TLS, 71081, pb.FUNCTIONAL_FAILURE, "Over TLS"),
+    (T_APP, 71001, pb.SEVERITY_CRITICAL, "Disk alert (siem)"),
+    (T_NOID, 0, pb.SEVERITY_INFO, "Info without id"),
+    (T_INFO, 71011, pb.SEVERITY_INFO, "Filter info"),
+    (T_WARN, 71012, pb.SEVERITY_WARNING, "Filter warning"),
+    (T_CRIT, 71013, pb.SEVERITY_CRITICAL, "Filter critical"),
+    (T_HIST, 71021, pb.SEVERITY_WARNING, "History"),
+    (T_OUT, 71031, pb.SEVERITY_WARNING, "Outage"),
+    (T_LIVE, 71041, pb.SEVERITY_WARNING, "Live only"),
+    (T_WARM, 71042, pb.SEVERITY_INFO, "Live warm-up"),
+    (T_MET, 71051, pb.SEVERITY_FUNCTIONAL_FAILURE, "Metrics"),
+    (T_UDP, 71061, pb.SEVERITY_INFO, "Over UDP"),
+    (T_RST, 71071, pb.SEVERITY_WARNING, "Restart"),
+    (T_TLS, 71081, pb.SEVERITY_FUNCTIONAL_FAILURE, "Over TLS"),
 ]
 DISPLAY = {t: name for t, _, _, name in TYPES}
 TYPE_ID = {t: i for t, i, _, _ in TYPES}
 SEVERITY = {t: s for t, _, s, _ in TYPES}
 
 # RFC 5424 table 2, and the CEF/LEEF 0-10 scale (src/siem/format.rs).
-SYSLOG_SEVERITY = {pb.CRITICAL: 2, pb.FUNCTIONAL_FAILURE: 3, pb.WARNING: 4, pb.INFO: 6}
-SCALE_SEVERITY = {pb.CRITICAL: 10, pb.FUNCTIONAL_FAILURE: 7, pb.WARNING: 5, pb.INFO: 3}
+SYSLOG_SEVERITY = {pb.SEVERITY_CRITICAL: 2, pb.SEVERITY_FUNCTIONAL_FAILURE: 3, pb.SEVERITY_WARNING: 4, pb.SEVERITY_INFO: 6}
+SCALE_SEVERITY = {pb.SEVERITY_CRITICAL: 10, pb.SEVERITY_FUNCTIONAL_FAILURE: 7, pb.SEVERITY_WARNING: 5, pb.SEVERITY_INFO: 3}
 
 
 
@@ -535,7 +535,7 @@ def check_rfc5424(line: str, e: pb.Event, facility: int, t0: dt.datetime,
     received = parse_rfc3339(fleet.pop("received_at"))
     assert t0 - dt.timedelta(seconds=1) <= received <= dt.datetime.now(dt.timezone.utc) + \
         dt.timedelta(seconds=1), received
-    want = {"event_id": e.event_id, "event_type": t, "severity": pb.Severity.Name(SEVERITY[t]),
+    want = {"event_id": e.event_id, "event_type": t, "severity": pb.Severity.Name(SEVERITY[t]).removeprefix("SEVERITY_"),
             "device": e.device_id, "application": e.application}
     if TYPE_ID[t]:
         want["event_type_id"] = str(TYPE_ID[t])
@@ -784,7 +784,7 @@ def test_cef_and_leef_read_back_field_by_field(siem, rsyslog):
 
 def test_filters_by_severity_and_by_type(siem, rsyslog):
     srv = siem.srv
-    siem.put(dest("f-sev", rsyslog.tcp_port, facility=16, min_severity=pb.WARNING))
+    siem.put(dest("f-sev", rsyslog.tcp_port, facility=16, min_severity=pb.SEVERITY_WARNING))
     siem.put(dest("f-types", rsyslog.tcp_port, facility=17, event_types=[T_INFO, T_CRIT]))
     prefix = "py-siem-filter-"
     sent = []
@@ -801,7 +801,7 @@ def test_filters_by_severity_and_by_type(siem, rsyslog):
         assert got == [e.event_id for e in sent if e.event_type in keep], (facility, got)
     d = siem.status("f-types").destination
     assert sorted(d.event_types) == sorted([T_INFO, T_CRIT]) and d.min_severity == 0  # listed sorted
-    assert siem.status("f-sev").destination.min_severity == pb.WARNING
+    assert siem.status("f-sev").destination.min_severity == pb.SEVERITY_WARNING
 
 
 def test_history_export_from_a_time_and_only_new_events_without_one(siem, rsyslog):
@@ -1070,7 +1070,7 @@ def test_good_tls_and_udp_destinations_are_accepted(siem, bad_files):
     st = siem.put(pb.SiemDestination(
         name="good-tls", host="127.0.0.1", port=65535, transport=pb.SYSLOG_TRANSPORT_TLS,
         format=pb.SIEM_FORMAT_LEEF, ca_file=str(bad_files["ca"]), server_name="localhost",
-        event_types=[f"PYSIEM_T{i}" for i in range(256)], facility=23, min_severity=pb.CRITICAL))
+        event_types=[f"PYSIEM_T{i}" for i in range(256)], facility=23, min_severity=pb.SEVERITY_CRITICAL))
     assert st.destination.ca_file == str(bad_files["ca"])
     assert len(st.destination.event_types) == 256
     siem.put(pb.SiemDestination(name="A." + "n" * 126, host="localhost", port=1,

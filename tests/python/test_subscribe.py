@@ -35,12 +35,12 @@ def warning_types(server):
     ]:
         t = server.catalog.RegisterEventType(
             pb.RegisterEventTypeRequest(
-                event_type=name, event_type_id=type_id, severity=pb.WARNING,
+                event_type=name, event_type_id=type_id, severity=pb.SEVERITY_WARNING,
                 application="pytest",
             ),
             timeout=RPC_TIMEOUT,
         )
-        assert (t.event_type, t.event_type_id, t.severity) == (name, type_id, pb.WARNING)
+        assert (t.event_type, t.event_type_id, t.severity) == (name, type_id, pb.SEVERITY_WARNING)
 
 
 class Subscriber:
@@ -80,7 +80,7 @@ def test_subscribe_filters_severity_and_device(server, warning_types):
     sends a WARNING event: the console receives exactly the WARNING event of py-sub-1, with every
     field filled (application and params included)."""
     sub = Subscriber(
-        server, pb.SubscribeRequest(min_severity=pb.WARNING, device_ids=[DEVICE])
+        server, pb.SubscribeRequest(min_severity=pb.SEVERITY_WARNING, device_ids=[DEVICE])
     )
     try:
         # Probe until the subscription is demonstrably registered.
@@ -108,16 +108,16 @@ def test_subscribe_filters_severity_and_device(server, warning_types):
         # The real events.
         info = server.events.Classify(
             event(DEVICE, "MYAPP_SUB_INFO", event_id="sub-info"), timeout=RPC_TIMEOUT)
-        assert info.severity == pb.INFO
+        assert info.severity == pb.SEVERITY_INFO
         warn = server.events.Classify(
             event(DEVICE, CONFLICT_TYPE, event_id="sub-warn",
                   application="KES 12.6", params={"host": "ws-17"}),
             timeout=RPC_TIMEOUT)
-        assert warn.severity == pb.WARNING
+        assert warn.severity == pb.SEVERITY_WARNING
         other = server.events.Classify(
             event(OTHER, CONFLICT_TYPE, event_id="sub-other"),
             timeout=RPC_TIMEOUT)
-        assert other.severity == pb.WARNING
+        assert other.severity == pb.SEVERITY_WARNING
         # A last WARNING event of py-sub-1 marks the end: everything published before it has
         # been delivered by the time it arrives.
         server.events.Classify(
@@ -142,12 +142,12 @@ def test_subscribe_filters_severity_and_device(server, warning_types):
         assert c.device_id == DEVICE
         assert c.event_type == CONFLICT_TYPE
         assert c.event_type_id == CONFLICT_ID
-        assert c.severity == pb.WARNING
+        assert c.severity == pb.SEVERITY_WARNING
         assert c.known is True
         assert c.blocked is False
         assert c.application == "KES 12.6"
         assert dict(c.params) == {"host": "ws-17"}
-        assert c.origin == pb.CLIENT
+        assert c.origin == pb.ORIGIN_CLIENT
         assert c.missed_before == 0
         assert c.HasField("received_at")
         assert c.HasField("occurred_at")
