@@ -213,11 +213,25 @@ run_examples() {
   step "client examples: ${examples[*]} (clients/)"
   work=$(mktemp -d)
   trap 'stop_server || true; rm -rf "$work"' EXIT
+  # The builds run side by side (javac and pip overlap well); each one's output is shown after.
+  local pids=() build_failed=()
   for lang in "${examples[@]}"; do
-    local t=$SECONDS
-    example_build "$lang"
-    echo "built the $lang example in $((SECONDS - t)) s"
+    (
+      t=$SECONDS
+      example_build "$lang"
+      echo "built in $((SECONDS - t)) s"
+    ) >"$work/build-$lang.log" 2>&1 &
+    pids+=($!)
   done
+  for i in "${!examples[@]}"; do
+    lang=${examples[$i]}
+    wait "${pids[$i]}" || build_failed+=("$lang")
+    sed "s/^/  $lang build | /" "$work/build-$lang.log"
+  done
+  if [ ${#build_failed[@]} -gt 0 ]; then
+    echo "client examples FAILED to build: ${build_failed[*]}" >&2
+    exit 1
+  fi
 
   # One server for all: fresh data dir, free port; FLEET_EVENTS_* of ours would be read as its
   # configuration, so it gets none of them.
