@@ -145,11 +145,19 @@ example_build() { # lang
       mvn -q -B -f clients/java/pom.xml compile 2>&1 | sed 's/\x1b\[[0-9;]*m//g'
       ;;
     python)
-      local venv="$root/target/clients-pyenv" want
-      [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+      local venv="$root/target/clients-pyenv" want pip
+      # python3's own pip installs into the venv (--python): a venv without a pip of its own is
+      # made in a second, where ensurepip takes several.
+      pip=(python3 -m pip --python "$venv/bin/python")
+      if ! python3 -m pip --help 2>/dev/null | grep -- "--python <python>" >/dev/null; then
+        pip=("$venv/bin/python" -m pip)
+      fi
+      if [ ! -x "$venv/bin/python" ]; then
+        if [ "${pip[0]}" = python3 ]; then python3 -m venv --without-pip "$venv"; else python3 -m venv "$venv"; fi
+      fi
       want=$(sha256sum clients/python/requirements.txt | cut -d' ' -f1)
       if [ "$(cat "$venv/.requirements-sha256" 2>/dev/null)" != "$want" ]; then
-        "$venv/bin/pip" install --quiet --disable-pip-version-check -r clients/python/requirements.txt
+        "${pip[@]}" install --quiet --disable-pip-version-check -r clients/python/requirements.txt
         echo "$want" >"$venv/.requirements-sha256"
       fi
       rm -rf clients/python/gen && mkdir clients/python/gen
