@@ -16,8 +16,9 @@
 # Installs the npm packages from tests/node/package-lock.json (npm ci, only when the lockfile
 # changed) and the Go modules of tests/go/go.sum. Idempotent; every test stops its servers.
 # The examples also need Java 17+ with Maven, and install when missing: protoc-gen-go and
-# protoc-gen-go-grpc (go install), buf (npm, when no buf 1.75.0 is on PATH), the Maven artifacts
-# (~/.m2), the npm packages of clients/node and a venv at target/clients-pyenv.
+# protoc-gen-go-grpc (go install), buf (npm, into target/tools as scripts/test.sh does, unless
+# buf 1.75.0 is on PATH), the Maven artifacts (~/.m2), the npm packages of clients/node and a
+# venv at target/clients-pyenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -116,14 +117,15 @@ example_build() { # lang
       if [ "$(protoc-gen-go-grpc --version 2>/dev/null)" != "protoc-gen-go-grpc ${GO_GRPC_PLUGIN_VERSION#v}" ]; then
         go install "google.golang.org/grpc/cmd/protoc-gen-go-grpc@$GO_GRPC_PLUGIN_VERSION"
       fi
-      # buf: the one on PATH when it is this version, else npm's build of it (a 33 MB download
-      # in seconds, where `go install` compiles for minutes).
+      # buf: the one on PATH when it is this version, else the one scripts/test.sh installs from
+      # npm into target/tools (a 33 MB download in seconds, where `go install` compiles for
+      # minutes), installed here the same way when missing.
       buf=buf
       if [ "$(buf --version 2>/dev/null)" != "$BUF_VERSION" ]; then
-        buf="$root/target/tools/buf/node_modules/.bin/buf"
+        buf="$root/target/tools/node_modules/.bin/buf"
         if [ "$("$buf" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
-          npm install --prefix "$root/target/tools/buf" --no-audit --no-fund --loglevel=error \
-            "@bufbuild/buf@$BUF_VERSION"
+          npm install --prefix "$root/target/tools" --no-audit --no-fund --loglevel=error \
+            "@bufbuild/buf@$BUF_VERSION" >/dev/null
         fi
       fi
       (cd clients/go && "$buf" generate ../../proto --template buf.gen.yaml &&
