@@ -103,7 +103,7 @@ start_echo() {
 # fleet-events, as the admin.
 register_not_stored() {
   ghz "${ghz_conn[@]}" --call fleetevents.v1.CatalogService/RegisterEventType -n 1 -c 1 \
-    -d "{\"event_type\":\"$NOT_STORED_TYPE\",\"severity\":\"INFO\",\"application\":\"bench\",\"do_not_store\":true}" \
+    -d "{\"event_type\":\"$NOT_STORED_TYPE\",\"severity\":\"SEVERITY_INFO\",\"application\":\"bench\",\"do_not_store\":true}" \
     -O json -o "$work/register.json" "$addr"
   python3 - "$work/register.json" <<'PY'
 import json, sys
@@ -131,7 +131,7 @@ enable_outputs() {
   ghz_once fleetevents.v1.NotificationService/PutChannel \
     "{\"name\":\"bench-hook\",\"webhook\":{\"url\":\"$hook_url\"}}"
   ghz_once fleetevents.v1.CatalogService/RegisterEventType \
-    "{\"event_type\":\"$STORED_TYPE\",\"severity\":\"INFO\",\"application\":\"bench\"}"
+    "{\"event_type\":\"$STORED_TYPE\",\"severity\":\"SEVERITY_INFO\",\"application\":\"bench\"}"
   local t
   for t in "$STORED_TYPE" "$NOT_STORED_TYPE"; do
     ghz_once fleetevents.v1.CatalogService/UpdateEventTypeSettings \

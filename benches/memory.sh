@@ -75,7 +75,7 @@ TOML
 
 register_type() { # NAME DO_NOT_STORE: registers an Info application type as the admin
   ghz "${ghz_conn[@]}" --call fleetevents.v1.CatalogService/RegisterEventType -n 1 -c 1 \
-    -d "{\"event_type\":\"$1\",\"severity\":\"INFO\",\"application\":\"bench\",\"do_not_store\":$2}" \
+    -d "{\"event_type\":\"$1\",\"severity\":\"SEVERITY_INFO\",\"application\":\"bench\",\"do_not_store\":$2}" \
     -O json -o "$work/register.json" "$addr"
   python3 - "$work/register.json" <<'PY'
 import json, sys

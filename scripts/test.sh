@@ -5,7 +5,8 @@
 # process-level, and each Criterion bench once in test mode) on the embedded SQLite store, then
 # the same integration tests again on PostgreSQL (Debian's package, installed when missing; a
 # throw-away cluster on a free port, stopped at exit), then the Python grpcio suite against the
-# same release binary. Idempotent; cleans up the servers it starts.
+# same release binary, then the client tests and examples in Node, Go and Java. The contract
+# is checked by buf (lint, breaking). Idempotent; cleans up the servers it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -53,6 +54,27 @@ step "format and lints"
 cargo fmt --check
 cargo clippy --release --all-targets --locked -- -D warnings
 
+step "the contract: buf lint and buf breaking"
+# buf from its npm package (a prebuilt binary: seconds, where `go install` compiles for
+# minutes), pinned, into target/tools, only when missing.
+buf_version=1.75.0
+buf="$root/target/tools/node_modules/.bin/buf"
+if [ ! -x "$buf" ] || [ "$("$buf" --version)" != "$buf_version" ]; then
+  echo "installing buf $buf_version"
+  npm install --no-audit --no-fund --loglevel=error --prefix "$root/target/tools" \
+    "@bufbuild/buf@$buf_version" >/dev/null
+fi
+"$buf" lint
+# No wire or source break against the previous commit (FLEET_BUF_AGAINST names another
+# git ref, e.g. the last release); skipped where there is no previous commit (a shallow clone).
+against=${FLEET_BUF_AGAINST:-HEAD~1}
+if git rev-parse -q --verify "$against^{commit}" >/dev/null; then
+  "$buf" breaking proto --against ".git#ref=$against,subdir=proto"
+  echo "buf breaking: no break against $against"
+else
+  echo "buf breaking: skipped, $against is not in this clone"
+fi
+
 step "rust tests on SQLite (release build, benches once in test mode)"
 unset FLEET_TEST_POSTGRES
 # The PostgreSQL-only tests wait for the next pass.
@@ -70,5 +92,7 @@ trap - EXIT
 step "python grpcio suite"
 FLEET_EVENTS_BIN="$root/target/release/fleet-events" "$venv/bin/python" -m pytest -q tests/python
 
-step "client tests in Node and Go (grpc-js, grpc-go)"
-FLEET_EVENTS_BIN="$root/target/release/fleet-events" scripts/clients.sh
+step "client tests in Node and Go (grpc-js, grpc-go), and the client examples of clients/"
+# The examples (Go with buf, Node, Java with Maven, Python) run against one fresh server, each
+# line of their output checked.
+FLEET_EVENTS_BIN="$root/target/release/fleet-events" scripts/clients.sh node go examples

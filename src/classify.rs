@@ -141,6 +141,14 @@ pub enum ClassifyError {
     },
 }
 
+/// The refusal of a malformed type string in `field`: the catalog's reason, said once.
+fn bad_type_name(field: &'static str, e: crate::catalog::CatalogError) -> ClassifyError {
+    match e {
+        crate::catalog::CatalogError::Invalid { reason, .. } => invalid(field, reason),
+        other => invalid(field, other.to_string()),
+    }
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> ClassifyError {
     ClassifyError::Invalid {
         field,
@@ -239,7 +247,7 @@ pub fn classify(
             Some(t) => t,
             None => {
                 crate::catalog::validate_type_name(&ev.event_type)
-                    .map_err(|e| invalid("event_type", e.to_string()))?;
+                    .map_err(|e| bad_type_name("event_type", e))?;
                 Arc::new(EventType::unknown(
                     &ev.event_type,
                     catalog.unknown_severity(),
@@ -327,7 +335,7 @@ pub fn classify_relayed(
         Some(t) => t,
         None => {
             crate::catalog::validate_type_name(&ev.event_type)
-                .map_err(|e| invalid("event.event_type", e.to_string()))?;
+                .map_err(|e| bad_type_name("event.event_type", e))?;
             let mut t = EventType::unknown(&ev.event_type, ev.severity);
             if ev.event_type_id != 0 && catalog.by_id(ev.event_type_id).is_none() {
                 t.id = Some(ev.event_type_id);

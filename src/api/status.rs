@@ -246,6 +246,14 @@ pub fn refuse(reason: Reason, message: impl Into<String>) -> Status {
 /// An `INVALID_ARGUMENT` naming `field` (in the message and in a `BadRequest`).
 pub fn bad_field(field: &str, reason: impl std::fmt::Display) -> Status {
     let reason = reason.to_string();
+    // A reason that names the field already (an inner error's own text) is said once.
+    let reason = match reason
+        .strip_prefix(field)
+        .and_then(|r| r.strip_prefix(": "))
+    {
+        Some(rest) => rest.to_owned(),
+        None => reason,
+    };
     Refusal::new(Reason::InvalidField, format!("{field}: {reason}"))
         .field(field, reason)
         .status()

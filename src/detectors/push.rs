@@ -27,8 +27,9 @@ pub const GCM_HTTP_ERROR: &str = "KLSRV_GCM_HTTP_ERROR";
 /// Raised when the server failed unexpectedly while sending.
 pub const GCM_GENERAL_ERROR: &str = "KLSRV_GCM_GENERAL_ERROR";
 
-/// Most failed devices accepted in one report.
-pub const MAX_FAILED_DEVICES: usize = 10_000;
+/// Most failed devices accepted in one report: the limit of every list field of a request
+/// (`fields::LIST_ITEMS`), so the domain and the edge refuse at the same count.
+pub const MAX_FAILED_DEVICES: usize = crate::fields::LIST_ITEMS;
 
 /// The outcome of one batch, as the push sender reports it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! cap and its notices, retention, the outbox, paging and filters, the saved registries and
 //! shutdown.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Two fleet-events processes sharing one PostgreSQL database: events sent to either are
 //! queryable from both, and an event both receive is stored once.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

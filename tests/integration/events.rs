@@ -1,6 +1,6 @@
 //! EventService end to end: classification, the bidi stream, bad input, subscriptions, queries.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
@@ -11,6 +11,7 @@ use common::{
 use fleet_events::api::proto::{self, Classification, Severity};
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 /// A registered warning sent by type string and one sent by numeric ID are both resolved from
 /// the catalog; an unknown type is accepted, flagged unknown, INFO, stored. Built-in types, by
@@ -239,6 +240,33 @@ async fn stream_stops_at_a_bad_event_after_answering_the_earlier_ones() {
     assert_eq!(st.code(), Code::InvalidArgument);
     assert!(st.message().contains("event #3"), "{}", st.message());
     assert!(st.message().contains("device_id"), "{}", st.message());
+    // The details name the field and the event, for a client that never parses text.
+    let details = st.get_error_details();
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        ("INVALID_FIELD", "fleet-events")
+    );
+    assert_eq!(
+        info.metadata.get("event_index").map(String::as_str),
+        Some("3")
+    );
+    assert_eq!(info.metadata.get("event_id").map(String::as_str), Some("3"));
+    let bad = details.bad_request().expect("BadRequest");
+    assert_eq!(bad.field_violations.len(), 1);
+    assert_eq!(bad.field_violations[0].field, "device_id");
+    assert!(
+        bad.field_violations[0].description.starts_with("event #3"),
+        "{:?}",
+        bad.field_violations[0]
+    );
+    // The message says each thing once.
+    assert_eq!(
+        st.message().matches("device_id").count(),
+        1,
+        "{}",
+        st.message()
+    );
     assert!(c.classify(event("d", "T", "5")).await.is_ok());
     s.stop().await;
 }
@@ -379,4 +407,340 @@ async fn duplicate_event_ids_are_stored_once() {
     .await;
     assert_eq!(all.len(), 2);
     s.stop().await;
+}
+
+/// Every answer says what became of its event: stored, a duplicate (resent), live only, or
+/// blocked, on the unary and the streaming path alike; subscribers and queries see stored or
+/// live only.
+#[tokio::test]
+async fn answers_say_what_became_of_each_event() {
+    use proto::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    // Resends count toward a flood too: o-1 sends 5 of APP_WARN in all, the threshold.
+    config.flood.threshold = 5;
+    let s = TestServer::start(config).await;
+    register_test_types(&s).await;
+    let mut c = s.events();
+    let mut sub = common::subscribe_types(&s, &[APP_WARN, APP_WARN_LIVE]).await;
+    let outcome = |a: &Classification| Outcome::try_from(a.outcome).unwrap();
+
+    let first = c
+        .classify(event("o-1", APP_WARN, "s1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&first), Outcome::Stored);
+    assert!(first.stored);
+    let again = c
+        .classify(event("o-1", APP_WARN, "s1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&again), Outcome::Duplicate);
+    assert!(again.stored, "the first one is in the store");
+    let live = c
+        .classify(event("o-1", APP_WARN_LIVE, "l1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&live), Outcome::LiveOnly);
+    assert!(!live.stored);
+    let live_again = c
+        .classify(event("o-1", APP_WARN_LIVE, "l1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(outcome(&live_again), Outcome::Duplicate);
+
+    // The stream: a fresh event, a resend of one taken by Classify, a resend within the call.
+    let sent = vec![
+        event("o-1", APP_WARN, "s2"),
+        event("o-1", APP_WARN, "s1"),
+        event("o-1", APP_WARN, "s2"),
+        event("o-1", APP_WARN_LIVE, "l2"),
+    ];
+    let answers: Vec<Classification> = c
+        .stream(tokio_stream::iter(sent))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|a| a.unwrap())
+        .collect()
+        .await;
+    let got: Vec<Outcome> = answers.iter().map(outcome).collect();
+    assert_eq!(
+        got,
+        [
+            Outcome::Stored,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::LiveOnly
+        ]
+    );
+
+    // Past the flood threshold (5 a window), events are blocked: answered, not refused.
+    let mut blocked = Vec::new();
+    for i in 0..8 {
+        let a = c
+            .classify(event("o-2", APP_WARN, &format!("f{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        blocked.push(outcome(&a));
+    }
+    assert_eq!(&blocked[..5], &[Outcome::Stored; 5], "{blocked:?}");
+    assert!(
+        blocked[6..].iter().all(|o| *o == Outcome::Blocked),
+        "{blocked:?}"
+    );
+
+    // Subscribers see what was delivered: the stored first, then the live one.
+    let delivered = common::next_live(&mut sub).await;
+    assert_eq!(
+        (delivered.event_id.as_str(), outcome(&delivered)),
+        ("s1", Outcome::Stored)
+    );
+    let delivered = common::next_live(&mut sub).await;
+    assert_eq!(
+        (delivered.event_id.as_str(), outcome(&delivered)),
+        ("l1", Outcome::LiveOnly)
+    );
+    let stored = query_all(
+        &mut c,
+        proto::QueryEventsRequest {
+            device_id: "o-1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stored.len(), 2, "s1 and s2 once each");
+    assert!(stored.iter().all(|e| outcome(e) == Outcome::Stored));
+    s.stop().await;
+}
+
+/// Every refusal carries a google.rpc.ErrorInfo (domain fleet-events, the documented reason),
+/// a BadRequest naming the field for a bad field, a ResourceInfo for NOT_FOUND and
+/// ALREADY_EXISTS, a RetryInfo where waiting cures it; statuses the gRPC layer makes itself
+/// (an unknown method) get the code's name as their reason.
+#[tokio::test]
+async fn every_refusal_carries_structured_details() {
+    use fleet_events::api::proto::catalog_service_client::CatalogServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.subscribe.max_subscribers = 1;
+    let s = TestServer::start(config).await;
+    register_test_types(&s).await;
+    let mut c = s.events();
+    let mut catalog = CatalogServiceClient::new(s.channel.clone());
+    let reason = |st: &tonic::Status| {
+        let info = st
+            .get_error_details()
+            .error_info()
+            .cloned()
+            .expect("ErrorInfo");
+        assert_eq!(info.domain, "fleet-events", "{st:?}");
+        info.reason
+    };
+
+    let mut bad = event("d", APP_WARN, "x");
+    bad.params.insert("k".into(), "v".repeat(100_000));
+    let st = c.classify(bad).await.unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::InvalidArgument, "INVALID_FIELD")
+    );
+    let violations = st
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations
+        .clone();
+    assert_eq!(violations[0].field, "params", "{violations:?}");
+    assert_eq!(
+        st.message().matches("params").count(),
+        1,
+        "{}",
+        st.message()
+    );
+
+    // A malformed type string: the field is named once, in the text and in the details.
+    let st = c.classify(event("d", "bad type!", "bt")).await.unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::InvalidArgument, "INVALID_FIELD")
+    );
+    assert!(
+        st.message().starts_with("event_type: may only contain"),
+        "{}",
+        st.message()
+    );
+    let violation = st
+        .get_error_details()
+        .bad_request()
+        .unwrap()
+        .field_violations[0]
+        .clone();
+    assert_eq!(violation.field, "event_type");
+    assert!(
+        !violation.description.contains("event_type"),
+        "{violation:?}"
+    );
+
+    let st = catalog
+        .get_event_type(proto::GetEventTypeRequest {
+            event_type: "NO_SUCH_TYPE".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::NotFound, "NOT_FOUND")
+    );
+    let resource = st.get_error_details().resource_info().cloned().unwrap();
+    assert_eq!(
+        (
+            resource.resource_type.as_str(),
+            resource.resource_name.as_str()
+        ),
+        ("fleetevents.v1.EventType", "NO_SUCH_TYPE")
+    );
+
+    let st = catalog
+        .register_event_type(common::test_type_requests().remove(0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::AlreadyExists, "ALREADY_EXISTS")
+    );
+    let resource = st.get_error_details().resource_info().cloned().unwrap();
+    assert_eq!(resource.resource_type, "fleetevents.v1.EventType");
+
+    let st = c
+        .classify(event("d", "KLSRV_EVENT_HOSTS_CONFLICT", "k"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::PermissionDenied, "SERVER_ONLY_TYPE")
+    );
+
+    let st = c
+        .query_events(proto::QueryEventsRequest {
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::InvalidArgument, "BAD_PAGE_TOKEN")
+    );
+    assert_eq!(
+        st.get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "page_token"
+    );
+    assert_eq!(
+        st.message().matches("page_token").count(),
+        1,
+        "{}",
+        st.message()
+    );
+
+    // Over the subscription limit: RESOURCE_EXHAUSTED with a RetryInfo.
+    let _held = c
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .unwrap();
+    let st = c
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::ResourceExhausted, "TOO_MANY_SUBSCRIBERS")
+    );
+    let retry = st
+        .get_error_details()
+        .retry_info()
+        .cloned()
+        .expect("RetryInfo");
+    assert_eq!(retry.retry_delay, Some(std::time::Duration::from_secs(1)));
+
+    // No credential: UNAUTHENTICATED, from the authentication layer.
+    let url = format!("https://{}", s.server.local_addr());
+    let mut anonymous_options = common::options_for(&url);
+    anonymous_options.token = None;
+    let anonymous = fleet_events::client::endpoint(&url, &anonymous_options)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let st = proto::event_service_client::EventServiceClient::new(anonymous)
+        .classify(event("d", APP_WARN, "anon"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::Unauthenticated, "UNAUTHENTICATED")
+    );
+
+    // An unknown method: tonic's own status, completed with the code's name.
+    let mut raw = tonic::client::Grpc::new(s.channel.clone());
+    raw.ready().await.unwrap();
+    let st = raw
+        .unary::<proto::Event, proto::Classification, _>(
+            tonic::Request::new(proto::Event::default()),
+            http::uri::PathAndQuery::from_static("/fleetevents.v1.EventService/NoSuchMethod"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), reason(&st).as_str()),
+        (Code::Unimplemented, "UNIMPLEMENTED")
+    );
+
+    assert!(c.classify(event("d", APP_WARN, "after")).await.is_ok());
+    s.stop().await;
+}
+
+/// The README's error table lists every reason the server can give, each under its code.
+#[test]
+fn the_readme_lists_every_error_reason_under_its_code() {
+    use fleet_events::api::status::Reason;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows: Vec<(String, String)> = readme
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells.len() >= 4 && cells[1].starts_with('`') && cells[2].starts_with('`'))
+                .then(|| (cells[1].trim_matches('`').to_owned(), cells[2].to_owned()))
+        })
+        .collect();
+    for r in Reason::ALL {
+        let code = format!("{:?}", r.code());
+        // tonic's Debug names are CamelCase; the table uses the wire names.
+        let wire = code
+            .chars()
+            .enumerate()
+            .flat_map(|(i, ch)| {
+                let sep = (i > 0 && ch.is_uppercase()).then_some('_');
+                sep.into_iter().chain(ch.to_uppercase())
+            })
+            .collect::<String>();
+        let wanted = format!("`{}`", r.as_str());
+        assert!(
+            rows.iter()
+                .any(|(c, reasons)| *c == wire && reasons.contains(&wanted)),
+            "README's error table has no row {wire} | {wanted}"
+        );
+    }
 }

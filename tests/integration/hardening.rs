@@ -23,7 +23,7 @@
 //!   across restarts; an inactive device that sends an event is active at once; an outbox
 //!   overflow raises FLEET_OUTBOX_OVERFLOW (stored, with `dropped`) and does not feed itself.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -2,7 +2,7 @@
 //! every RPC and every kind of credential, device enrolment and identity, revocation (also of
 //! open streams and across a restart), server-only event types, and the audit trail.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

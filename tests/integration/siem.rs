@@ -10,7 +10,7 @@
 //! events (a `PutDestination` raises one) are exported too, and are told apart by device.
 //! Nothing sleeps to wait for the server: everything polls with a deadline.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! live-only type notifies too, and the per-channel counters say what happened. The receiver
 //! is a real program (a shell script appending what it was given to a file).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! itself is killed and restarted once, all arrive at the primary exactly once; 4118 and 4116
 //! are each raised once per outage.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::Path;

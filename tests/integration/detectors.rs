@@ -2,7 +2,7 @@
 //! ID, severity, device and params, stored as the catalog says, seen live; and raised again only
 //! after the condition cleared and came back.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

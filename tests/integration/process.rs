@@ -5,7 +5,7 @@
 //! off a terminal, JSON lines, a bad `--log` filter refused). The tools are installed by the
 //! README's test command (`scripts/test.sh`).
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -270,7 +270,7 @@ async fn cli_and_standard_tools_work_against_the_binary() {
             "-H",
             &bearer,
             "-d",
-            r#"{"event_type":"APP_DISK_FULL","event_type_id":72102,"severity":"WARNING","display_name":"Disk full"}"#,
+            r#"{"event_type":"APP_DISK_FULL","event_type_id":72102,"severity":"SEVERITY_WARNING","display_name":"Disk full"}"#,
             &addr,
             "fleetevents.v1.CatalogService/RegisterEventType",
         ],
@@ -290,7 +290,8 @@ async fn cli_and_standard_tools_work_against_the_binary() {
     assert_success(&out, "grpcurl Classify");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["eventType"], "APP_DISK_FULL");
-    assert_eq!(v["severity"], "WARNING");
+    assert_eq!(v["severity"], "SEVERITY_WARNING");
+    assert_eq!(v["outcome"], "OUTCOME_STORED");
     assert_eq!(v["stored"], true);
 
     // A built-in type is the server's own: refused, by ID as by name.
@@ -513,9 +514,11 @@ async fn tokens_and_device_enrolment_through_the_cli() {
         "a used-up enrolment token enrolled again"
     );
 
+    // HOST:PORT, as grpcurl takes it, means TLS.
+    let host_port = url.strip_prefix("https://").expect("a TLS url").to_owned();
     let device_flags: Vec<String> = vec![
         "--server".into(),
-        url.clone(),
+        host_port,
         "--cert".into(),
         arg(&cert).into(),
         "--key".into(),
@@ -980,7 +983,7 @@ async fn notifications_through_the_cli() {
             "-H",
             &bearer,
             "-d",
-            r#"{"event_type":"APP_CLI_NOTE","severity":"WARNING"}"#,
+            r#"{"event_type":"APP_CLI_NOTE","severity":"SEVERITY_WARNING"}"#,
             &host_port(&server),
             "fleetevents.v1.CatalogService/RegisterEventType",
         ],

@@ -3,7 +3,7 @@
 //! gauges follow open calls, the token is required, and bad requests get precise HTTP
 //! statuses while the port goes on serving.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

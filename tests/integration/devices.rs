@@ -2,7 +2,7 @@
 //! inactivity and "visible but not connecting", each raised once per onset and again only after
 //! it cleared and came back; the clock is moved, not waited for.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! acknowledged that is not committed), and once the cluster is back the server carries on.
 //! Alone in its file: it stops the cluster that the other test binaries use.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

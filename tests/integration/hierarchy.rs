@@ -4,7 +4,7 @@
 //! secondary and 4116 on the primary once each; settings flow down; bad peers and bad relay
 //! messages get precise statuses.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The embedded store end to end: the event cap and its two truncation events, per-type
 //! retention on the clock, catalog changes surviving a restart, graceful shutdown.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

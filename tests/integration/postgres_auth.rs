@@ -2,7 +2,7 @@
 //! made through one works on the other, an enrolment token's uses are counted once for both,
 //! and a device revoked through one is refused by the other within `auth.refresh_interval`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

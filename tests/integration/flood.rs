@@ -1,7 +1,7 @@
 //! Frequent-event blocking end to end: one report per flood, blocks listed with what they held
 //! back, the three administrative actions, expiry on the (manual) clock, per-type thresholds.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
