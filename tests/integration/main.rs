@@ -3,8 +3,9 @@
 //! the embedded SQLite store and again on PostgreSQL by `scripts/test.sh`
 //! (`cargo test --release --test integration <module>::` runs one module).
 //!
-//! `tests/fuzz.rs` stays a binary of its own: its panic hook counts every panic of the
-//! process, which must be the server's alone.
+//! Two tests stay binaries of their own: `tests/fuzz.rs`, whose panic hook counts every panic
+//! of the process (which must be the server's alone), and `tests/postgres_outage.rs`, which
+//! stops the PostgreSQL cluster every other test of the pass uses.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -21,7 +22,6 @@ mod hierarchy_crash;
 mod metrics;
 mod notify;
 mod postgres_auth;
-mod postgres_outage;
 mod postgres_shared;
 mod process;
 mod siem;

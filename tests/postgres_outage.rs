@@ -1,8 +1,9 @@
 //! PostgreSQL goes away while a server ingests: clients get UNAVAILABLE (no hang, nothing
 //! acknowledged that is not committed), and once the cluster is back the server carries on.
-//! Alone in its file: it stops the cluster that the other test binaries use.
+//! A test binary of its own (not a module of `tests/integration`): it stops the cluster that
+//! the other tests use, so it must never run beside them.
 
-use crate::common;
+mod common;
 
 use std::time::Duration;
 
