@@ -15,19 +15,22 @@
 # with do_not_store.
 # shellcheck shell=bash
 
-bench_build() { # -> sets fleet, echo_bin, open_streams_bin; ghz on PATH. BUILD=0: use the
+bench_build() { # -> sets fleet, echo_bin, open_streams_bin, load_client_bin; ghz on PATH. BUILD=0: use the
   # binaries already in target/release as they are. Needs $work.
   export PATH="$(go env GOPATH)/bin:$PATH"
   command -v ghz >/dev/null || go install github.com/bojand/ghz/cmd/ghz@latest
   [ "${BUILD:-1}" = 0 ] ||
-    cargo build --release --locked --bin fleet-events --example echo_server --example open_streams
+    cargo build --release --locked --bin fleet-events --example echo_server --example open_streams \
+      --example load_client
   # Copies, so that a build running alongside cannot swap a binary in the middle of a run.
   mkdir -p "$work/bin"
   cp "$root/target/release/fleet-events" "$root/target/release/examples/echo_server" \
-    "$root/target/release/examples/open_streams" "$work/bin/"
+    "$root/target/release/examples/open_streams" "$root/target/release/examples/load_client" \
+    "$work/bin/"
   fleet="$work/bin/fleet-events"
   echo_bin="$work/bin/echo_server"
   open_streams_bin="$work/bin/open_streams"
+  load_client_bin="$work/bin/load_client"
 }
 
 # The event payloads (ghz templates: a new UUID per message, so every event id is unique).
@@ -74,12 +77,15 @@ start_fleet() {
   token=$(tr -d '[:space:]' < "$data/admin.token")
   if [ "$mode" = tls ]; then ghz_conn=(--cacert "$data/ca.pem"); else ghz_conn=(--insecure); fi
   ghz_conn+=(--metadata "{\"authorization\":\"Bearer $token\"}")
+  # The same credentials for benches/load_client.rs.
+  if [ "$mode" = tls ]; then fast_conn=(--ca "$data/ca.pem"); else fast_conn=(--plaintext); fi
+  fast_conn+=(--token "$token")
 }
 
 # start_echo tls|plain: the bare tonic echo server; with tls it serves the certificate of a
 # fleet-events data directory made once ($work/echo-certs), so the handshake and the record
 # encryption are the same as fleet-events'. The token is sent too (the echo ignores it), so
-# the bytes on the wire match. Sets pid, addr, ghz_conn.
+# the bytes on the wire match. Sets pid, addr, ghz_conn, fast_conn.
 start_echo() {
   local mode=$1 certs="$work/echo-certs" ready="$work/ready"
   if [ ! -s "$certs/admin.token" ]; then
@@ -97,6 +103,8 @@ start_echo() {
   wait_ready "$ready" echo
   if [ "$mode" = tls ]; then ghz_conn=(--cacert "$certs/ca.pem"); else ghz_conn=(--insecure); fi
   ghz_conn+=(--metadata "{\"authorization\":\"Bearer $(tr -d '[:space:]' < "$certs/admin.token")\"}")
+  if [ "$mode" = tls ]; then fast_conn=(--ca "$certs/ca.pem"); else fast_conn=(--plaintext); fi
+  fast_conn+=(--token "$(tr -d '[:space:]' < "$certs/admin.token")")
 }
 
 # Registers BENCH_APP_NOT_STORED (classified and answered, never stored) on the running

@@ -39,6 +39,7 @@ fn answer(e: proto::Event) -> Classification {
             nanos: 0,
         }),
         origin: proto::Origin::Client as i32,
+        outcome: proto::Outcome::Stored as i32,
         ..Default::default()
     }
 }

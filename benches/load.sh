@@ -15,6 +15,11 @@
 #   METRICS=1 benches/load.sh          # also "fleet-events-scraped" rows: the same server with
 #                                      # its Prometheus port on, scraped every second
 #   OPEN_STREAMS=0 benches/load.sh     # skip the memory-per-open-stream measurement
+#   CLIENT=ghz benches/load.sh         # drive with ghz instead of the fast Rust client (the
+#                                      # interoperability check; on 2 shared cores ghz is the
+#                                      # bottleneck, so its rows are labelled client-bound)
+#   ROUNDS=3 benches/load.sh           # each scenario 3 times, servers interleaved; the table
+#                                      # shows the median of each figure
 #   OUTPUTS=1 benches/load.sh          # also "fleet-events-outputs" rows: the same server with
 #                                      # notifications on for both bench types (a webhook to a
 #                                      # local receiver, at most 10 000 a minute, the rest held
@@ -43,6 +48,10 @@ STREAMS=${STREAMS:-4}
 STREAM_MESSAGES=${STREAM_MESSAGES:-1000}
 TRANSPORT=${TRANSPORT:-tls}
 APPEND=${APPEND:-1}
+CLIENT=${CLIENT:-fast}
+ROUNDS=${ROUNDS:-1}
+WARMUP=${WARMUP:-2s}
+DEVICES=${DEVICES:-5000}
 
 source benches/common.sh
 work=$(mktemp -d)
@@ -168,15 +177,50 @@ print("\t".join([scenario, server, f"{rate:.0f}", f"{lat.get(50, 0):.2f}", f"{la
 PY
 }
 
+# The fast client (benches/load_client.rs): closed loop, unique ids over DEVICES devices, the
+# same event as ghz's; the server's CPU time is read over the measured interval only.
+run_fast() { # scenario server unary|stream event_type
+  local scenario=$1 server=$2 mode=$3 type=$4
+  start_server "$server"
+  "$load_client_bin" --server "$addr" "${fast_conn[@]}" --mode "$mode" \
+    --connections "$CONNECTIONS" --concurrency "$UNARY_CONCURRENCY" --streams "$STREAMS" \
+    --duration "$DURATION" --warmup "$WARMUP" --devices "$DEVICES" --event-type "$type" \
+    --server-pid "$pid" > "$work/out.json" \
+    || { echo "load_client failed against $server" >&2; cat "$work/out.json" >&2; exit 1; }
+  stop_server_stats > "$work/stats"
+  read -r cpu rss < "$work/stats"
+  python3 - "$work/out.json" "$scenario" "$server" "$cpu" "$rss" >> "$results" <<'PY'
+import json, sys
+path, scenario, server, cpu, rss = sys.argv[1:]
+r = json.load(open(path))
+per = r["server_cpu_us_per_event"] or 0
+print("\t".join([scenario, server, f"{r['events_per_s']:.0f}", f"{r['p50_us'] / 1000:.2f}",
+                 f"{r['p99_us'] / 1000:.2f}", cpu, f"{int(rss) / 1024:.0f}", str(r["errors"]),
+                 f"{per:.2f}", f"{r['p999_us'] / 1000:.2f}"]))
+PY
+}
+
 unary=(--call fleetevents.v1.EventService/Classify -c "$UNARY_CONCURRENCY")
 stream=(--call fleetevents.v1.EventService/Stream -c "$STREAMS" --stream-call-count "$STREAM_MESSAGES" --stream-dynamic-messages)
-for server in "${servers[@]}"; do
-  run "unary Classify, stored type" "$server" 1 "${unary[@]}" -d "$event"
-  run "unary Classify, not-stored type" "$server" 1 "${unary[@]}" -d "$notstored"
-  run "bidi Stream, stored type" "$server" "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
+for round in $(seq "$ROUNDS"); do
+  if [ "$CLIENT" = ghz ]; then
+    for server in "${servers[@]}"; do
+      run "unary Classify, stored type" "$server" 1 "${unary[@]}" -d "$event"
+      run "unary Classify, not-stored type" "$server" 1 "${unary[@]}" -d "$notstored"
+      run "bidi Stream, stored type" "$server" "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
+    done
+    run "unary Classify, stored type" fleet-events-normal 1 "${unary[@]}" -d "$event"
+    run "bidi Stream, stored type" fleet-events-normal "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
+  else
+    for server in "${servers[@]}"; do
+      run_fast "unary Classify, stored type" "$server" unary "$STORED_TYPE"
+      run_fast "unary Classify, not-stored type" "$server" unary "$NOT_STORED_TYPE"
+      run_fast "bidi Stream, stored type" "$server" stream "$STORED_TYPE"
+    done
+    run_fast "unary Classify, stored type" fleet-events-normal unary "$STORED_TYPE"
+    run_fast "bidi Stream, stored type" fleet-events-normal stream "$STORED_TYPE"
+  fi
 done
-run "unary Classify, stored type" fleet-events-normal 1 "${unary[@]}" -d "$event"
-run "bidi Stream, stored type" fleet-events-normal "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
 
 # Memory held per open Stream call: OPEN_STREAMS calls held open at once, one event answered
 # on each, server RSS growth divided by the count.
@@ -194,23 +238,37 @@ for server in echo fleet-events; do
   streams_note+="- $server: $line"$'\n'
 done
 
-table=$(python3 - "$results" <<'PY'
-import sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+table=$(python3 - "$results" "$CLIENT" <<'PY'
+import statistics, sys
+raw = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+client = sys.argv[2]
+# The median of every numeric figure over the rounds, per (scenario, server), in first-seen order.
+groups = {}
+for r in raw:
+    groups.setdefault((r[0], r[1]), []).append(r)
+def med(rs, i):
+    vals = [float(r[i]) for r in rs if len(r) > i]
+    return statistics.median(vals) if vals else 0.0
+rows = []
+for (scenario, server), rs in groups.items():
+    rows.append([scenario, server] + [med(rs, i) for i in range(2, 10)] + [len(rs)])
 echo = {r[0]: r for r in rows if r[1] == "echo"}
-print("| scenario | server | msgs/s | p50 ms | p99 ms | server CPU s | CPU µs/msg | peak RSS MiB | errors | vs echo msgs/s | vs echo p99 |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+label = " (ghz: client-bound)" if client == "ghz" else ""
+print(f"| scenario | server{label} | msgs/s | p50 ms | p99 ms | p999 ms | server CPU s | CPU µs/msg | peak RSS MiB | errors | vs echo msgs/s | vs echo p99 | vs echo CPU/msg |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     e = echo.get(r[0])
-    ratio = f"{float(r[2]) / float(e[2]) * 100:.0f} %" if e and float(e[2]) else "-"
-    p99 = f"{float(r[4]) / float(e[4]):.2f}x" if e and float(e[4]) else "-"
+    ratio = f"{r[2] / e[2]:.2f}" if e and e[2] else "-"
+    p99 = f"{r[4] / e[4]:.2f}x" if e and e[4] else "-"
+    cpu = f"{r[8] / e[8]:.1f}x" if e and e[8] else "-"
     if r[1] == "echo":
-        ratio, p99 = "(ceiling)", ""
-    print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[8]} | {r[6]} | {r[7]} | {ratio} | {p99} |")
+        ratio, p99, cpu = "(ceiling)", "", ""
+    p999 = f"{r[9]:.2f}" if client != "ghz" else "-"
+    print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.2f} | {r[4]:.2f} | {p999} | {r[5]:.1f} | {r[8]:.2f} | {r[6]:.0f} | {r[7]:.0f} | {ratio} | {p99} | {cpu} |")
 PY
 )
 header=$(results_header "")
-cmd="TRANSPORT=$TRANSPORT DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENCY CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/load.sh"
+cmd="CLIENT=$CLIENT ROUNDS=$ROUNDS TRANSPORT=$TRANSPORT DURATION=$DURATION UNARY_CONCURRENCY=$UNARY_CONCURRENCY CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/load.sh"
 cmd="OPEN_STREAMS=$OPEN_STREAMS $cmd"
 [ -n "$BASELINE_BIN" ] && cmd="BASELINE_BIN=<the baseline build> $cmd"
 [ "${METRICS:-0}" = 1 ] && cmd="METRICS=1 $cmd"

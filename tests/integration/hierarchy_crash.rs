@@ -163,7 +163,12 @@ async fn every_event_arrives_at_the_primary_exactly_once_through_kills_of_both_s
     secondary.kill();
     let secondary = start(&sdir, &secondary_toml);
     addr_tx.send_replace(secondary.addr.clone());
-    sender.await.unwrap();
+    // A deadline, so that a sender stuck on a chunk the restarted secondary keeps refusing
+    // fails the test instead of hanging it.
+    tokio::time::timeout(std::time::Duration::from_secs(300), sender)
+        .await
+        .expect("every event sent within 300 s of the second restart")
+        .unwrap();
 
     // Everything the secondary acknowledged reaches the primary: its outbox drains.
     let mut uplink = HierarchyServiceClient::new(connect(&secondary.addr).await);

@@ -1,0 +1,383 @@
+//! A load client that cannot hide the server (issue 14): closed loop, written on tonic like the
+//! server, so on the same 2 cores it costs far less CPU per event than ghz does and the figures
+//! are the server's. Used by `benches/load.sh` against fleet-events and the bare echo server in
+//! the same run, on the same transport.
+//!
+//! ```text
+//! load_client --server HOST:PORT [--plaintext] [--ca FILE] [--token TOKEN]
+//!             --mode unary|stream [--connections 4] [--concurrency 64] [--streams 4]
+//!             [--window 256] [--duration 10s] [--warmup 2s] [--devices 5000]
+//!             [--event-type BENCH_APP_EVENT] [--server-pid PID]
+//! ```
+//!
+//! - `unary`: `--concurrency` callers share `--connections` connections round-robin; each
+//!   sends its next `Classify` when the last one is answered.
+//! - `stream`: `--streams` bidi `Stream` calls over `--connections` connections, each keeping
+//!   at most `--window` events unanswered (the server's own in-flight bound is 256); every
+//!   answer is checked to carry the event id of the oldest unanswered event (one answer per
+//!   event, in order) and its latency is the time from the send to that answer.
+//!
+//! Every event has a unique id (run, worker, sequence) and one of `--devices` device ids, and
+//! is the size of the ghz events of `benches/common.sh` (an application type, "mdm-push", two
+//! params). Only what happens after `--warmup` is counted. With `--server-pid` the server's CPU
+//! time (utime + stime from /proc) over the measured interval gives the CPU microseconds per
+//! event, the figure least disturbed by a noisy machine, and its peak RSS (VmHWM) is reported.
+//!
+//! Prints one JSON object: events, seconds, events_per_s, p50_us, p99_us, p999_us, errors,
+//! server_cpu_us_per_event, server_peak_rss_kib.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fleet_events::api::proto::event_service_client::EventServiceClient;
+use fleet_events::api::proto::Event;
+use fleet_events::client::{AuthChannel, ClientOptions};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The command line.
+#[derive(Clone, Debug)]
+struct Args {
+    server: String,
+    plaintext: bool,
+    ca: Option<String>,
+    token: Option<String>,
+    mode: Mode,
+    connections: usize,
+    concurrency: usize,
+    streams: usize,
+    window: usize,
+    duration: Duration,
+    warmup: Duration,
+    devices: u64,
+    event_type: String,
+    server_pid: Option<u32>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    Unary,
+    Stream,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        server: "127.0.0.1:50051".into(),
+        plaintext: false,
+        ca: None,
+        token: None,
+        mode: Mode::Stream,
+        connections: 4,
+        concurrency: 64,
+        streams: 4,
+        window: 256,
+        duration: Duration::from_secs(10),
+        warmup: Duration::from_secs(2),
+        devices: 5000,
+        event_type: "BENCH_APP_EVENT".into(),
+        server_pid: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--plaintext" {
+            a.plaintext = true;
+            continue;
+        }
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
+        let duration = |v: &str| humantime::parse_duration(v).map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--server" => a.server = value,
+            "--ca" => a.ca = Some(value),
+            "--token" => a.token = Some(value),
+            "--mode" => {
+                a.mode = match value.as_str() {
+                    "unary" => Mode::Unary,
+                    "stream" => Mode::Stream,
+                    other => return Err(format!("--mode: {other:?} is not unary or stream")),
+                }
+            }
+            "--connections" => a.connections = number(&value)?.max(1),
+            "--concurrency" => a.concurrency = number(&value)?.max(1),
+            "--streams" => a.streams = number(&value)?.max(1),
+            "--window" => a.window = number(&value)?.max(1),
+            "--duration" => a.duration = duration(&value)?,
+            "--warmup" => a.warmup = duration(&value)?,
+            "--devices" => a.devices = number(&value)?.max(1) as u64,
+            "--event-type" => a.event_type = value,
+            "--server-pid" => a.server_pid = Some(number(&value)? as u32),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// What one worker saw in the measured interval.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    errors: u64,
+}
+
+/// The events one worker sends: unique ids, devices in turn.
+struct Events {
+    prefix: String,
+    next: u64,
+    devices: u64,
+    event_type: String,
+}
+
+impl Events {
+    fn new(run: u64, worker: usize, devices: u64, event_type: &str) -> Events {
+        Events {
+            prefix: format!("{run:x}-{worker}-"),
+            next: 0,
+            devices,
+            event_type: event_type.to_owned(),
+        }
+    }
+
+    fn next(&mut self) -> Event {
+        let n = self.next;
+        self.next += 1;
+        let mut event_id = String::with_capacity(self.prefix.len() + 12);
+        event_id.push_str(&self.prefix);
+        let _ = write!(event_id, "{n}");
+        Event {
+            event_id,
+            device_id: format!("dev-{}", (n.wrapping_mul(2_654_435_761)) % self.devices),
+            event_type: self.event_type.clone(),
+            application: "mdm-push".into(),
+            params: HashMap::from([
+                ("code".to_owned(), "503".to_owned()),
+                (
+                    "endpoint".to_owned(),
+                    "fcm.googleapis.com/v1/projects/fleet/messages:send".to_owned(),
+                ),
+            ]),
+            ..Default::default()
+        }
+    }
+}
+
+/// The server's CPU time (utime + stime, seconds) from /proc.
+fn server_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// The server's peak resident set (VmHWM, KiB) from /proc.
+fn server_peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+async fn connect(args: &Args) -> Result<AuthChannel, String> {
+    let options = ClientOptions {
+        ca_pem: match &args.ca {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"))?),
+            None => None,
+        },
+        identity: None,
+        token: args.token.clone(),
+        domain: None,
+    };
+    let address = if args.plaintext && !args.server.contains("://") {
+        format!("http://{}", args.server)
+    } else {
+        args.server.clone()
+    };
+    fleet_events::client::connect(&address, &options)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// One unary caller: Classify after Classify until `stop`.
+async fn unary_worker(
+    mut client: EventServiceClient<AuthChannel>,
+    mut events: Events,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Tally {
+    let mut tally = Tally::default();
+    while !stop.load(Ordering::Relaxed) {
+        let event = events.next();
+        let sent = Instant::now();
+        let ok = client.classify(event).await.is_ok();
+        if measuring.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+            if ok {
+                tally.latencies_us.push(sent.elapsed().as_micros() as u32);
+            } else {
+                tally.errors += 1;
+            }
+        }
+    }
+    tally
+}
+
+/// One bidi stream: keeps at most `window` events unanswered, checks the order of the answers.
+async fn stream_worker(
+    mut client: EventServiceClient<AuthChannel>,
+    mut events: Events,
+    window: usize,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Tally {
+    let mut tally = Tally::default();
+    let (tx, rx) = mpsc::channel::<Event>(window);
+    let mut answers = match client.stream(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            eprintln!("stream refused: {e}");
+            tally.errors += 1;
+            return tally;
+        }
+    };
+    let mut unanswered: VecDeque<(String, Instant)> = VecDeque::with_capacity(window);
+    loop {
+        // Fill the window, then wait for one answer.
+        while unanswered.len() < window && !stop.load(Ordering::Relaxed) {
+            let event = events.next();
+            unanswered.push_back((event.event_id.clone(), Instant::now()));
+            if tx.send(event).await.is_err() {
+                tally.errors += 1;
+                return tally;
+            }
+        }
+        if unanswered.is_empty() {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            // Stop sending; the answers to what was sent are still read (not counted).
+            drop(tx);
+            while let Ok(Some(_)) = answers.message().await {}
+            return tally;
+        }
+        match answers.message().await {
+            Ok(Some(answer)) => {
+                let (id, sent) = unanswered.pop_front().expect("an answer to a sent event");
+                assert_eq!(answer.event_id, id, "answers out of order");
+                if measuring.load(Ordering::Relaxed) {
+                    tally.latencies_us.push(sent.elapsed().as_micros() as u32);
+                }
+            }
+            Ok(None) => {
+                eprintln!("the stream ended with {} unanswered", unanswered.len());
+                tally.errors += 1;
+                return tally;
+            }
+            Err(e) => {
+                eprintln!("the stream failed: {e}");
+                tally.errors += 1;
+                return tally;
+            }
+        }
+    }
+    tally
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("load_client: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut channels = Vec::new();
+    for _ in 0..args.connections {
+        match connect(&args).await {
+            Ok(c) => channels.push(c),
+            Err(e) => {
+                eprintln!("load_client: cannot connect to {}: {e}", args.server);
+                std::process::exit(1);
+            }
+        }
+    }
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = match args.mode {
+        Mode::Unary => args.concurrency,
+        Mode::Stream => args.streams,
+    };
+    let mut tasks = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let client = EventServiceClient::new(channels[w % channels.len()].clone());
+        let events = Events::new(run, w, args.devices, &args.event_type);
+        let (m, s) = (measuring.clone(), stop.clone());
+        tasks.push(match args.mode {
+            Mode::Unary => tokio::spawn(unary_worker(client, events, m, s)),
+            Mode::Stream => tokio::spawn(stream_worker(client, events, args.window, m, s)),
+        });
+    }
+    tokio::time::sleep(args.warmup).await;
+    let cpu_before = args.server_pid.and_then(server_cpu_seconds);
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(args.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = args.server_pid.and_then(server_cpu_seconds);
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok(tally) => {
+                latencies.extend(tally.latencies_us);
+                errors += tally.errors;
+            }
+            Err(e) => {
+                eprintln!("load_client: a worker failed: {e}");
+                errors += 1;
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let events = latencies.len() as f64;
+    let cpu_us_per_event = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) if events > 0.0 => Some((b - a) * 1e6 / events),
+        _ => None,
+    };
+    let peak_rss = args.server_pid.and_then(server_peak_rss_kib);
+    let json = serde_json::json!({
+        "mode": match args.mode { Mode::Unary => "unary", Mode::Stream => "stream" },
+        "events": latencies.len(),
+        "seconds": seconds,
+        "events_per_s": events / seconds,
+        "p50_us": percentile(&latencies, 0.50),
+        "p99_us": percentile(&latencies, 0.99),
+        "p999_us": percentile(&latencies, 0.999),
+        "errors": errors,
+        "server_cpu_us_per_event": cpu_us_per_event,
+        "server_peak_rss_kib": peak_rss,
+    });
+    println!("{json}");
+    if errors > 0 {
+        std::process::exit(1);
+    }
+}
