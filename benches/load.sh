@@ -18,6 +18,13 @@
 #   CLIENT=ghz benches/load.sh         # drive with ghz instead of the fast Rust client (the
 #                                      # interoperability check; on 2 shared cores ghz is the
 #                                      # bottleneck, so its rows are labelled client-bound)
+#   SCENARIOS="stream unary" benches/load.sh
+#                                      # only these of the fast client's scenarios (unary:
+#                                      # stored Classify, unary-live: not-stored Classify,
+#                                      # stream: stored Stream, stream-full: the same with the
+#                                      # store filled to its cap of 400 000 first, so every
+#                                      # commit trims); NORMAL=0 skips the
+#                                      # durability "normal" rows
 #   ROUNDS=3 benches/load.sh           # each scenario 3 times, servers interleaved; the table
 #                                      # shows the median of each figure
 #   OUTPUTS=1 benches/load.sh          # also "fleet-events-outputs" rows: the same server with
@@ -52,6 +59,9 @@ CLIENT=${CLIENT:-fast}
 ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-2s}
 DEVICES=${DEVICES:-5000}
+SCENARIOS=${SCENARIOS:-unary unary-live stream stream-full}
+NORMAL=${NORMAL:-1}
+want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 source benches/common.sh
 work=$(mktemp -d)
@@ -179,9 +189,16 @@ PY
 
 # The fast client (benches/load_client.rs): closed loop, unique ids over DEVICES devices, the
 # same event as ghz's; the server's CPU time is read over the measured interval only.
-run_fast() { # scenario server unary|stream event_type
-  local scenario=$1 server=$2 mode=$3 type=$4
+run_fast() { # scenario server unary|stream event_type [prefill_events]
+  local scenario=$1 server=$2 mode=$3 type=$4 prefill=${5:-0} filled=0
   start_server "$server"
+  # A store filled first (to its cap: the measured run then trims continuously).
+  while [ "$filled" -lt "$prefill" ]; do
+    "$load_client_bin" --server "$addr" "${fast_conn[@]}" --mode stream --streams "$STREAMS" \
+      --connections "$CONNECTIONS" --duration 3s --warmup 0s --devices "$DEVICES" \
+      --event-type "$type" > "$work/fill.json"
+    filled=$((filled + $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(int(r["events"]))' "$work/fill.json")))
+  done
   "$load_client_bin" --server "$addr" "${fast_conn[@]}" --mode "$mode" \
     --connections "$CONNECTIONS" --concurrency "$UNARY_CONCURRENCY" --streams "$STREAMS" \
     --duration "$DURATION" --warmup "$WARMUP" --devices "$DEVICES" --event-type "$type" \
@@ -213,12 +230,17 @@ for round in $(seq "$ROUNDS"); do
     run "bidi Stream, stored type" fleet-events-normal "$STREAM_MESSAGES" "${stream[@]}" -d "$event"
   else
     for server in "${servers[@]}"; do
-      run_fast "unary Classify, stored type" "$server" unary "$STORED_TYPE"
-      run_fast "unary Classify, not-stored type" "$server" unary "$NOT_STORED_TYPE"
-      run_fast "bidi Stream, stored type" "$server" stream "$STORED_TYPE"
+      want unary && run_fast "unary Classify, stored type" "$server" unary "$STORED_TYPE"
+      want unary-live && run_fast "unary Classify, not-stored type" "$server" unary "$NOT_STORED_TYPE"
+      want stream && run_fast "bidi Stream, stored type" "$server" stream "$STORED_TYPE"
     done
-    run_fast "unary Classify, stored type" fleet-events-normal unary "$STORED_TYPE"
-    run_fast "bidi Stream, stored type" fleet-events-normal stream "$STORED_TYPE"
+    # The default cap (400 000) reached before the measured run, so every commit trims.
+    want stream-full && run_fast "bidi Stream, stored type, store at its cap" fleet-events stream \
+      "$STORED_TYPE" 420000
+    if [ "$NORMAL" = 1 ]; then
+      want unary && run_fast "unary Classify, stored type" fleet-events-normal unary "$STORED_TYPE"
+      want stream && run_fast "bidi Stream, stored type" fleet-events-normal stream "$STORED_TYPE"
+    fi
   fi
 done
 

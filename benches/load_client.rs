@@ -24,9 +24,10 @@
 //! event, the figure least disturbed by a noisy machine, and its peak RSS (VmHWM) is reported.
 //!
 //! Prints one JSON object: events, seconds, events_per_s, p50_us, p99_us, p999_us, errors,
-//! server_cpu_us_per_event, server_peak_rss_kib.
+//! server_cpu_us_per_event, server_peak_rss_kib, and server_threads: per thread name, its CPU
+//! µs per event and its busy share of the interval (a thread near 1.0 is what bounds the rate).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,6 +254,36 @@ fn server_cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// The server's CPU time (seconds) per thread name, summed over its threads, from
+/// /proc/PID/task: which thread bounds it (fleet-events' `sqlite-writer` against its
+/// `tokio-rt-worker`s).
+fn server_thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        *by_name.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) as f64 / hz;
+    }
+    by_name
+}
+
 /// The server's peak resident set (VmHWM, KiB) from /proc.
 fn server_peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -439,12 +470,14 @@ async fn main() {
     }
     tokio::time::sleep(args.warmup).await;
     let cpu_before = args.server_pid.and_then(server_cpu_seconds);
+    let threads_before = args.server_pid.map(server_thread_cpu_seconds);
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(args.duration).await;
     stop.store(true, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
     let cpu_after = args.server_pid.and_then(server_cpu_seconds);
+    let threads_after = args.server_pid.map(server_thread_cpu_seconds);
     let mut latencies = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -466,6 +499,24 @@ async fn main() {
         _ => None,
     };
     let peak_rss = args.server_pid.and_then(server_peak_rss_kib);
+    // Per thread name: CPU µs per event, and the share of the interval it was on a CPU (a
+    // single thread near 1.0 is the bound).
+    let mut by_thread = serde_json::Map::new();
+    if let (Some(before), Some(after)) = (threads_before, threads_after) {
+        for (name, cpu) in after {
+            let used = cpu - before.get(&name).copied().unwrap_or(0.0);
+            if used <= 0.0 || events == 0.0 {
+                continue;
+            }
+            by_thread.insert(
+                name,
+                serde_json::json!({
+                    "cpu_us_per_event": used * 1e6 / events,
+                    "busy": used / seconds,
+                }),
+            );
+        }
+    }
     let json = serde_json::json!({
         "mode": match args.mode { Mode::Unary => "unary", Mode::Stream => "stream" },
         "events": latencies.len(),
@@ -477,6 +528,7 @@ async fn main() {
         "errors": errors,
         "server_cpu_us_per_event": cpu_us_per_event,
         "server_peak_rss_kib": peak_rss,
+        "server_threads": by_thread,
     });
     println!("{json}");
     if errors > 0 {

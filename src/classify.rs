@@ -200,7 +200,18 @@ impl ClassifiedEvent {
 pub fn classify(
     catalog: &Catalog,
     limits: &Limits,
-    ev: IncomingEvent,
+    mut ev: IncomingEvent,
+    now: Timestamp,
+) -> Result<ClassifiedEvent, ClassifyError> {
+    classify_taking(catalog, limits, &mut ev, now)
+}
+
+/// [`classify`], taking the event's fields only once it passed: a refused event is left as it
+/// came, so its caller can still name it (its id) without having copied anything.
+pub fn classify_taking(
+    catalog: &Catalog,
+    limits: &Limits,
+    ev: &mut IncomingEvent,
     now: Timestamp,
 ) -> Result<ClassifiedEvent, ClassifyError> {
     if ev.device_id.is_empty() {
@@ -283,16 +294,16 @@ pub fn classify(
     let event_id = if ev.event_id.is_empty() {
         uuid::Uuid::new_v4().to_string()
     } else {
-        ev.event_id
+        std::mem::take(&mut ev.event_id)
     };
     Ok(ClassifiedEvent {
         event_id,
-        device_id: ev.device_id,
+        device_id: std::mem::take(&mut ev.device_id),
         event_type,
         occurred_at,
         received_at: now,
-        application: ev.application,
-        params: ev.params,
+        application: std::mem::take(&mut ev.application),
+        params: std::mem::take(&mut ev.params),
         origin: Origin::Client,
         blocked: false,
         relay: None,

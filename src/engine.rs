@@ -23,15 +23,15 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, SubscriberFilter, Subscription};
 use crate::catalog::{Catalog, EventType, Severity};
 use crate::classify::{
-    ClassifiedEvent, ClassifyError, IncomingEvent, Limits, Origin, RelayedIncoming, classify,
-    classify_relayed,
+    ClassifiedEvent, ClassifyError, IncomingEvent, Limits, Origin, RelayedIncoming,
+    classify_relayed, classify_taking,
 };
 use crate::clock::{SharedClock, Timestamp};
 use crate::flood::{FloodDetector, FloodThresholds, FloodVerdict};
 use crate::recent::RecentKeys;
 use crate::store::{
-    AppendOutcome, AppendTicket, EventQuery, EventStore, PageCursor, StoreError, StoredEvent,
-    WriteTo,
+    AppendOutcome, AppendTicket, BatchTicket, EventQuery, EventStore, PageCursor, StoreError,
+    StoredEvent, WriteTo,
 };
 pub use stats::Outcome;
 use stats::{IngestStats, Refusal};
@@ -88,6 +88,57 @@ impl Pending {
     }
 }
 
+/// Events accepted together by [`Engine::accept_batch`], waiting for their one commit: what a
+/// stream has received is settled with one ticket, one wake-up, not one per event.
+pub struct PendingBatch {
+    /// The accepted events, in arrival order.
+    events: Vec<Accepted>,
+    /// The ticket of the batch's writes (the events with `written` set), if any.
+    ticket: Option<BatchTicket>,
+    /// The flood reports events of the batch raised, settled before the batch.
+    raised: Vec<Pending>,
+}
+
+/// One event of a [`PendingBatch`] and what was done with it.
+struct Accepted {
+    event: Arc<ClassifiedEvent>,
+    /// It went to the writer (its outcome is the next one of the batch's ticket).
+    written: bool,
+    /// It entered the hierarchy outbox (once committed).
+    forwarded: bool,
+    /// It queued a notification (once committed).
+    notified: bool,
+}
+
+impl PendingBatch {
+    /// How many events the batch holds.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether the batch holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+/// Why [`Engine::accept_batch`] stopped before the end of its events.
+pub struct BatchRefusal {
+    /// Why.
+    pub error: EngineError,
+    /// The refused event's id as it was sent (empty if it had none).
+    pub event_id: String,
+}
+
+/// What [`Engine::settle_batch`] made of a batch: the answers, in order, and the failure that
+/// stopped it (the store could not commit), naming the first event not answered.
+pub struct SettledBatch {
+    /// Each event answered and what became of it, in arrival order.
+    pub answers: Vec<(Arc<ClassifiedEvent>, Outcome)>,
+    /// Why the events after `answers` were not settled, and the first of them.
+    pub failure: Option<(EngineError, Arc<ClassifiedEvent>)>,
+}
+
 /// A query over stored events, as the API receives it.
 #[derive(Clone, Debug, Default)]
 pub struct QueryRequest {
@@ -121,8 +172,13 @@ pub struct QueriedEvent {
 }
 
 /// Hands memory freed by a large eviction back to the operating system, so the process's
-/// resident size follows what is active (glibc keeps freed heap otherwise).
+/// resident size follows what is active: the binary's allocator (mimalloc) purges its free
+/// pages now rather than later; glibc's heap (a library user's default) is trimmed.
 pub fn release_freed_memory() {
+    // SAFETY: mi_collect only walks mimalloc's own heaps (empty when it is not the allocator).
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
@@ -281,8 +337,21 @@ impl Engine {
         if self.shutdown.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
-        let now = self.clock.now();
-        let mut event = classify(&self.catalog, &self.limits, ev, now)?;
+        let mut ev = ev;
+        let (event, raised) = self.classify_and_count(&mut ev, self.clock.now()).await?;
+        let mut pending = self.queue(Arc::new(event)).await?;
+        pending.raised = raised.map(Box::new);
+        Ok(pending)
+    }
+
+    /// Classifies a client event, tells the observer, and counts it for floods; a flood it
+    /// detects raises (and queues) the report, returned to be settled before the event.
+    async fn classify_and_count(
+        &self,
+        ev: &mut IncomingEvent,
+        now: Timestamp,
+    ) -> Result<(ClassifiedEvent, Option<Pending>), EngineError> {
+        let mut event = classify_taking(&self.catalog, &self.limits, ev, now)?;
         if let Some(observer) = &self.observer {
             observer.event_from(&event.device_id, now);
         }
@@ -310,21 +379,176 @@ impl Engine {
                     ("block_secs".to_owned(), limits.block_secs.to_string()),
                 ]);
                 let device = event.device_id.clone();
-                Some(Box::new(
-                    self.raise(SPAM_EVENTS_DETECTED, &device, params).await?,
-                ))
+                Some(self.raise(SPAM_EVENTS_DETECTED, &device, params).await?)
             }
         };
-        let mut pending = self.queue(Arc::new(event)).await?;
-        pending.raised = raised;
-        Ok(pending)
+        Ok((event, raised))
     }
 
-    /// Queues a classified event for the store if it is to be stored, for the hierarchy
-    /// outbox if it is to be forwarded (not blocked, at or above the forwarding severity), and
-    /// for notification if its type has a rule (not blocked, not relayed).
-    async fn queue(&self, event: Arc<ClassifiedEvent>) -> Result<Pending, EngineError> {
-        let to = WriteTo {
+    /// Stage 1 for the client events a stream has received, as one batch, in arrival order:
+    /// each is classified and flood-counted as [`Engine::accept`] does, and those to be
+    /// written go to the writer as one unit (one transaction, one ticket). Stops at the first
+    /// event refused: the batch holds the events before it, and the error is returned
+    /// (the refused event is the batch's `len()`-th of `events`, counted from 0).
+    pub async fn accept_batch(
+        &self,
+        events: Vec<IncomingEvent>,
+    ) -> (PendingBatch, Option<BatchRefusal>) {
+        let mut batch = PendingBatch {
+            events: Vec::with_capacity(events.len()),
+            ticket: None,
+            raised: Vec::new(),
+        };
+        let first_id = events
+            .first()
+            .map(|e| e.event_id.clone())
+            .unwrap_or_default();
+        if self.shutdown.is_cancelled() {
+            return (
+                batch,
+                self.refuse_batch(EngineError::ShuttingDown, first_id),
+            );
+        }
+        let mut writes = Vec::with_capacity(events.len());
+        let mut failure = None;
+        let now = self.clock.now();
+        for mut ev in events {
+            let (event, raised) = match self.classify_and_count(&mut ev, now).await {
+                Ok(classified) => classified,
+                Err(e) => {
+                    failure = self.refuse_batch(e, ev.event_id);
+                    break;
+                }
+            };
+            batch.raised.extend(raised);
+            let event = Arc::new(event);
+            let to = self.write_to(&event);
+            let written = to.anywhere();
+            if written {
+                writes.push((event.clone(), to));
+            }
+            batch.events.push(Accepted {
+                event,
+                written,
+                forwarded: to.outbox,
+                notified: to.notify,
+            });
+        }
+        match self.store.enqueue_batch(writes).await {
+            Ok(ticket) => batch.ticket = Some(ticket),
+            Err(e) => {
+                // Nothing of the batch is queued: none of it is answered.
+                batch.events.clear();
+                failure = self.refuse_batch(e.into(), first_id);
+            }
+        }
+        (batch, failure)
+    }
+
+    /// Counts a refusal in a batch and names the refused event.
+    fn refuse_batch(&self, error: EngineError, event_id: String) -> Option<BatchRefusal> {
+        let error = self.note_refusal::<()>(Err(error)).err()?;
+        Some(BatchRefusal { error, event_id })
+    }
+
+    /// Stage 2 for a [`PendingBatch`]: settles the flood reports it raised, waits for the
+    /// batch's one commit, then publishes its events and wakes the outbox sender and the
+    /// notifier once. When the commit failed, the events before the first written one are
+    /// still answered, and the failure names that event.
+    pub async fn settle_batch(&self, batch: PendingBatch) -> SettledBatch {
+        for raised in batch.raised {
+            if let Err(e) = Box::pin(self.settle(raised)).await {
+                tracing::error!(error = %e, "could not store the frequent-event report");
+            }
+        }
+        let committed = match batch.ticket {
+            Some(t) => {
+                let committed = t.committed().await;
+                self.note_commit(&committed);
+                committed
+            }
+            None => Ok(Vec::new()),
+        };
+        let mut answers = Vec::with_capacity(batch.events.len());
+        let (mut forwarded, mut notified) = (false, false);
+        let mut failure = None;
+        match committed {
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                for a in batch.events {
+                    let written = if a.written {
+                        match outcomes.next() {
+                            Some(o) => Some(o),
+                            None => {
+                                let e = StoreError::backend(
+                                    "the store answered fewer events than the batch held",
+                                );
+                                self.stats.settled(&a.event, Outcome::Failed);
+                                failure = Some((e.into(), a.event));
+                                break;
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    let outcome = self.outcome_of(&a.event, written);
+                    self.stats.settled(&a.event, outcome);
+                    if matches!(outcome, Outcome::Stored | Outcome::Live) {
+                        forwarded |= a.forwarded;
+                        notified |= a.notified;
+                        self.bus.publish(&a.event);
+                    }
+                    answers.push((a.event, outcome));
+                }
+            }
+            Err(e) => {
+                let mut events = batch.events.into_iter();
+                for a in events.by_ref() {
+                    if a.written {
+                        self.stats.settled(&a.event, Outcome::Failed);
+                        failure = Some((e.into(), a.event));
+                        break;
+                    }
+                    let outcome = self.outcome_of(&a.event, None);
+                    self.stats.settled(&a.event, outcome);
+                    if matches!(outcome, Outcome::Live) {
+                        self.bus.publish(&a.event);
+                    }
+                    answers.push((a.event, outcome));
+                }
+                for a in events.filter(|a| a.written) {
+                    self.stats.settled(&a.event, Outcome::Failed);
+                }
+            }
+        }
+        if forwarded {
+            self.outbox_written.notify_one();
+        }
+        if notified {
+            self.notifications_queued.notify_one();
+        }
+        SettledBatch { answers, failure }
+    }
+
+    /// What became of a client or server event, given its writer's outcome (`None`: it was
+    /// not written). A live-only client event seen before (same device and event id, within
+    /// [`LIVE_REPEAT_WINDOW`]) is a duplicate.
+    fn outcome_of(&self, event: &ClassifiedEvent, written: Option<AppendOutcome>) -> Outcome {
+        match written {
+            Some(AppendOutcome::Inserted) if event.stored() => Outcome::Stored,
+            Some(AppendOutcome::Inserted) => Outcome::Live,
+            Some(AppendOutcome::Duplicate) => Outcome::Duplicate,
+            None if event.blocked => Outcome::Blocked,
+            None if event.origin == Origin::Client && !self.first_time(event) => Outcome::Duplicate,
+            None => Outcome::Live,
+        }
+    }
+
+    /// Where a classified event is written: the store if it is to be stored, the hierarchy
+    /// outbox if it is to be forwarded (not blocked, at or above the forwarding severity), the
+    /// notification queue if its type has a rule (not blocked, not relayed).
+    fn write_to(&self, event: &ClassifiedEvent) -> WriteTo {
+        WriteTo {
             events: event.stored(),
             // An overflow report would itself push an event out of the full outbox it reports
             // on; the primary sees the link's backlog in its status instead.
@@ -335,7 +559,14 @@ impl Engine {
                     .is_some_and(|min| event.event_type.severity >= min),
             // Notified where the event entered the hierarchy, not again on each primary.
             notify: !event.blocked && event.relay.is_none() && event.event_type.settings.notifies(),
-        };
+        }
+    }
+
+    /// Queues a classified event for the store if it is to be stored, for the hierarchy
+    /// outbox if it is to be forwarded (not blocked, at or above the forwarding severity), and
+    /// for notification if its type has a rule (not blocked, not relayed).
+    async fn queue(&self, event: Arc<ClassifiedEvent>) -> Result<Pending, EngineError> {
+        let to = self.write_to(&event);
         // Relayed events always pass the writer: it drops a secondary's resends also of types
         // that are not stored here.
         let ticket = if to.anywhere() || event.relay.is_some() {
@@ -385,26 +616,21 @@ impl Engine {
             }
         }
         let event = &pending.event;
-        let outcome = match pending.ticket {
+        let written = match pending.ticket {
             Some(t) => {
                 let committed = t.committed().await;
                 self.note_commit(&committed);
                 match committed {
-                    Ok(AppendOutcome::Inserted) if event.stored() => Outcome::Stored,
-                    Ok(AppendOutcome::Inserted) => Outcome::Live,
-                    Ok(AppendOutcome::Duplicate) => Outcome::Duplicate,
+                    Ok(o) => Some(o),
                     Err(e) => {
                         self.stats.settled(event, Outcome::Failed);
                         return Err(e.into());
                     }
                 }
             }
-            None if event.blocked => Outcome::Blocked,
-            // A live-only event: its repeat (same device and event id) within the window is
-            // answered but not delivered again.
-            None if event.origin == Origin::Client && !self.first_time(event) => Outcome::Duplicate,
-            None => Outcome::Live,
+            None => None,
         };
+        let outcome = self.outcome_of(event, written);
         self.stats.settled(event, outcome);
         let publish = matches!(outcome, Outcome::Stored | Outcome::Live);
         if publish && pending.forwarded {

@@ -66,6 +66,23 @@ fn pb_origin(o: Origin) -> i32 {
     o as i32
 }
 
+/// An incoming wire event; when it does not convert, the status and the event's id (so a
+/// stream can name the event without having copied its id beforehand).
+pub fn incoming_or_back(e: proto::Event) -> Result<IncomingEvent, (Status, String)> {
+    match timestamp(e.occurred_at, "occurred_at") {
+        Ok(occurred_at) => Ok(IncomingEvent {
+            occurred_at,
+            event_id: e.event_id,
+            device_id: e.device_id,
+            event_type: e.event_type,
+            event_type_id: e.event_type_id,
+            application: e.application,
+            params: e.params,
+        }),
+        Err(s) => Err((s, e.event_id)),
+    }
+}
+
 /// An incoming wire event.
 pub fn incoming(e: proto::Event) -> Result<IncomingEvent, Status> {
     Ok(IncomingEvent {

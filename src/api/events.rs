@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
+use futures::FutureExt;
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,10 +22,10 @@ use super::proto::{
 use super::status::{Reason, decode_status, in_stream, refuse};
 use super::validate::Checked;
 use crate::auth::{AccessControl, Principal};
-use crate::classify::ClassifiedEvent;
+use crate::classify::IncomingEvent;
 use crate::engine::stats::Refusal;
 use crate::engine::{
-    Engine, EngineError, Outcome, Pending, QueriedEvent, QueryRequest, subscriber_filter,
+    Engine, PendingBatch, QueriedEvent, QueryRequest, SettledBatch, subscriber_filter,
 };
 use crate::store::PageCursor;
 
@@ -206,7 +207,7 @@ impl EventService for EventApi {
         &self,
         request: Request<Streaming<proto::Event>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let (tx, rx) = mpsc::channel(ANSWER_BATCHES);
         let who = principal(&request);
         let open = OpenStream::new(&self.streams);
         let run = run_stream(
@@ -220,7 +221,8 @@ impl EventService for EventApi {
             let _open = open;
             run.await
         });
-        Ok(Response::new(guarded(rx, task, "Stream")))
+        let answers = ReceiverStream::new(rx).flat_map(futures::stream::iter);
+        Ok(Response::new(guarded(answers, task, "Stream")))
     }
 
     type SubscribeStream = ClassificationStream;
@@ -289,7 +291,11 @@ impl EventService for EventApi {
                 }
             }
         });
-        Ok(Response::new(guarded(rx, task, "Subscribe")))
+        Ok(Response::new(guarded(
+            ReceiverStream::new(rx),
+            task,
+            "Subscribe",
+        )))
     }
 
     async fn query_events(
@@ -359,7 +365,7 @@ fn count_refusal(engine: &Engine, status: &Status) {
 /// the call with OK, answers missing; with it the client knows to resend from its first
 /// unanswered event.
 fn guarded(
-    rx: mpsc::Receiver<Result<Classification, Status>>,
+    answers: impl Stream<Item = Result<Classification, Status>> + Send + 'static,
     task: tokio::task::JoinHandle<()>,
     call: &'static str,
 ) -> ClassificationStream {
@@ -379,39 +385,105 @@ fn guarded(
         }
     })
     .filter_map(futures::future::ready);
-    Box::pin(ReceiverStream::new(rx).chain(ending))
+    Box::pin(answers.chain(ending))
 }
 
-/// The settling of one event of a stream: the event and what became of it, or why it could
-/// not be committed (with the event, so the status can name it).
-type Settling = Pin<
-    Box<
-        dyn Future<
-                Output = Result<
-                    (Arc<ClassifiedEvent>, Outcome),
-                    (EngineError, Arc<ClassifiedEvent>),
-                >,
-            > + Send,
-    >,
->;
+/// Batches of answers a `Stream` call's task may have handed to the response stream and not yet
+/// sent (each at most [`STREAM_IN_FLIGHT`] answers).
+const ANSWER_BATCHES: usize = 4;
 
-fn settle(engine: Arc<Engine>, p: Pending) -> Settling {
-    let event = p.event().clone();
-    Box::pin(async move { engine.settle_with_outcome(p).await.map_err(|e| (e, event)) })
+/// What one `Stream` call's task hands to its response stream at once: the answers of a batch,
+/// in order, or the status that ends the call.
+type AnswerBatch = Vec<Result<Classification, Status>>;
+
+/// The settling of one batch of a stream, with its size.
+type Settling = Pin<Box<dyn Future<Output = (SettledBatch, usize)> + Send>>;
+
+fn settle(engine: Arc<Engine>, batch: PendingBatch) -> Settling {
+    let n = batch.len();
+    Box::pin(async move { (engine.settle_batch(batch).await, n) })
 }
 
-/// Drives one `Stream` call: accepts events in arrival order, lets up to [`STREAM_IN_FLIGHT`] of
-/// them wait for their commit at once, and answers strictly in order. A bad event stops the
-/// reading: the events before it are still answered, then the call ends with its status. So does
-/// shutdown (UNAVAILABLE) once the accepted events are answered.
+/// What one read of a `Stream` took: the events it had already received, converted, and the
+/// status that ends the reading, if any (a bad event, the end of the input).
+struct Received {
+    events: Vec<IncomingEvent>,
+    /// The status ending the call, naming its event; the events before it are accepted.
+    refused: Option<Status>,
+    /// The client closed its side (or the reading stopped).
+    done: bool,
+}
+
+/// Takes `first` and then every event the stream has already received (without waiting), up
+/// to `room`: the batch the hot path works on. Each is checked as it is taken (a device names
+/// only itself; the fields convert); `index` counts the events read.
+fn take_received(
+    engine: &Engine,
+    first: Result<Option<proto::Event>, Status>,
+    inbound: &mut Streaming<proto::Event>,
+    who: &Principal,
+    room: usize,
+    index: &mut u64,
+) -> Received {
+    let mut got = Received {
+        events: Vec::with_capacity(room.min(64)),
+        refused: None,
+        done: false,
+    };
+    let mut next = first;
+    loop {
+        match next {
+            Ok(Some(mut event)) => {
+                *index += 1;
+                let converted = match speak_for(who, "device_id", &mut event.device_id) {
+                    Ok(()) => convert::incoming_or_back(event),
+                    Err(s) => Err((s, event.event_id)),
+                };
+                match converted {
+                    Ok(ev) => got.events.push(ev),
+                    Err((s, id)) => {
+                        count_refusal(engine, &s);
+                        got.refused = Some(in_stream(s, *index, Some(&id)));
+                        got.done = true;
+                        return got;
+                    }
+                }
+            }
+            Ok(None) => {
+                got.done = true;
+                return got;
+            }
+            Err(s) => {
+                got.refused = Some(in_stream(decode_status(s), *index + 1, None));
+                got.done = true;
+                return got;
+            }
+        }
+        if got.events.len() >= room {
+            return got;
+        }
+        match inbound.message().now_or_never() {
+            Some(m) => next = m,
+            None => return got,
+        }
+    }
+}
+
+/// Drives one `Stream` call: takes what the stream has received as a batch (in arrival order,
+/// at most [`STREAM_IN_FLIGHT`] events accepted and not yet answered), hands each batch to the
+/// engine as one unit (one group-commit entry, one wake-up), and answers strictly in order,
+/// a batch's answers at once. A bad event stops the reading: the events before it are still
+/// answered, then the call ends with its status. So does shutdown (UNAVAILABLE) once the
+/// accepted events are answered.
 async fn run_stream(
     engine: Arc<Engine>,
     access: Arc<AccessControl>,
     who: Principal,
     mut inbound: Streaming<proto::Event>,
-    out: mpsc::Sender<Result<Classification, Status>>,
+    out: mpsc::Sender<AnswerBatch>,
 ) {
     let mut in_flight: FuturesOrdered<Settling> = FuturesOrdered::new();
+    let mut in_flight_events = 0;
     let mut reading = true;
     let mut ending: Option<Status> = None;
     let mut index: u64 = 0;
@@ -420,14 +492,18 @@ async fn run_stream(
     loop {
         tokio::select! {
             biased;
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => match done {
-                Ok((event, outcome)) => {
-                    if out.send(Ok(convert::answer(event.as_ref(), outcome))).await.is_err() {
-                        return; // the client went away
-                    }
-                    answered += 1;
+            Some((settled, n)) = in_flight.next(), if !in_flight.is_empty() => {
+                in_flight_events -= n;
+                answered += settled.answers.len() as u64;
+                let answers: AnswerBatch = settled
+                    .answers
+                    .iter()
+                    .map(|(event, outcome)| Ok(convert::answer(event, *outcome)))
+                    .collect();
+                if !answers.is_empty() && out.send(answers).await.is_err() {
+                    return; // the client went away
                 }
-                Err((e, event)) => {
+                if let Some((e, event)) = settled.failure {
                     // A failed commit: answer nothing after it; the client resends from here
                     // (the event ids make that safe).
                     ending = Some(in_stream(Status::from(e), answered + 1, Some(&event.event_id)));
@@ -438,36 +514,39 @@ async fn run_stream(
                 reading = false;
                 ending = Some(refuse(Reason::ShuttingDown, "the server is shutting down"));
             }
-            message = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT => {
-                match message {
-                    Ok(Some(mut event)) => {
-                        index += 1;
-                        let id = event.event_id.clone();
-                        let accepted = match access
-                            .still_valid(&who)
-                            .map_err(Status::from)
-                            .and_then(|()| speak_for(&who, "device_id", &mut event.device_id))
-                            .and_then(|()| convert::incoming(event))
-                        {
-                            Ok(ev) => engine.accept(ev).await.map_err(Status::from),
-                            Err(s) => {
-                                count_refusal(&engine, &s);
-                                Err(s)
-                            }
-                        };
-                        match accepted {
-                            Ok(p) => in_flight.push_back(settle(engine.clone(), p)),
-                            Err(s) => {
-                                reading = false;
-                                ending = Some(in_stream(s, index, Some(&id)));
-                            }
-                        }
-                    }
-                    Ok(None) => reading = false,
-                    Err(s) => {
+            message = inbound.message(), if reading && in_flight_events < STREAM_IN_FLIGHT => {
+                let first_index = index + 1;
+                // A revoked credential ends the call: checked once per batch, as it is read.
+                if let Err(e) = access.still_valid(&who) {
+                    let s = Status::from(e);
+                    count_refusal(&engine, &s);
+                    reading = false;
+                    let id = message.as_ref().ok().and_then(Option::as_ref).map(|e| e.event_id.clone());
+                    ending = Some(in_stream(s, first_index, id.as_deref()));
+                    continue;
+                }
+                let room = STREAM_IN_FLIGHT - in_flight_events;
+                let got = take_received(&engine, message, &mut inbound, &who, room, &mut index);
+                if got.done {
+                    reading = false;
+                }
+                if !got.events.is_empty() {
+                    let sent = got.events.len();
+                    let (batch, refusal) = engine.accept_batch(got.events).await;
+                    if let Some(r) = refusal {
+                        let at = first_index + batch.len() as u64;
                         reading = false;
-                        ending = Some(in_stream(decode_status(s), index + 1, None));
+                        ending = Some(in_stream(Status::from(r.error), at, Some(&r.event_id)));
+                    } else {
+                        debug_assert_eq!(batch.len(), sent);
                     }
+                    if !batch.is_empty() {
+                        in_flight_events += batch.len();
+                        in_flight.push_back(settle(engine.clone(), batch));
+                    }
+                }
+                if ending.is_none() {
+                    ending = got.refused;
                 }
             }
             else => break,
@@ -481,7 +560,7 @@ async fn run_stream(
             // (grpc/grpc-node#2764). Letting the answers go out first keeps them all.
             tokio::time::sleep(ERROR_STATUS_DELAY).await;
         }
-        let _ = out.send(Err(status)).await;
+        let _ = out.send(vec![Err(status)]).await;
         if closing {
             // Shutdown closes the connection once this call is over. A client that is still
             // sending would then hit a broken pipe before reading our status, so keep reading

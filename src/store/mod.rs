@@ -51,11 +51,26 @@ pub enum AppendOutcome {
 
 /// A handle on an event queued for the next group commit.
 #[must_use = "the event is durable only once the ticket resolves"]
-pub struct AppendTicket(pub(crate) oneshot::Receiver<Result<AppendOutcome, StoreError>>);
+pub struct AppendTicket(pub(crate) BatchTicket);
 
 impl AppendTicket {
     /// Waits until the event's transaction committed (or failed).
     pub async fn committed(self) -> Result<AppendOutcome, StoreError> {
+        self.0.committed().await?.first().copied().ok_or_else(|| {
+            StoreError::backend("the store writer answered no outcome for the event")
+        })
+    }
+}
+
+/// A handle on a batch of events queued together for the next group commit: one reply, one
+/// wake-up, for the whole batch (they always share a transaction).
+#[must_use = "the events are durable only once the ticket resolves"]
+pub struct BatchTicket(pub(crate) oneshot::Receiver<Result<Vec<AppendOutcome>, StoreError>>);
+
+impl BatchTicket {
+    /// Waits until the batch's transaction committed (or failed): one outcome per event, in
+    /// the order they were queued.
+    pub async fn committed(self) -> Result<Vec<AppendOutcome>, StoreError> {
         self.0.await.unwrap_or(Err(StoreError::unavailable(
             "the store writer stopped before committing",
         )))
@@ -464,6 +479,16 @@ impl EventStore {
         to: WriteTo,
     ) -> Result<AppendTicket, StoreError> {
         self.writer.append(event, to).await
+    }
+
+    /// Queues a batch of events for the next group commit as one unit: they are committed in
+    /// one transaction and answered with one ticket (one wake-up). Waits only while the write
+    /// queue is full. An empty batch is answered at once.
+    pub async fn enqueue_batch(
+        &self,
+        events: Vec<(Arc<ClassifiedEvent>, WriteTo)>,
+    ) -> Result<BatchTicket, StoreError> {
+        self.writer.append_batch(events).await
     }
 
     /// Up to `limit` outbox entries after position `after`, in position order.

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use super::stats::CommitStats;
-use super::{AppendOutcome, AppendTicket, RetentionRules, StoreError, StoreNotice, WriteTo};
+use super::{
+    AppendOutcome, AppendTicket, BatchTicket, RetentionRules, StoreError, StoreNotice, WriteTo,
+};
 use crate::catalog::EventType;
 use crate::classify::ClassifiedEvent;
 use crate::clock::Timestamp;
@@ -161,10 +163,10 @@ pub(crate) trait WriteBackend: Send + 'static {
 
 /// A request to the writer.
 pub(crate) enum Command {
+    /// Events to append in one group commit, answered together.
     Append {
-        event: Arc<ClassifiedEvent>,
-        to: WriteTo,
-        done: Reply<AppendOutcome>,
+        events: Vec<(Arc<ClassifiedEvent>, WriteTo)>,
+        done: Reply<Vec<AppendOutcome>>,
     },
     AckOutbox {
         upto: u64,
@@ -309,9 +311,22 @@ impl WriterHandle {
         event: Arc<ClassifiedEvent>,
         to: WriteTo,
     ) -> Result<AppendTicket, StoreError> {
+        Ok(AppendTicket(self.append_batch(vec![(event, to)]).await?))
+    }
+
+    /// Queues events for the next group commit as one command: they share its transaction and
+    /// one reply.
+    pub async fn append_batch(
+        &self,
+        events: Vec<(Arc<ClassifiedEvent>, WriteTo)>,
+    ) -> Result<BatchTicket, StoreError> {
         let (done, rx) = oneshot::channel();
-        self.send(Command::Append { event, to, done }).await?;
-        Ok(AppendTicket(rx))
+        if events.is_empty() {
+            let _ = done.send(Ok(Vec::new()));
+        } else {
+            self.send(Command::Append { events, done }).await?;
+        }
+        Ok(BatchTicket(rx))
     }
 
     /// Sends the command `make` builds around a reply channel and waits for the reply.
@@ -355,11 +370,20 @@ impl WriterHandle {
     }
 }
 
-/// An event waiting for the next group commit and the sender that resolves its ticket.
+/// Events waiting for the next group commit and the sender that resolves their ticket.
 struct QueuedAppend {
-    event: Arc<ClassifiedEvent>,
-    to: WriteTo,
-    done: Reply<AppendOutcome>,
+    events: Vec<(Arc<ClassifiedEvent>, WriteTo)>,
+    done: Reply<Vec<AppendOutcome>>,
+}
+
+impl Command {
+    /// How much of a group commit's `batch_max` the command takes: its events (at least 1).
+    fn weight(&self) -> usize {
+        match self {
+            Command::Append { events, .. } => events.len().max(1),
+            _ => 1,
+        }
+    }
 }
 
 /// The writer's state.
@@ -380,20 +404,27 @@ impl<B: WriteBackend> Writer<B> {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
         while let Some(first) = rx.recv().await {
+            let mut weight = first.weight();
             batch.push(first);
-            while batch.len() < self.batch_max {
+            while weight < self.batch_max {
                 match rx.try_recv() {
-                    Ok(c) => batch.push(c),
+                    Ok(c) => {
+                        weight += c.weight();
+                        batch.push(c);
+                    }
                     Err(_) => break,
                 }
             }
             if self.process(&mut batch).await {
                 // Commit what is still queued behind the shutdown request, then stop.
                 rx.close();
+                let mut weight = 0;
                 while let Ok(c) = rx.try_recv() {
+                    weight += c.weight();
                     batch.push(c);
-                    if batch.len() >= self.batch_max {
+                    if weight >= self.batch_max {
                         self.process(&mut batch).await;
+                        weight = 0;
                     }
                 }
                 self.process(&mut batch).await;
@@ -410,8 +441,8 @@ impl<B: WriteBackend> Writer<B> {
         let mut appends = Vec::new();
         for cmd in batch.drain(..) {
             let other = match cmd {
-                Command::Append { event, to, done } => {
-                    appends.push(QueuedAppend { event, to, done });
+                Command::Append { events, done } => {
+                    appends.push(QueuedAppend { events, done });
                     continue;
                 }
                 other => other,
@@ -469,15 +500,17 @@ impl<B: WriteBackend> Writer<B> {
         }
         // A relayed event of a type not stored here: a secondary's resend must not be
         // published or forwarded twice either. Remembered only once the batch commits.
-        let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; appends.len()];
+        let total: usize = appends.iter().map(|a| a.events.len()).sum();
+        let mut outcomes: Vec<Option<AppendOutcome>> = vec![None; total];
         let mut remembered = Vec::new();
-        let mut batch = Vec::with_capacity(appends.len());
-        for (a, outcome) in appends.iter().zip(outcomes.iter_mut()) {
-            if let Some(relay) = a.event.relay.as_ref().filter(|_| !a.to.events) {
+        let mut batch = Vec::with_capacity(total);
+        let queued = appends.iter().flat_map(|a| a.events.iter());
+        for ((event, to), outcome) in queued.zip(outcomes.iter_mut()) {
+            if let Some(relay) = event.relay.as_ref().filter(|_| !to.events) {
                 let key = self.recent_unstored.key(&[
                     &relay.origin_server,
-                    &a.event.device_id,
-                    &a.event.event_id,
+                    &event.device_id,
+                    &event.event_id,
                 ]);
                 if !self.recent_unstored.insert(key) {
                     *outcome = Some(AppendOutcome::Duplicate);
@@ -485,10 +518,7 @@ impl<B: WriteBackend> Writer<B> {
                 }
                 remembered.push(key);
             }
-            batch.push(Append {
-                event: &a.event,
-                to: a.to,
-            });
+            batch.push(Append { event, to: *to });
         }
         let room = QueueRoom {
             len: self.outbox.len(),
@@ -549,20 +579,32 @@ impl<B: WriteBackend> Writer<B> {
                 self.notify.change(w.notify_added, w.notify_dropped);
                 self.report_trim(w.trim, "event cap reached: oldest events deleted");
                 let mut written = w.outcomes.into_iter();
-                for (a, outcome) in appends.drain(..).zip(outcomes) {
-                    let outcome = outcome.or_else(|| written.next()).ok_or_else(|| {
-                        StoreError::backend("the backend answered fewer events than it was given")
-                    });
-                    let _ = a.done.send(outcome);
+                let mut outcomes = outcomes.into_iter();
+                for a in appends.drain(..) {
+                    let answer = outcomes
+                        .by_ref()
+                        .take(a.events.len())
+                        .map(|outcome| outcome.or_else(|| written.next()))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| {
+                            StoreError::backend(
+                                "the backend answered fewer events than it was given",
+                            )
+                        });
+                    let _ = a.done.send(answer);
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, events = appends.len(), "group commit failed");
+                tracing::error!(error = %e, events = total, "group commit failed");
                 for k in remembered {
                     self.recent_unstored.forget(k);
                 }
-                for (a, outcome) in appends.drain(..).zip(outcomes) {
-                    let _ = a.done.send(outcome.ok_or_else(|| e.clone()));
+                // A batch is answered whole: when its transaction failed, so did the batch,
+                // unless every event of it was known as a duplicate without it.
+                let mut outcomes = outcomes.into_iter();
+                for a in appends.drain(..) {
+                    let known: Option<Vec<_>> = outcomes.by_ref().take(a.events.len()).collect();
+                    let _ = a.done.send(known.ok_or_else(|| e.clone()));
                 }
             }
         }
