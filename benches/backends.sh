@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stored ingest per backend: ghz bidi Stream (the agents' path, events of a stored type,
+# Stored ingest per backend: bidi Stream from benches/load_client.rs (or ghz, CLIENT=ghz) (the agents' path, events of a stored type,
 # acknowledged after commit) against fleet-events on the embedded SQLite store and on
 # PostgreSQL, with the bare tonic echo server as the ceiling, all in one run. PostgreSQL is a
 # throw-away cluster (scripts/pg.sh) with its durable defaults (fsync on, synchronous_commit
@@ -10,6 +10,8 @@
 #   DURATION=30s benches/backends.sh
 #   APPEND=0 benches/backends.sh        # print only, do not append to RESULTS.md
 #   BUILD=0 benches/backends.sh         # use the binaries in target/release as they are
+#   ROUNDS=3 benches/backends.sh        # 3 rounds, servers interleaved; medians
+#   CLIENT=ghz benches/backends.sh      # ghz instead of benches/load_client.rs (client-bound)
 #   TRANSPORT=plain benches/backends.sh # all three in plaintext (fleet-events with
 #                                       # insecure_plaintext; the token is still sent)
 #
@@ -35,13 +37,15 @@ cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; pg_stop; rm -rf "$work"; }
 trap cleanup EXIT
 bench_build
 pg_start
-psql -q "$FLEET_TEST_POSTGRES/postgres" -c "CREATE DATABASE bench"
 
 start_server() { # kind -> sets pid, addr, ghz_conn
   printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
   case "$1" in
     sqlite) start_fleet "$TRANSPORT" "$work/data" "$work/config.toml" ;;
-    postgres) start_fleet "$TRANSPORT" "$work/data" "$work/config.toml" --store "$FLEET_TEST_POSTGRES/bench" ;;
+    postgres)
+      # A fresh database each round, as SQLite gets a fresh data directory.
+      psql -q "$FLEET_TEST_POSTGRES/postgres" -c "DROP DATABASE IF EXISTS bench" -c "CREATE DATABASE bench"
+      start_fleet "$TRANSPORT" "$work/data" "$work/config.toml" --store "$FLEET_TEST_POSTGRES/bench" ;;
     echo) start_echo "$TRANSPORT" ;;
   esac
 }
@@ -49,39 +53,61 @@ start_server() { # kind -> sets pid, addr, ghz_conn
 event=$(bench_event "$STORED_TYPE")
 results="$work/results.tsv"
 : > "$results"
-for server in echo sqlite postgres; do
-  start_server "$server"
-  ghz "${ghz_conn[@]}" -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" \
-    --call fleetevents.v1.EventService/Stream -c "$STREAMS" --stream-call-count "$STREAM_MESSAGES" \
-    --stream-dynamic-messages -d "$event" "$addr" || { echo "ghz failed against $server" >&2; exit 1; }
-  ticks=$(cpu_ticks)
-  stop_server
-  python3 - "$work/out.json" "$server" "$ticks" "$(getconf CLK_TCK)" "$STREAM_MESSAGES" >> "$results" <<'PY'
+for round in $(seq "$ROUNDS"); do
+  for server in echo sqlite postgres; do
+    start_server "$server"
+    if [ "$CLIENT" = ghz ]; then
+      ghz "${ghz_conn[@]}" -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" \
+        --call fleetevents.v1.EventService/Stream -c "$STREAMS" --stream-call-count "$STREAM_MESSAGES" \
+        --stream-dynamic-messages -d "$event" "$addr" || { echo "ghz failed against $server" >&2; exit 1; }
+    else
+      "$load_client_bin" --server "$addr" "${fast_conn[@]}" --mode stream --streams "$STREAMS" \
+        --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+        --event-type "$STORED_TYPE" --server-pid "$pid" > "$work/out.json" \
+        || { echo "load_client failed against $server" >&2; cat "$work/out.json" >&2; exit 1; }
+    fi
+    ticks=$(cpu_ticks)
+    stop_server
+    python3 - "$work/out.json" "$server" "$ticks" "$(getconf CLK_TCK)" "$STREAM_MESSAGES" >> "$results" <<'PY'
 import json, sys
 path, server, ticks, hz, per_call = sys.argv[1:]
 r = json.load(open(path))
-ok = r["statusCodeDistribution"].get("OK", 0)
-errors = sum(v for k, v in r["statusCodeDistribution"].items() if k != "OK")
-rate = ok * int(per_call) / (r["total"] / 1e9)
-print("\t".join([server, f"{rate:.0f}", f"{int(ticks) / int(hz):.1f}", str(errors)]))
+if "statusCodeDistribution" in r:  # ghz
+    ok = r["statusCodeDistribution"].get("OK", 0)
+    errors = sum(v for k, v in r["statusCodeDistribution"].items() if k != "OK")
+    rate = ok * int(per_call) / (r["total"] / 1e9)
+    per_event = ""
+else:  # load_client: CPU per event over the measured interval, and the store's own thread
+    errors, rate = r["errors"], r["events_per_s"]
+    per_event = f"{r['server_cpu_us_per_event']:.2f}"
+print("\t".join([server, f"{rate:.0f}", f"{int(ticks) / int(hz):.1f}", str(errors), per_event]))
 PY
+  done
 done
 stored_pg=$(psql -Atq "$FLEET_TEST_POSTGRES/bench" -c "SELECT n FROM event_count")
 
 table=$(python3 - "$results" "$stored_pg" <<'PY'
-import sys
+import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-by = {r[0]: r for r in rows}
-print("| bidi Stream, stored type | events/s | fleet-events CPU s | errors | vs echo | vs SQLite |")
-print("|---|---:|---:|---:|---:|---:|")
+# The median of each figure over the rounds, per server, in first-seen order.
+groups = {}
 for r in rows:
-    vs_echo = "(ceiling)" if r[0] == "echo" else f"{float(r[1]) / float(by['echo'][1]) * 100:.0f} %"
-    vs_sqlite = "" if r[0] == "echo" else f"{float(r[1]) / float(by['sqlite'][1]) * 100:.0f} %"
-    print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {vs_echo} | {vs_sqlite} |")
+    groups.setdefault(r[0], []).append(r)
+def med(rs, i):
+    vals = [float(r[i]) for r in rs if r[i] != ""]
+    return statistics.median(vals) if vals else None
+by = {s: [med(rs, i) for i in range(1, 5)] for s, rs in groups.items()}
+print("| bidi Stream, stored type | events/s | server CPU s | errors | CPU µs/event | vs echo | vs SQLite | rounds |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for s, (rate, cpu, errors, per) in by.items():
+    vs_echo = "(ceiling)" if s == "echo" else f"{rate / by['echo'][0] * 100:.0f} %"
+    vs_sqlite = "" if s == "echo" else f"{rate / by['sqlite'][0] * 100:.0f} %"
+    per = "" if per is None else f"{per:.2f}"
+    print(f"| {s} | {rate:.0f} | {cpu:.1f} | {errors:.0f} | {per} | {vs_echo} | {vs_sqlite} | {len(groups[s])} |")
 print(f"\nEvents in the PostgreSQL store after its run: {sys.argv[2]}.")
 PY
 )
 header=$(results_header "Backends: ")
-cmd="TRANSPORT=$TRANSPORT DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/backends.sh"
+cmd="CLIENT=$CLIENT ROUNDS=$ROUNDS TRANSPORT=$TRANSPORT DURATION=$DURATION CONNECTIONS=$CONNECTIONS STREAMS=$STREAMS STREAM_MESSAGES=$STREAM_MESSAGES benches/backends.sh"
 printf '%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table"
 [ "$APPEND" = 0 ] || printf '\n%s\n\n`%s`\n\n%s\n' "$header" "$cmd" "$table" >> benches/RESULTS.md

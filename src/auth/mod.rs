@@ -227,8 +227,15 @@ pub const MAX_ENROLL_VALID: Duration = Duration::from_secs(365 * 86_400);
 const MAX_SECRET_BYTES: usize = 256;
 
 fn sha256_hex(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    // On every call of a token holder: one allocation, not one per byte.
+    let mut hex = String::with_capacity(64);
+    for b in d.as_ref() {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    hex
 }
 
 fn random_secret(bytes: usize) -> Result<String, AuthError> {
@@ -900,4 +907,16 @@ fn encode<T: Serialize>(v: &T) -> Result<String, AuthError> {
 
 fn decode<T: for<'de> Deserialize<'de>>(json: &str) -> Result<T, AuthError> {
     serde_json::from_str(json).map_err(|e| AuthError::Internal(format!("saved credential: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn token_hashes_are_lowercase_hex_sha256() {
+        // FIPS 180-2's example: stored hashes must not change with the encoding's code.
+        assert_eq!(
+            super::sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 }

@@ -42,6 +42,18 @@ pub(crate) struct EventRow<'a> {
 impl<'a> EventRow<'a> {
     /// Encodes `ev`.
     pub fn encode(ev: &'a ClassifiedEvent) -> Result<Self, StoreError> {
+        let mut row = Self::encode_without_params(ev)?;
+        row.params = if ev.params.is_empty() {
+            String::from("{}")
+        } else {
+            to_json(&ev.params)?
+        };
+        Ok(row)
+    }
+
+    /// Encodes `ev` but its params, left empty: for a writer that encodes them into a buffer
+    /// it reuses ([`params_json_into`]), so a row costs no allocation.
+    pub fn encode_without_params(ev: &'a ClassifiedEvent) -> Result<Self, StoreError> {
         Ok(EventRow {
             event_id: &ev.event_id,
             device_id: &ev.device_id,
@@ -53,11 +65,7 @@ impl<'a> EventRow<'a> {
             occurred_at: ev.occurred_at.0,
             received_at: ev.received_at.0,
             application: &ev.application,
-            params: if ev.params.is_empty() {
-                String::from("{}")
-            } else {
-                to_json(&ev.params)?
-            },
+            params: String::new(),
             origin_server: ev.relay.as_ref().map_or("", |r| r.origin_server.as_str()),
             server_chain: match &ev.relay {
                 Some(r) => to_json(&r.chain)?,
@@ -65,6 +73,20 @@ impl<'a> EventRow<'a> {
             },
         })
     }
+}
+
+/// Writes `params` as the JSON object [`EventRow::encode`] gives them, into `buf` (cleared
+/// first), reusing its memory.
+pub(crate) fn params_json_into(
+    params: &std::collections::HashMap<String, String>,
+    buf: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    buf.clear();
+    if params.is_empty() {
+        buf.extend_from_slice(b"{}");
+        return Ok(());
+    }
+    serde_json::to_writer(&mut *buf, params).map_err(|e| StoreError::backend(e.to_string()))
 }
 
 /// A value as JSON text.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::types::{ToSql, Value};
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -250,7 +250,13 @@ pub(crate) async fn open(
     let notify: i64 = conn.query_row("SELECT count(*) FROM notify_queue", [], |r| r.get(0))?;
     writer.notify_len = notify as u64;
     let count = Arc::new(AtomicU64::new(count as u64));
-    let dedupe = DedupeKeys::load(&conn)?;
+    let mut dedupe = DedupeKeys::load(&conn)?;
+    // Room for the cap's identities at once: growing the set rehashes every identity on the
+    // writer thread, a stall of tens of milliseconds for every commit waiting behind it.
+    let room = writer.max_events.min(4_000_000) as usize;
+    dedupe
+        .stored
+        .reserve(room.saturating_sub(dedupe.stored.len()));
     let next_seq = 1 + conn.query_row(
         "SELECT max(coalesce((SELECT max(seq) FROM events), 0),
                     coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'seq_high'), 0))",
@@ -267,6 +273,7 @@ pub(crate) async fn open(
         dedupe,
         count,
         next_seq,
+        params_json: Vec::with_capacity(1024),
     };
     super::EventStore::start(reader, write, writer, RunOn::Thread("sqlite-writer")).await
 }
@@ -512,6 +519,8 @@ pub struct SqliteWriter {
     /// table): a position, once given, is never given again, so a cursor over `seq` (SIEM
     /// export) never skips an event. The highest given is saved in `meta` before any delete.
     next_seq: i64,
+    /// The params of the event being written, as JSON (reused: no allocation per row).
+    params_json: Vec<u8>,
 }
 
 /// Saves the highest `seq` given so far in `meta` (inside a transaction that deletes events).
@@ -524,23 +533,27 @@ fn keep_seq_high(tx: &rusqlite::Transaction<'_>, next_seq: i64) -> Result<(), St
     Ok(())
 }
 
-/// The 13 event columns of `row`, in [`EVENT_COLUMNS`] order, for binding.
-fn bind<'a>(row: &'a EventRow<'_>) -> [&'a dyn ToSql; 13] {
-    [
-        &row.event_id,
-        &row.device_id,
-        &row.event_type,
-        &row.event_type_id,
-        &row.severity,
-        &row.known,
-        &row.origin,
-        &row.occurred_at,
-        &row.received_at,
-        &row.application,
-        &row.params,
-        &row.origin_server,
-        &row.server_chain,
-    ]
+/// Binds the 13 event columns of `row` (its params given as JSON text), in [`EVENT_COLUMNS`]
+/// order, as parameters 1 to 13 of `stmt`: typed binds, nothing copied or boxed.
+fn bind_row(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    row: &EventRow<'_>,
+    params: &ToSqlOutput<'_>,
+) -> Result<(), StoreError> {
+    stmt.raw_bind_parameter(1, row.event_id)?;
+    stmt.raw_bind_parameter(2, row.device_id)?;
+    stmt.raw_bind_parameter(3, row.event_type)?;
+    stmt.raw_bind_parameter(4, row.event_type_id)?;
+    stmt.raw_bind_parameter(5, row.severity)?;
+    stmt.raw_bind_parameter(6, row.known)?;
+    stmt.raw_bind_parameter(7, row.origin)?;
+    stmt.raw_bind_parameter(8, row.occurred_at)?;
+    stmt.raw_bind_parameter(9, row.received_at)?;
+    stmt.raw_bind_parameter(10, row.application)?;
+    stmt.raw_bind_parameter(11, params)?;
+    stmt.raw_bind_parameter(12, row.origin_server)?;
+    stmt.raw_bind_parameter(13, row.server_chain.as_str())?;
+    Ok(())
 }
 
 /// Deletes the `excess` oldest entries of `queue` in `tx`; returns how many went.
@@ -604,7 +617,7 @@ impl SqliteWriter {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))?;
             for a in batch {
-                let row = EventRow::encode(a.event)?;
+                let row = EventRow::encode_without_params(a.event)?;
                 if a.to.events {
                     let key = self
                         .dedupe
@@ -614,20 +627,27 @@ impl SqliteWriter {
                         continue;
                     }
                     added.push(key);
-                    let (hi, lo) = split(key);
+                }
+                codec::params_json_into(&a.event.params, &mut self.params_json)?;
+                let params = ToSqlOutput::Borrowed(ValueRef::Text(&self.params_json));
+                if a.to.events {
+                    let (hi, lo) = split(*added.last().unwrap_or(&0));
                     let seq = next_seq;
                     next_seq += 1;
-                    let hash: [&dyn ToSql; 3] = [&hi, &lo, &seq];
-                    events.execute(rusqlite::params_from_iter(
-                        bind(&row).into_iter().chain(hash),
-                    ))?;
+                    bind_row(&mut events, &row, &params)?;
+                    events.raw_bind_parameter(14, hi)?;
+                    events.raw_bind_parameter(15, lo)?;
+                    events.raw_bind_parameter(16, seq)?;
+                    events.raw_execute()?;
                 }
                 if a.to.outbox {
-                    outbox.execute(rusqlite::params_from_iter(bind(&row)))?;
+                    bind_row(&mut outbox, &row, &params)?;
+                    outbox.raw_execute()?;
                     outbox_added += 1;
                 }
                 if a.to.notify {
-                    notify.execute(rusqlite::params_from_iter(bind(&row)))?;
+                    bind_row(&mut notify, &row, &params)?;
+                    notify.raw_execute()?;
                     notify_added += 1;
                 }
                 outcomes.push(AppendOutcome::Inserted);
