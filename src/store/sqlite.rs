@@ -253,7 +253,7 @@ pub(crate) async fn open(
     let mut dedupe = DedupeKeys::load(&conn)?;
     // Room for the cap's identities at once: growing the set rehashes every identity on the
     // writer thread, a stall of tens of milliseconds for every commit waiting behind it.
-    let room = writer.max_events.min(4_000_000) as usize;
+    let room = writer.max_events.min(1_000_000) as usize;
     dedupe
         .stored
         .reserve(room.saturating_sub(dedupe.stored.len()));
