@@ -28,6 +28,9 @@ STREAMS=${STREAMS:-4}
 STREAM_MESSAGES=${STREAM_MESSAGES:-1000}
 APPEND=${APPEND:-1}
 TRANSPORT=${TRANSPORT:-tls}
+CLIENT=${CLIENT:-fast}
+ROUNDS=${ROUNDS:-1}
+WARMUP=${WARMUP:-2s}
 
 source benches/common.sh
 source scripts/pg.sh
@@ -38,6 +41,14 @@ trap cleanup EXIT
 bench_build
 pg_start
 
+# utime+stime of every PostgreSQL process now (the cluster's backends among them).
+pg_cpu_ticks() {
+  local total=0 p t
+  for p in $(pgrep -x postgres); do
+    t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) && total=$((total + t))
+  done
+  echo "$total"
+}
 start_server() { # kind -> sets pid, addr, ghz_conn
   printf '[flood]\nthreshold = 100000000\n' > "$work/config.toml"
   case "$1" in
@@ -56,6 +67,7 @@ results="$work/results.tsv"
 for round in $(seq "$ROUNDS"); do
   for server in echo sqlite postgres; do
     start_server "$server"
+    pg_before=$(pg_cpu_ticks)
     if [ "$CLIENT" = ghz ]; then
       ghz "${ghz_conn[@]}" -z "$DURATION" --connections "$CONNECTIONS" -O json -o "$work/out.json" \
         --call fleetevents.v1.EventService/Stream -c "$STREAMS" --stream-call-count "$STREAM_MESSAGES" \
@@ -67,10 +79,11 @@ for round in $(seq "$ROUNDS"); do
         || { echo "load_client failed against $server" >&2; cat "$work/out.json" >&2; exit 1; }
     fi
     ticks=$(cpu_ticks)
+    pg_ticks=$(( $(pg_cpu_ticks) - pg_before ))
     stop_server
-    python3 - "$work/out.json" "$server" "$ticks" "$(getconf CLK_TCK)" "$STREAM_MESSAGES" >> "$results" <<'PY'
+    python3 - "$work/out.json" "$server" "$ticks" "$(getconf CLK_TCK)" "$STREAM_MESSAGES" "$pg_ticks" >> "$results" <<'PY'
 import json, sys
-path, server, ticks, hz, per_call = sys.argv[1:]
+path, server, ticks, hz, per_call, pg_ticks = sys.argv[1:]
 r = json.load(open(path))
 if "statusCodeDistribution" in r:  # ghz
     ok = r["statusCodeDistribution"].get("OK", 0)
@@ -80,7 +93,10 @@ if "statusCodeDistribution" in r:  # ghz
 else:  # load_client: CPU per event over the measured interval, and the store's own thread
     errors, rate = r["errors"], r["events_per_s"]
     per_event = f"{r['server_cpu_us_per_event']:.2f}"
-print("\t".join([server, f"{rate:.0f}", f"{int(ticks) / int(hz):.1f}", str(errors), per_event]))
+# PostgreSQL's own processes, over the whole run (warm-up included), per event answered.
+answered = rate * (r["seconds"] if "seconds" in r else r["total"] / 1e9)
+pg = f"{int(pg_ticks) / int(hz) * 1e6 / answered:.2f}" if server == "postgres" and answered else ""
+print("\t".join([server, f"{rate:.0f}", f"{int(ticks) / int(hz):.1f}", str(errors), per_event, pg]))
 PY
   done
 done
@@ -96,14 +112,15 @@ for r in rows:
 def med(rs, i):
     vals = [float(r[i]) for r in rs if r[i] != ""]
     return statistics.median(vals) if vals else None
-by = {s: [med(rs, i) for i in range(1, 5)] for s, rs in groups.items()}
-print("| bidi Stream, stored type | events/s | server CPU s | errors | CPU µs/event | vs echo | vs SQLite | rounds |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for s, (rate, cpu, errors, per) in by.items():
+by = {s: [med(rs, i) for i in range(1, 6)] for s, rs in groups.items()}
+print("| bidi Stream, stored type | events/s | server CPU s | errors | CPU µs/event | PostgreSQL CPU µs/event | vs echo | vs SQLite | rounds |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for s, (rate, cpu, errors, per, pg) in by.items():
     vs_echo = "(ceiling)" if s == "echo" else f"{rate / by['echo'][0] * 100:.0f} %"
     vs_sqlite = "" if s == "echo" else f"{rate / by['sqlite'][0] * 100:.0f} %"
     per = "" if per is None else f"{per:.2f}"
-    print(f"| {s} | {rate:.0f} | {cpu:.1f} | {errors:.0f} | {per} | {vs_echo} | {vs_sqlite} | {len(groups[s])} |")
+    pg = "" if pg is None else f"{pg:.2f}"
+    print(f"| {s} | {rate:.0f} | {cpu:.1f} | {errors:.0f} | {per} | {pg} | {vs_echo} | {vs_sqlite} | {len(groups[s])} |")
 print(f"\nEvents in the PostgreSQL store after its run: {sys.argv[2]}.")
 PY
 )
