@@ -88,6 +88,32 @@ async fn send(a: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Device `i`'s heartbeat: a fingerprint, a host name, a licence key and status facts (all
+/// OK, so nothing is raised); always the same for one device of one run.
+fn heartbeat(run: u32, i: u64, now: i64) -> DeviceHeartbeat {
+    DeviceHeartbeat {
+        fingerprint: format!("{:040x}", u128::from(run) << 64 | u128::from(i)),
+        hostname: format!("ws-{i:07}.corp.example.com"),
+        licence_key: format!("FLEET-{:05}-{:05}-BENCH", i % 97, i % 89),
+        device_id: device_id(run, i),
+        facts: Some(DeviceStatusFacts {
+            security_application_installed: Some(true),
+            protection_running: Some(true),
+            av_databases_date: Some(prost_types::Timestamp {
+                seconds: now - 3600,
+                nanos: 0,
+            }),
+            last_full_scan: Some(prost_types::Timestamp {
+                seconds: now - 86_400,
+                nanos: 0,
+            }),
+            reboot_required: Some(false),
+            unresolved_threats: Some(0),
+        }),
+        visible_devices: Vec::new(),
+    }
+}
+
 async fn register(a: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let (addr, dir) = (&a[2], &a[3]);
     let run = u32::from_str_radix(&a[4], 16)?;
@@ -109,29 +135,8 @@ async fn register(a: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 if i >= count {
                     return Ok::<_, tonic::Status>(());
                 }
-                let id = device_id(run, i);
                 let r = client
-                    .report_heartbeat(DeviceHeartbeat {
-                        fingerprint: format!("{:040x}", u128::from(run) << 64 | u128::from(i)),
-                        hostname: format!("ws-{i:07}.corp.example.com"),
-                        licence_key: format!("FLEET-{:05}-{:05}-BENCH", i % 97, i % 89),
-                        device_id: id,
-                        facts: Some(DeviceStatusFacts {
-                            security_application_installed: Some(true),
-                            protection_running: Some(true),
-                            av_databases_date: Some(prost_types::Timestamp {
-                                seconds: now - 3600,
-                                nanos: 0,
-                            }),
-                            last_full_scan: Some(prost_types::Timestamp {
-                                seconds: now - 86_400,
-                                nanos: 0,
-                            }),
-                            reboot_required: Some(false),
-                            unresolved_threats: Some(0),
-                        }),
-                        visible_devices: Vec::new(),
-                    })
+                    .report_heartbeat(heartbeat(run, i, now))
                     .await?
                     .into_inner();
                 assert!(r.raised.is_empty(), "a heartbeat raised {:?}", r.raised);
@@ -246,27 +251,7 @@ async fn fleet(a: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         let mut client = DeviceServiceClient::new(chans[i as usize % chans.len()].clone());
         // Heartbeats walk the fleet from its other end.
         let n = devices - 1 - i % devices;
-        let beat = DeviceHeartbeat {
-            fingerprint: format!("{:040x}", u128::from(run) << 64 | u128::from(n)),
-            hostname: format!("ws-{n:07}.corp.example.com"),
-            licence_key: format!("FLEET-{:05}-{:05}-BENCH", n % 97, n % 89),
-            device_id: device_id(run, n),
-            facts: Some(DeviceStatusFacts {
-                security_application_installed: Some(true),
-                protection_running: Some(true),
-                av_databases_date: Some(prost_types::Timestamp {
-                    seconds: now - 3600,
-                    nanos: 0,
-                }),
-                last_full_scan: Some(prost_types::Timestamp {
-                    seconds: now - 86_400,
-                    nanos: 0,
-                }),
-                reboot_required: Some(false),
-                unresolved_threats: Some(0),
-            }),
-            visible_devices: Vec::new(),
-        };
+        let beat = heartbeat(run, n, now);
         async move { client.report_heartbeat(beat).await.map(|_| ()) }
     });
     let (events, heartbeats) = tokio::join!(events, heartbeats);

@@ -85,15 +85,7 @@ pub fn incoming_or_back(e: proto::Event) -> Result<IncomingEvent, (Status, Strin
 
 /// An incoming wire event.
 pub fn incoming(e: proto::Event) -> Result<IncomingEvent, Status> {
-    Ok(IncomingEvent {
-        occurred_at: timestamp(e.occurred_at, "occurred_at")?,
-        event_id: e.event_id,
-        device_id: e.device_id,
-        event_type: e.event_type,
-        event_type_id: e.event_type_id,
-        application: e.application,
-        params: e.params,
-    })
+    incoming_or_back(e).map_err(|(status, _)| status)
 }
 
 /// The wire outcome of an engine outcome. A failed event is never answered (its call ends with

@@ -273,6 +273,58 @@ async fn stream_stops_at_a_bad_event_after_answering_the_earlier_ones() {
 
 /// A subscriber gets exactly the events its filter asks for, with every field.
 #[tokio::test]
+async fn a_burst_is_answered_in_order_across_batches_and_a_refusal_inside_one_names_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(test_config(dir.path())).await;
+    let mut c = s.events();
+    // 600 events sent at once: the server takes them in batches of what has arrived (at most
+    // 256 in flight), so several batches, and the refused one sits inside a batch, not first.
+    let mut events: Vec<_> = (1..=600)
+        .map(|i| event(&format!("d{}", i % 7), "BURST_TYPE", &format!("b{i}")))
+        .collect();
+    // A type only the server raises: refused by classification, in the engine.
+    events[449].event_type = "KLSRV_EVENT_SPAM_EVENTS_DETECTED".into();
+    let answers = c
+        .stream(tokio_stream::iter(events))
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<_> = answers.collect::<Vec<_>>().await;
+    let (ok, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(|r| r.is_ok());
+    let ids: Vec<String> = ok.into_iter().map(|r| r.unwrap().event_id).collect();
+    let expected: Vec<String> = (1..450).map(|i| format!("b{i}")).collect();
+    assert_eq!(
+        ids, expected,
+        "every event before the refused one, in order"
+    );
+    assert_eq!(rest.len(), 1, "one status ends the call");
+    let st = rest.into_iter().next().unwrap().unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied, "{}", st.message());
+    let details = st.get_error_details();
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "SERVER_ONLY_TYPE");
+    assert_eq!(
+        info.metadata.get("event_index").map(String::as_str),
+        Some("450")
+    );
+    assert_eq!(
+        info.metadata.get("event_id").map(String::as_str),
+        Some("b450")
+    );
+    // The events answered are stored: the answer came after their commit.
+    let q = c
+        .query_events(proto::QueryEventsRequest {
+            event_type: "BURST_TYPE".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.events.len(), 449);
+}
+
+#[tokio::test]
 async fn subscribe_filters_by_severity_type_and_device() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(test_config(dir.path())).await;

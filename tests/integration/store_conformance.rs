@@ -107,6 +107,51 @@ fn notices(rx: &mut UnboundedReceiver<StoreNotice>) -> Vec<StoreNotice> {
 }
 
 #[tokio::test]
+async fn a_batch_commits_together_with_one_outcome_per_event_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _n) = open(&test_config(dir.path())).await;
+    let warn = kind("CONF_BATCH", Severity::Warning);
+    let stored_before = event(&warn, "dev-b", "b0", Duration::ZERO);
+    assert_eq!(
+        append(&s, stored_before.clone(), STORED).await,
+        AppendOutcome::Inserted
+    );
+    // One command: a new event, a resend of one stored before, a new one, a twin of the
+    // first within the batch, and one more; answered together, in the order given.
+    let first = event(&warn, "dev-b", "b1", Duration::ZERO);
+    let batch = vec![
+        (first.clone(), STORED),
+        (stored_before, STORED),
+        (event(&warn, "dev-b", "b2", Duration::ZERO), STORED),
+        (first, STORED),
+        (event(&warn, "dev-c", "b1", Duration::ZERO), STORED),
+    ];
+    let outcomes = s
+        .enqueue_batch(batch)
+        .await
+        .unwrap()
+        .committed()
+        .await
+        .unwrap();
+    use AppendOutcome::{Duplicate, Inserted};
+    assert_eq!(
+        outcomes,
+        vec![Inserted, Duplicate, Inserted, Duplicate, Inserted]
+    );
+    assert_eq!(s.event_count().await.unwrap(), 4);
+    let mut ids: Vec<_> = all(&s, EventQuery::default())
+        .await
+        .into_iter()
+        .map(|e| format!("{}/{}", e.device_id, e.event_id))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["dev-b/b0", "dev-b/b1", "dev-b/b2", "dev-c/b1"]);
+    // An empty batch is answered at once, with no outcome.
+    let none = s.enqueue_batch(Vec::new()).await.unwrap();
+    assert!(none.committed().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn an_identity_is_stored_once_and_every_field_reads_back() {
     let dir = tempfile::tempdir().unwrap();
     let (s, _n) = open(&test_config(dir.path())).await;
