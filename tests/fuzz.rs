@@ -4400,98 +4400,107 @@ fn long_values_echoed_in_errors_are_answered_not_reset() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let h = rt.block_on(Harness::start(dir.path()));
-    let long = "é".repeat(4096);
-    let key = proto::FrequentEventBlockKey {
-        device_id: long.clone(),
-        event_type: APP_WARN.into(),
-        ..Default::default()
-    };
-    let event = |device_id: &str, event_id: &str, event_type: &str| proto::Event {
-        event_id: event_id.into(),
-        device_id: device_id.into(),
-        event_type: event_type.into(),
-        ..Default::default()
-    };
-    let calls = vec![
-        Call::UnblockFrequentEvent(key.clone()),
-        Call::BlockFrequentEventAgain(key.clone()),
-        Call::RemoveFrequentEventBlock(key),
-        Call::ClassifyAsDevice(event(&long, "x", APP_WARN)),
-        Call::Classify(event("fz-dev-1", "x", &long)),
-        Call::Stream(vec![event("", &long, APP_WARN)]),
-        Call::GetDevice(proto::GetDeviceRequest {
-            device_id: long.clone(),
-            ..Default::default()
-        }),
-        Call::GetEventType(proto::GetEventTypeRequest {
-            event_type: long.clone(),
-            ..Default::default()
-        }),
-        Call::UpdateEventTypeSettings(proto::UpdateEventTypeSettingsRequest {
-            event_type: long.clone(),
-            ..Default::default()
-        }),
-        Call::ApproveUpdate(proto::UpdateDecision {
-            update_id: long.clone(),
-            ..Default::default()
-        }),
-        Call::RemoveMdmCertificate(proto::CertificateKey {
-            certificate_id: long.clone(),
-            ..Default::default()
-        }),
-        Call::ReportReissueFailure(proto::ReissueFailure {
-            certificate_id: long.clone(),
-            reason: "r".into(),
-            ..Default::default()
-        }),
-        Call::RevokeToken(proto::RevokeTokenRequest {
-            name: long.clone(),
-            ..Default::default()
-        }),
-        Call::RevokeEnrollmentToken(proto::RevokeEnrollmentTokenRequest {
-            id: long.clone(),
-            ..Default::default()
-        }),
-        Call::RevokeDevice(proto::RevokeDeviceRequest {
-            device_id: long.clone(),
-            ..Default::default()
-        }),
-        Call::RemoveDestination(proto::RemoveDestinationRequest {
-            name: long.clone(),
-            ..Default::default()
-        }),
-        Call::TestDestination(proto::TestDestinationRequest {
-            name: long.clone(),
-            ..Default::default()
-        }),
-        Call::PutDestination(proto::SiemDestination {
-            name: "fz-siem-long".into(),
-            host: long.clone(),
-            port: SIEM_PORTS[0],
-            transport: proto::SyslogTransport::Tls as i32,
-            format: proto::SiemFormat::Rfc5424 as i32,
-            event_types: vec![long.clone()],
-            ca_file: long.clone(),
-            server_name: long.clone(),
-            ..Default::default()
-        }),
-        Call::HealthCheck(tonic_health::pb::HealthCheckRequest {
-            service: long,
-            ..Default::default()
-        }),
-    ];
     let mut failures = Vec::new();
-    for call in calls {
-        let what = call.what();
-        match rt.block_on(h.exec(call)) {
-            Ok(Err(st)) if FORBIDDEN.contains(&st.code()) => {
-                failures.push(format!("{what}: {}", show(&st)))
+    // Each shape grows differently on its way to the wire: two bytes of UTF-8 (percent-encoded
+    // to six), NUL (quoted as two characters, and what the fuzzer found in the details header),
+    // another control character (quoted as six).
+    for long in ["é".repeat(4096), "\0".repeat(8192), "\u{1}".repeat(8192)] {
+        let key = proto::FrequentEventBlockKey {
+            device_id: long.clone(),
+            event_type: APP_WARN.into(),
+            ..Default::default()
+        };
+        let event = |device_id: &str, event_id: &str, event_type: &str| proto::Event {
+            event_id: event_id.into(),
+            device_id: device_id.into(),
+            event_type: event_type.into(),
+            ..Default::default()
+        };
+        let calls = vec![
+            Call::UnblockFrequentEvent(key.clone()),
+            Call::BlockFrequentEventAgain(key.clone()),
+            Call::RemoveFrequentEventBlock(key),
+            Call::ClassifyAsDevice(event(&long, "x", APP_WARN)),
+            Call::Classify(event("fz-dev-1", "x", &long)),
+            Call::Stream(vec![event("", &long, APP_WARN)]),
+            Call::GetDevice(proto::GetDeviceRequest {
+                device_id: long.clone(),
+                ..Default::default()
+            }),
+            Call::GetEventType(proto::GetEventTypeRequest {
+                event_type: long.clone(),
+                ..Default::default()
+            }),
+            Call::UpdateEventTypeSettings(proto::UpdateEventTypeSettingsRequest {
+                event_type: long.clone(),
+                ..Default::default()
+            }),
+            Call::ApproveUpdate(proto::UpdateDecision {
+                update_id: long.clone(),
+                ..Default::default()
+            }),
+            Call::RemoveMdmCertificate(proto::CertificateKey {
+                certificate_id: long.clone(),
+                ..Default::default()
+            }),
+            Call::ReportReissueFailure(proto::ReissueFailure {
+                certificate_id: long.clone(),
+                reason: "r".into(),
+                ..Default::default()
+            }),
+            Call::RevokeToken(proto::RevokeTokenRequest {
+                name: long.clone(),
+                ..Default::default()
+            }),
+            Call::RevokeEnrollmentToken(proto::RevokeEnrollmentTokenRequest {
+                id: long.clone(),
+                ..Default::default()
+            }),
+            Call::RevokeDevice(proto::RevokeDeviceRequest {
+                device_id: long.clone(),
+                ..Default::default()
+            }),
+            Call::RemoveDestination(proto::RemoveDestinationRequest {
+                name: long.clone(),
+                ..Default::default()
+            }),
+            Call::TestDestination(proto::TestDestinationRequest {
+                name: long.clone(),
+                ..Default::default()
+            }),
+            Call::PutDestination(proto::SiemDestination {
+                name: "fz-siem-long".into(),
+                host: long.clone(),
+                port: SIEM_PORTS[0],
+                transport: proto::SyslogTransport::Tls as i32,
+                format: proto::SiemFormat::Rfc5424 as i32,
+                event_types: vec![long.clone()],
+                ca_file: long.clone(),
+                server_name: long.clone(),
+                ..Default::default()
+            }),
+            Call::HealthCheck(tonic_health::pb::HealthCheckRequest {
+                service: long.clone(),
+                ..Default::default()
+            }),
+        ];
+        for call in calls {
+            let what = format!(
+                "{} ({} bytes of {:?})",
+                call.what(),
+                long.len(),
+                long.chars().next()
+            );
+            match rt.block_on(h.exec(call)) {
+                Ok(Err(st)) if FORBIDDEN.contains(&st.code()) => {
+                    failures.push(format!("{what}: {}", show(&st)))
+                }
+                Ok(_) => {}
+                Err(e) => failures.push(format!("{what}: {e}")),
             }
-            Ok(_) => {}
-            Err(e) => failures.push(format!("{what}: {e}")),
+            // A reset may have taken the connection with it: let the channel reconnect.
+            rt.block_on(h.wait_alive()).unwrap();
         }
-        // A reset may have taken the connection with it: let the channel reconnect.
-        rt.block_on(h.wait_alive()).unwrap();
     }
     rt.block_on(h.server.stop());
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -205,24 +205,34 @@ impl Refusal {
         if let Some(after) = reason.retry_after() {
             details.set_retry_info(Some(after));
         }
+        // Cut here as well as on the wire: `ResourceInfo` repeats the message, and the
+        // details header is not cut the way `grpc-message` is.
+        let message = message.into();
+        let message = match cut_message(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
         Refusal {
             reason,
-            message: message.into(),
+            message,
             details,
         }
     }
 
     /// Names the bad field (`BadRequest.field_violations`).
     pub fn field(mut self, field: &str, description: impl Into<String>) -> Refusal {
-        self.details.add_bad_request_violation(field, description);
+        let description = description.into();
+        self.details
+            .add_bad_request_violation(cut_message(field), cut_message(&description));
         self
     }
 
     /// Names the resource (`ResourceInfo`): its kind (a proto message name such as
     /// `fleetevents.v1.EventType`) and its name or key.
     pub fn resource(mut self, kind: &str, name: impl Into<String>) -> Refusal {
+        let name = name.into();
         self.details
-            .set_resource_info(kind, name, "", self.message.clone());
+            .set_resource_info(kind, cut_message(&name), "", self.message.clone());
         self
     }
 
@@ -589,27 +599,109 @@ pub fn cap_status_message(headers: &mut http::HeaderMap) {
     }
     let decoded: Vec<u8> = percent_encoding::percent_decode(value.as_bytes()).collect();
     let text = String::from_utf8_lossy(&decoded);
-    if text.len() <= MAX_STATUS_MESSAGE_BYTES {
+    let std::borrow::Cow::Owned(cut) = cut_message(&text) else {
         return;
-    }
-    let mut end = MAX_STATUS_MESSAGE_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    let cut = format!(
-        "{}… (message cut, {} bytes in all)",
-        &text[..end],
-        text.len()
-    );
+    };
     let encoded = percent_encoding::utf8_percent_encode(&cut, MESSAGE_ENCODING).to_string();
     if let Ok(v) = http::HeaderValue::from_str(&encoded) {
         headers.insert("grpc-message", v);
     }
 }
 
+/// `text` whole when at most [`MAX_STATUS_MESSAGE_BYTES`], else cut at a character before
+/// that many bytes and saying so, with the length it had.
+pub fn cut_message(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}… (message cut, {} bytes in all)",
+        &text[..end],
+        text.len()
+    ))
+}
+
+/// Longest `grpc-status-details-bin` the server sends, in bytes of base64. With a cut
+/// `grpc-message` (at most three times [`MAX_STATUS_MESSAGE_BYTES`] once percent-encoded) the
+/// status stays well under a client's 16 KiB header list limit.
+pub const MAX_STATUS_DETAILS_BYTES: usize = 8 * 1024;
+
+/// The header that carries a status's `google.rpc.Status` (base64).
+const STATUS_DETAILS_HEADER: &str = "grpc-status-details-bin";
+
+/// Keeps the `grpc-status-details-bin` in `headers` within [`MAX_STATUS_DETAILS_BYTES`]: a
+/// longer one has its message cut like `grpc-message`, then keeps, in order, the details that
+/// still fit (the `ErrorInfo` that names the reason is small and comes first of the long
+/// ones). The refusals the server builds are cut already ([`Refusal::new`]); this is the net
+/// under every other status, so that no answer becomes an HTTP/2 error at the client.
+pub fn cap_status_details(headers: &mut http::HeaderMap) {
+    use base64::Engine;
+    use prost::Message;
+    let Some(value) = headers.get(STATUS_DETAILS_HEADER) else {
+        return;
+    };
+    if value.len() <= MAX_STATUS_DETAILS_BYTES {
+        return;
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_encode_padding(false)
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let decoded = engine
+        .decode(value.as_bytes())
+        .ok()
+        .and_then(|bytes| tonic_types::pb::Status::decode(bytes.as_slice()).ok());
+    let Some(mut status) = decoded else {
+        // Not ours to repair: a status without details beats an answer the client drops.
+        tracing::warn!(
+            "dropping an undecodable grpc-status-details-bin of {} bytes",
+            value.len()
+        );
+        headers.remove(STATUS_DETAILS_HEADER);
+        return;
+    };
+    if let std::borrow::Cow::Owned(cut) = cut_message(&status.message) {
+        status.message = cut;
+    }
+    // Raw bytes that encode to at most the limit in base64.
+    let budget = MAX_STATUS_DETAILS_BYTES / 4 * 3;
+    let mut used = status.message.len() + 16;
+    let before = status.details.len();
+    status.details.retain(|detail| {
+        let size = detail.encoded_len() + 8;
+        let fits = used + size <= budget;
+        if fits {
+            used += size;
+        }
+        fits
+    });
+    if status.details.len() < before {
+        tracing::warn!(
+            "{} status detail(s) left out: over {MAX_STATUS_DETAILS_BYTES} bytes",
+            before - status.details.len()
+        );
+    }
+    let encoded = engine.encode(status.encode_to_vec());
+    match http::HeaderValue::from_str(&encoded) {
+        Ok(v) => {
+            headers.insert(STATUS_DETAILS_HEADER, v);
+        }
+        Err(_) => {
+            headers.remove(STATUS_DETAILS_HEADER);
+        }
+    }
+}
+
 /// Every response of a gRPC port passes here: the status of a failed call (in the headers of
 /// a trailers-only answer, or in the trailers at the end of a streamed body) is completed by
-/// [`complete_status`], then its message is cut by [`cap_status_message`].
+/// [`complete_status`], then its message and details are cut by [`cap_status_message`] and
+/// [`cap_status_details`].
 pub fn finish_response(
     resp: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
@@ -617,10 +709,12 @@ pub fn finish_response(
     let (mut parts, body) = resp.into_parts();
     complete_status(&mut parts.headers);
     cap_status_message(&mut parts.headers);
+    cap_status_details(&mut parts.headers);
     let body = body.map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
             complete_status(&mut trailers);
             cap_status_message(&mut trailers);
+            cap_status_details(&mut trailers);
             http_body::Frame::trailers(trailers)
         }
         Err(frame) => frame,
@@ -699,5 +793,70 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("cut"));
+    }
+
+    /// A refusal built with a huge message keeps its details header small: the message is cut
+    /// where it is built (and `ResourceInfo`, which repeats it, with it).
+    #[test]
+    fn refusals_cut_their_message_before_the_details_repeat_it() {
+        let long = format!("x: {}", "\\0".repeat(8192));
+        let status = Refusal::new(Reason::OtherDevice, long.clone())
+            .field(&"f".repeat(5000), long.clone())
+            .resource("fleetevents.v1.Device", long)
+            .status();
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).unwrap();
+        let details = headers.get(STATUS_DETAILS_HEADER).unwrap().len();
+        assert!(details <= MAX_STATUS_DETAILS_BYTES, "{details}");
+        assert!(
+            status
+                .message()
+                .ends_with("(message cut, 16387 bytes in all)")
+        );
+        let kept = status.get_error_details();
+        assert_eq!(kept.error_info().unwrap().reason, "OTHER_DEVICE");
+        assert!(kept.resource_info().unwrap().resource_name.len() < 2 * MAX_STATUS_MESSAGE_BYTES);
+        assert_eq!(kept.bad_request().unwrap().field_violations.len(), 1);
+    }
+
+    /// Any other status whose details are over the limit loses its cut message's length and
+    /// then, in order, the details that do not fit; the reason stays.
+    #[test]
+    fn oversized_details_are_cut_and_the_reason_kept() {
+        use prost::Message;
+        let mut details = ErrorDetails::new();
+        details.set_error_info(
+            "OTHER_DEVICE",
+            ERROR_DOMAIN,
+            std::collections::HashMap::new(),
+        );
+        details.set_resource_info("kind", "r".repeat(20_000), "", "d");
+        let long = "m".repeat(20_000);
+        let status = Status::with_error_details(Code::PermissionDenied, long, details);
+        let mut headers = http::HeaderMap::new();
+        status.add_header(&mut headers).unwrap();
+        assert!(headers.get(STATUS_DETAILS_HEADER).unwrap().len() > MAX_STATUS_DETAILS_BYTES);
+        cap_status_message(&mut headers);
+        cap_status_details(&mut headers);
+        let size = headers.get(STATUS_DETAILS_HEADER).unwrap().len();
+        assert!(size <= MAX_STATUS_DETAILS_BYTES, "{size}");
+        let back = Status::from_header_map(&headers).unwrap();
+        assert_eq!(back.code(), Code::PermissionDenied);
+        let kept = back.get_error_details();
+        assert_eq!(kept.error_info().unwrap().reason, "OTHER_DEVICE");
+        assert!(kept.resource_info().is_none(), "too long to keep");
+        let inner = tonic_types::pb::Status::decode(back.details()).unwrap();
+        assert!(
+            inner.message.ends_with("(message cut, 20000 bytes in all)"),
+            "{}",
+            inner.message
+        );
+        // Small details pass untouched.
+        let small = refuse(Reason::OtherDevice, "short");
+        let mut headers = http::HeaderMap::new();
+        small.add_header(&mut headers).unwrap();
+        let before = headers.clone();
+        cap_status_details(&mut headers);
+        assert_eq!(headers, before);
     }
 }

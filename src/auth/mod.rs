@@ -878,7 +878,8 @@ pub fn speak_for(
             own.clone_into(device_id);
         } else if device_id != own {
             return Err(AuthError::OtherDevice(format!(
-                "{field}: the certificate of device {own:?} may not speak for device {device_id:?}"
+                "{field}: the certificate of device {own:?} may not speak for device {}",
+                crate::fields::shown(device_id)
             )));
         }
     }
